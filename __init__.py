@@ -1,0 +1,19 @@
+"""freeseg-diff: training-free open-vocabulary segmentation (FreeSeg-Diff) for ComfyUI.
+
+ComfyUI loads this file from `custom_nodes/` and calls `comfy_entrypoint`, which registers the
+model folders and the nodes. Importing this file does nothing else, so the package (and the
+ComfyUI-free library in `freeseg/`) can be imported without ComfyUI."""
+
+
+async def comfy_entrypoint():
+    from comfy_api.latest import ComfyExtension
+
+    from .nodes import NODES, register_folders
+
+    register_folders()
+
+    class FreeSegExtension(ComfyExtension):
+        async def get_node_list(self):
+            return list(NODES)
+
+    return FreeSegExtension()

@@ -1,0 +1,137 @@
+"""Give each class-agnostic mask a class name (or background) from CLIP scores.
+
+FreeSeg-Diff (arXiv 2403.20105, official code) names masks with this rule:
+    1. names outside the candidates (the caption's nouns) are excluded;
+    2. each name keeps only its best mask: for name n only the mask with the
+       highest score for n may take n (ties -> lowest mask index);
+    3. each mask takes its best remaining name (ties -> lowest name index);
+    4. a mask left with no name, or whose chosen score is <= 0 or below the
+       threshold, is background (None).
+So two masks never share a name.
+
+Public API:
+    assign_labels(scores, candidates, threshold) -> list[int | None]
+    assigned_scores(scores, assignment) -> list[float]
+"""
+from __future__ import annotations
+
+import operator
+from typing import Iterable, Sequence
+
+import torch
+
+
+def _check_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Validate a [K,N] score matrix; return it as float64 on CPU (NaN kept)."""
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [K,N], got shape {tuple(scores.shape)}")
+    return scores.detach().to("cpu", torch.float64)
+
+
+def _as_index(value: object, what: str, n: int) -> int:
+    """Return value as an int in [0, n) (ints, numpy/torch integer scalars); else ValueError naming it."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        idx = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} {value!r} is not an integer index") from None
+    if not 0 <= idx < n:
+        raise ValueError(f"{what} {idx} out of range [0, {n})")
+    return idx
+
+
+def _candidate_columns(candidates: Iterable[int] | None, n_names: int) -> torch.Tensor:
+    """Boolean [N] mask of candidate names; None means every name.
+
+    Raises ValueError naming the first index that is not an int in [0, n_names).
+    """
+    if candidates is None:
+        return torch.ones(n_names, dtype=torch.bool)
+    cols = torch.zeros(n_names, dtype=torch.bool)
+    for value in candidates:
+        cols[_as_index(value, "candidate index", n_names)] = True
+    return cols
+
+
+def _best_mask_per_name(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Keep, for each name, only the allowed entry of its best-scoring mask.
+
+    scores: [K,N] float64, allowed: [K,N] bool. Returns [K,N] bool: True at
+    (argmax_k scores[k,n] among allowed, n); ties -> lowest mask index.
+    """
+    k, n = scores.shape
+    masked = torch.where(allowed, scores, torch.full_like(scores, float("-inf")))
+    best = torch.argmax(masked, dim=0)  # first maximal index
+    keep = torch.zeros_like(allowed)
+    keep[best, torch.arange(n)] = True
+    return keep & allowed
+
+
+def assign_labels(scores: torch.Tensor, candidates: Iterable[int] | None = None,
+                  threshold: float = 0.0) -> list[int | None]:
+    """Name each mask with at most one class, no class used twice.
+
+    Args:
+        scores: [K,N] float tensor, K masks x N class names (CLIP softmax over
+            names). NaN/inf entries are treated as unavailable.
+        candidates: indices of the names that may be used (e.g. the caption's
+            nouns); None means all N names.
+        threshold: a mask whose chosen score is below this is background.
+
+    Returns:
+        list of length K: a name index in [0,N) per mask, or None for
+        background (no name left, chosen score <= 0, or < threshold).
+
+    Raises:
+        ValueError: scores not 2-D, or a candidate index outside [0,N).
+    """
+    s = _check_scores(scores)
+    k, n = s.shape
+    cols = _candidate_columns(candidates, n)
+    if k == 0 or n == 0:
+        return [None] * k
+    allowed = torch.isfinite(s) & cols[None, :]
+    allowed = _best_mask_per_name(s, allowed)
+    masked = torch.where(allowed, s, torch.full_like(s, float("-inf")))
+    choice = torch.argmax(masked, dim=1)  # first maximal index
+    out: list[int | None] = []
+    for i in range(k):
+        j = int(choice[i])
+        value = float(s[i, j])
+        if not bool(allowed[i, j]) or value <= 0.0 or value < threshold:
+            out.append(None)
+        else:
+            out.append(j)
+    return out
+
+
+def assigned_scores(scores: torch.Tensor, assignment: Sequence[int | None]) -> list[float]:
+    """Score of each mask's assigned name.
+
+    Args:
+        scores: [K,N] float tensor, as given to assign_labels.
+        assignment: length-K list from assign_labels (name index or None).
+
+    Returns:
+        list of K floats: scores[k, assignment[k]], or 0.0 where None.
+
+    Raises:
+        ValueError: scores not 2-D, assignment length != K, or an index outside [0,N).
+    """
+    s = _check_scores(scores)
+    k, n = s.shape
+    if len(assignment) != k:
+        raise ValueError(f"assignment must have length K={k}, got {len(assignment)}")
+    out: list[float] = []
+    for i, j in enumerate(assignment):
+        if j is None:
+            out.append(0.0)
+            continue
+        out.append(float(s[i, _as_index(j, f"assignment[{i}]", n)]))
+    return out
+
+
+__all__ = ["assign_labels", "assigned_scores"]

@@ -1,0 +1,17 @@
+"""ComfyUI nodes of the FreeSeg-Diff pack (V3 schema). Thin wrappers over `freeseg`."""
+
+from .caption import FreeSegCaption
+from .clip_label import FreeSegCLIPLabel
+from .cluster_masks import FreeSegClusterMasks
+from .diffusion_features import FreeSegDiffusionFeatures
+from .loaders import FreeSegBLIP2Loader, FreeSegCLIPLoader, register_folders
+from .pipeline import FreeSegPipeline
+from .refine_masks import FreeSegRefineMasks
+from .select_mask import FreeSegSelectMask
+
+NODES = [
+    FreeSegBLIP2Loader, FreeSegCLIPLoader, FreeSegCaption, FreeSegDiffusionFeatures, FreeSegClusterMasks,
+    FreeSegCLIPLabel, FreeSegRefineMasks, FreeSegSelectMask, FreeSegPipeline,
+]
+
+__all__ = ["NODES", "register_folders"]

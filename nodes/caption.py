@@ -1,0 +1,56 @@
+"""FreeSegCaption: a caption per image (BLIP-2) and the class names it mentions."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..freeseg.caption import generate_captions
+from ..freeseg.nouns import extract_nouns
+from .common import CATEGORY, Captioner, Progress, load_to_device, parse_names, to_rgb
+
+
+def caption(images, captioner=None, class_names: str = "", max_new_tokens: int = 30) -> tuple[list[str], list[list[str]]]:
+    """B captions and B class lists (caption nouns first, then the user's names)."""
+    pixels = to_rgb(images)
+    user = parse_names(class_names)
+    if captioner is None:
+        return [""] * pixels.shape[0], [list(user) for _ in range(pixels.shape[0])]
+    progress = Progress(pixels.shape[0])
+    captions, lists = [], []
+    for i in range(pixels.shape[0]):
+        progress.check()
+        model = load_to_device(captioner["patcher"])
+        (text,) = generate_captions(model, captioner["processor"], pixels[i:i + 1], max_new_tokens=max_new_tokens)
+        captions.append(text)
+        names = extract_nouns(text)
+        names += [n for n in user if n.lower() not in {m.lower() for m in names}]
+        lists.append(names)
+        progress.step()
+    return captions, lists
+
+
+class FreeSegCaption(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FreeSegCaption",
+            display_name="FreeSeg-Diff Caption",
+            category=CATEGORY,
+            description="Captions each image with BLIP-2 and lists the class names the caption mentions, "
+                        "plus your own names. Without a captioner, your names alone.",
+            inputs=[
+                io.Image.Input("image", tooltip="Images to caption."),
+                io.String.Input("class_names", default="", multiline=False, tooltip="Extra class names, "
+                                "comma-separated, added to every image's list (e.g. 'dog, frisbee')."),
+                io.Int.Input("max_new_tokens", default=30, min=1, max=200, tooltip="Longest caption, in tokens."),
+                Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP-2 Loader."),
+            ],
+            outputs=[io.String.Output(display_name="captions", tooltip="One caption per line, per image."),
+                     io.String.Output(display_name="class_names", tooltip="One line per image: its class "
+                                      "names, comma-separated.")],
+        )
+
+    @classmethod
+    def execute(cls, image, class_names, max_new_tokens, blip2=None) -> io.NodeOutput:
+        captions, lists = caption(image, blip2, class_names, max_new_tokens)
+        return io.NodeOutput("\n".join(captions), "\n".join(", ".join(names) for names in lists))

@@ -1,0 +1,198 @@
+"""FreeSegDiffusionFeatures: one UNet pass of the user's loaded SD checkpoint per image,
+capturing the features FreeSeg-Diff clusters."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.model_sampling
+import comfy.utils
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from ..freeseg.features import (SOURCE_DECODER, SOURCE_QUERIES, SOURCES, DiffusionFeatures,
+                                aggregate_maps, block_factor, tokens_to_map)
+from .common import CATEGORY, Features, Progress, log, to_rgb
+
+SUPPORTED = "SD1.x, SD2.x and SDXL (UNet) checkpoints"
+
+
+def check_family(model) -> str:
+    """The model family name, or ValueError when the MODEL is not a Stable Diffusion UNet."""
+    base = model.model
+    dm = getattr(base, "diffusion_model", None)
+    family = type(getattr(base, "model_config", base)).__name__
+    latent = model.get_model_object("latent_format")
+    if (not isinstance(dm, UNetModel) or getattr(dm, "use_temporal_resblocks", False)
+            or getattr(latent, "latent_channels", 4) != 4):
+        raise ValueError(f"model: FreeSeg-Diff takes its features from a Stable Diffusion UNet and works with "
+                         f"{SUPPORTED}; the MODEL given is {family}, which is not supported "
+                         "(SD3, Flux and other DiT or video models have no such UNet).")
+    return family
+
+
+def unet_layers(dm: UNetModel, source: str) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module to hook) for every candidate layer of `source`.
+
+    queries: the `attn2.to_q` of the first transformer block of each SpatialTransformer
+    (input and output blocks; the middle block is left out, as in the paper).
+    decoder: the last layer of every output block."""
+    layers = []
+    if source == SOURCE_QUERIES:
+        for part, blocks in (("input", dm.input_blocks), ("output", dm.output_blocks)):
+            for i, block in enumerate(blocks):
+                for layer in block:
+                    if isinstance(layer, SpatialTransformer):
+                        layers.append((f"{part}_{i}.attn2.to_q", layer.transformer_blocks[0].attn2.to_q))
+    else:
+        for i, block in enumerate(dm.output_blocks):
+            layers.append((f"output_{i}", block[-1]))
+    return layers
+
+
+def select_blocks(captured: dict[str, torch.Tensor], latent_hw: tuple[int, int], source: str) -> list[str]:
+    """Names of the captured layers FreeSeg-Diff uses: for queries, those at latent/4 (the
+    16x16 blocks at 512 px; the nearest level if the model has none there); for decoder
+    features, those at latent/4 and latent/2."""
+    factors = {name: block_factor(_tokens(t), latent_hw) for name, t in captured.items()}
+    if source == SOURCE_QUERIES:
+        best = min(set(factors.values()), key=lambda f: (abs(math.log2(f) - 2), -f))
+        wanted = {best}
+    else:
+        wanted = {2, 4}
+    return [name for name in captured if factors[name] in wanted]
+
+
+def _tokens(t: torch.Tensor) -> int:
+    return t.shape[1] if t.ndim == 3 else t.shape[-2] * t.shape[-1]
+
+
+def empty_prompt(clip, context_dim: int, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empty-prompt conditioning `[1,77,context_dim]` and pooled `[1,pooled_dim]`: from the
+    CLIP text encoder when given (as the paper), else zeros."""
+    if clip is not None:
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+        if pooled is None:
+            pooled = torch.zeros((1, pooled_dim))
+        return cond, pooled
+    return torch.zeros((1, 77, context_dim)), torch.zeros((1, pooled_dim))
+
+
+def timestep_sigma(model_sampling, timestep: int, device: torch.device) -> torch.Tensor:
+    """Sigma `[1]` of an integer DDPM timestep (0..999). Discrete schedules index their table
+    (t=0 keeps the small noise of the first step, as diffusers' add_noise does); continuous
+    ones map the timestep through percent_to_sigma."""
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        t = torch.tensor([float(timestep)], device=model_sampling.sigmas.device)
+        return model_sampling.sigma(t).float().to(device)
+    return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - timestep / 999.0))], device=device)
+
+
+def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, resolution: int = 512,
+            source: str = SOURCE_QUERIES, seed: int = 0) -> DiffusionFeatures:
+    """Features of each image of `images` `[B,H,W,C]` from one UNet forward pass per image.
+
+    The user's MODEL is cloned, never patched; forward hooks on the shared UNet are removed
+    before returning. Returns features `[B,C,resolution/16,resolution/16]` float16 on
+    ComfyUI's intermediate device."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    family = check_family(model)
+    pixels = to_rgb(images)
+    b, h, w, _ = pixels.shape
+    unet = model.clone()
+    base = unet.model
+    dm = base.diffusion_model
+    context_dim = base.model_config.unet_config.get("context_dim") or 768
+    pooled_dim = 1280 if base.adm_channels else 768
+    cond, pooled = empty_prompt(clip, context_dim, pooled_dim)
+    model_sampling = unet.get_model_object("model_sampling")
+    latent_format = unet.get_model_object("latent_format")
+    grid = (resolution // 16, resolution // 16)
+
+    layers = unet_layers(dm, source)
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_module, _inputs, output):
+            captured[name] = output.detach()
+        return fn
+
+    progress = Progress(b)
+    out, names = [], []
+    for i in range(b):
+        progress.check()
+        px = comfy.utils.common_upscale(pixels[i:i + 1].movedim(-1, 1), resolution, resolution, "bicubic",
+                                        "disabled").movedim(1, -1).clamp(0, 1)
+        latent = vae.encode(px)
+        mm.load_models_gpu([unet], memory_required=unet.memory_required([1, *latent.shape[1:]]))
+        device = unet.load_device
+        x0 = latent_format.process_in(latent.to(device))
+        gen = torch.Generator().manual_seed(seed + i)
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device)
+        s = timestep_sigma(model_sampling, timestep, device)
+        x = model_sampling.noise_scaling(s, noise, x0)
+        conds = base.extra_conds(cross_attn=cond.to(device), pooled_output=pooled.to(device),
+                                 width=resolution, height=resolution, crop_w=0, crop_h=0,
+                                 target_width=resolution, target_height=resolution,
+                                 device=device, noise=x, latent_image=x0)
+        kwargs = {k: v.cond.to(device) for k, v in conds.items()}
+        options = copy.deepcopy(unet.model_options.get("transformer_options", {}))
+        options["sigmas"] = s
+        options["cond_or_uncond"] = [0]
+        handles = [module.register_forward_hook(hook(name)) for name, module in layers]
+        captured.clear()
+        try:
+            base.apply_model(x, s, transformer_options=options, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        latent_hw = tuple(x0.shape[-2:])
+        names = select_blocks(captured, latent_hw, source)
+        maps = [tokens_to_map(captured[n], latent_hw) if captured[n].ndim == 3 else captured[n] for n in names]
+        out.append(aggregate_maps(maps, grid).to(mm.intermediate_device(), torch.float16))
+        captured.clear()
+        progress.step()
+    feats = torch.cat(out)
+    log.info("FreeSeg-Diff features: %s %s from %d blocks %s -> %s", family, source, len(names), names,
+             tuple(feats.shape))
+    return DiffusionFeatures(feats, (h, w), family, source, int(timestep), int(resolution), names)
+
+
+class FreeSegDiffusionFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FreeSegDiffusionFeatures",
+            display_name="FreeSeg-Diff Diffusion Features",
+            category=CATEGORY,
+            description="One pass of the loaded Stable Diffusion UNet per image; captures the features "
+                        "FreeSeg-Diff clusters into masks. Works with SD1.x, SD2.x and SDXL.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x or "
+                               "SDXL). It is cloned, never changed."),
+                io.Vae.Input("vae", tooltip="The VAE that belongs to the model."),
+                io.Image.Input("image", tooltip="Images to segment (any size; RGBA and grey are accepted)."),
+                io.Int.Input("timestep", default=0, min=0, max=999, tooltip="Diffusion timestep of the "
+                             "pass (0 = almost clean image, the paper's setting)."),
+                io.Int.Input("resolution", default=512, min=128, max=2048, step=64, tooltip="Images are "
+                             "resized to this square before encoding (paper: 512; SDXL likes 1024)."),
+                io.Combo.Input("source", options=list(SOURCES), default=SOURCE_QUERIES, tooltip="cross_attn_"
+                               "queries: the cross-attention queries of the 1/4-latent blocks (paper). "
+                               "decoder_blocks: outputs of the decoder blocks at 1/4 and 1/2 latent size."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the small noise "
+                             "added at the timestep."),
+                io.Clip.Input("clip", optional=True, tooltip="Optional text encoder of the checkpoint, for the "
+                              "empty-prompt conditioning (paper). Without it a zero conditioning is used."),
+            ],
+            outputs=[Features.Output(display_name="features")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, image, timestep, resolution, source, seed, clip=None) -> io.NodeOutput:
+        return io.NodeOutput(extract(model, vae, image, clip, timestep, resolution, source, seed))

@@ -1,0 +1,51 @@
+"""FreeSegPipeline: every stage in one box with the paper's settings."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..freeseg.features import SOURCE_QUERIES
+from .caption import caption
+from .cluster_masks import cluster
+from .clip_label import label
+from .common import CATEGORY, Captioner, ClipModel, Segments
+from .diffusion_features import extract
+from .refine_masks import OUTPUTS, outputs, refine
+
+
+class FreeSegPipeline(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FreeSegPipeline",
+            display_name="FreeSeg-Diff Segment Everything",
+            category=CATEGORY,
+            description="Caption, diffusion features, clustering, CLIP names and CRF refinement in one node, "
+                        "with the paper's settings (512 px, timestep 0, cross-attention queries, k-means, "
+                        "bare names, masked crops, CRF).",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x or SDXL)."),
+                io.Vae.Input("vae", tooltip="The VAE that belongs to the model."),
+                io.Image.Input("image", tooltip="Images to segment."),
+                ClipModel.Input("clip_model", tooltip="An open_clip model from FreeSeg-Diff CLIP Loader."),
+                io.String.Input("class_names", default="", tooltip="Extra class names, comma-separated, added "
+                                "to what the caption mentions (the only names when no captioner is given)."),
+                io.Int.Input("n_clusters", default=4, min=1, max=64, tooltip="Masks per image (paper: 4)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of noise and k-means."),
+                Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP-2 Loader."),
+                io.Clip.Input("clip", optional=True, tooltip="The checkpoint's text encoder, for the "
+                              "empty-prompt conditioning."),
+            ],
+            outputs=[Segments.Output(display_name="segments"), *OUTPUTS,
+                     io.String.Output(display_name="captions", tooltip="One caption per line, per image.")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, image, clip_model, class_names, n_clusters, seed, blip2=None,
+                clip=None) -> io.NodeOutput:
+        captions, lists = caption(image, blip2, class_names)
+        features = extract(model, vae, image, clip, timestep=0, resolution=512, source=SOURCE_QUERIES, seed=seed)
+        segments = cluster(features, n_clusters, "kmeans", seed)
+        segments = label(segments, image, clip_model, "\n".join(", ".join(n) for n in lists))
+        segments = refine(segments, image, "crf")
+        return io.NodeOutput(segments, *outputs(segments, image), "\n".join(captions))

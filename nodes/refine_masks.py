@@ -1,0 +1,77 @@
+"""FreeSegRefineMasks: CRF / guided-filter refinement and every output users chain on."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from comfy_api.latest import io
+
+from ..freeseg.refine import refine_masks
+from ..freeseg.segments import Segments as SegmentsData
+from ..freeseg.segments import draw_overlay, to_segs
+from .common import CATEGORY, Progress, Segments, to_rgb
+
+METHODS = ("crf", "guided", "none")
+
+
+def refine(segments: SegmentsData, images, method: str = "crf") -> SegmentsData:
+    """Refines every mask of every image (one image at a time, interruptible)."""
+    if not isinstance(segments, SegmentsData):
+        raise TypeError("segments: expected FreeSeg-Diff segments")
+    pixels = to_rgb(images)
+    if pixels.shape[0] != segments.batch_size or tuple(pixels.shape[1:3]) != segments.image_size:
+        raise ValueError(f"image: {tuple(pixels.shape[:3])} does not match the segments "
+                         f"({segments.batch_size} images of {segments.image_size}); use the same images")
+    progress = Progress(segments.batch_size)
+    out = []
+    for b in range(segments.batch_size):
+        progress.check()
+        out.append(refine_masks(pixels[b:b + 1], segments.masks[b:b + 1], method=method).cpu())
+        progress.step()
+    return segments.with_masks(torch.cat(out))
+
+
+def outputs(segments: SegmentsData, images) -> tuple:
+    """(masks [N,H,W], labels, union [B,H,W], SEGS, preview [B,H,W,3], json) of named segments."""
+    pixels = to_rgb(images)
+    records = segments.records()
+    preview = torch.stack([draw_overlay(pixels[b], segments.masks[b], segments.labels[b])
+                           for b in range(segments.batch_size)])
+    labels = "\n".join(r["label"] for r in records)
+    return (segments.named_masks(), labels, segments.union(), to_segs(segments, pixels), preview,
+            json.dumps(records))
+
+
+OUTPUTS = [
+    io.Mask.Output(display_name="masks", tooltip="[N,H,W]: one mask per named segment, at the image's size."),
+    io.String.Output(display_name="labels", tooltip="One name per line, in the order of `masks`."),
+    io.Mask.Output(display_name="union", tooltip="[B,H,W]: all named segments of each image."),
+    io.SEGS.Output(display_name="segs", tooltip="Impact Pack SEGS with label and confidence."),
+    io.Image.Output(display_name="preview", tooltip="Coloured overlay with the names written on it."),
+    io.String.Output(display_name="json", tooltip="Per mask: image index, label, score, area, bbox."),
+]
+
+
+class FreeSegRefineMasks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FreeSegRefineMasks",
+            display_name="FreeSeg-Diff Refine Masks",
+            category=CATEGORY,
+            description="Refines the labelled masks along image edges (dense CRF as in the paper, or a guided "
+                        "filter) and outputs masks, labels, SEGS, a preview and JSON.",
+            inputs=[
+                Segments.Input("segments", tooltip="Output of FreeSeg-Diff CLIP Label."),
+                io.Image.Input("image", tooltip="The same images the segments came from."),
+                io.Combo.Input("method", options=list(METHODS), default="crf", tooltip="crf: fully connected "
+                               "CRF with the paper's settings. guided: edge-aware guided filter. none: as is."),
+            ],
+            outputs=[Segments.Output(display_name="segments"), *OUTPUTS],
+        )
+
+    @classmethod
+    def execute(cls, segments, image, method) -> io.NodeOutput:
+        refined = refine(segments, image, method)
+        return io.NodeOutput(refined, *outputs(refined, image))

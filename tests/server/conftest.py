@@ -1,0 +1,72 @@
+"""Session fixtures: the random-weight models and one real ComfyUI server for all tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_harness import FIXTURE_CACHE, MODEL_LINKS, REPO, ComfyServer, link
+
+
+@pytest.fixture(scope="session")
+def model_files() -> dict:
+    """Builds (once, cached under .cache/fixtures) the random-weight models; returns their paths.
+
+    Built in a subprocess so the test process never imports ComfyUI itself."""
+    code = ("import json, sys; from tests.fixtures.models import build_all; "
+            "print('FIXTURES=' + json.dumps(build_all(sys.argv[1])))")
+    out = subprocess.run([sys.executable, "-c", code, FIXTURE_CACHE], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"building the model fixtures failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    line = [l for l in out.stdout.splitlines() if l.startswith("FIXTURES=")][-1]
+    return json.loads(line[len("FIXTURES="):])
+
+
+@pytest.fixture(scope="session")
+def server(model_files, tmp_path_factory):
+    """One real ComfyUI server with our pack and the fixtures installed."""
+    base = str(tmp_path_factory.mktemp("comfy-base"))
+    for key, (folder, name) in MODEL_LINKS.items():
+        link(model_files[key], os.path.join(base, "models", folder, name))
+    link(os.path.join(REPO, "tests", "helpers", "probe_pack"), os.path.join(base, "custom_nodes", "freeseg_test_probe"))
+    srv = ComfyServer(base).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return server.client
+
+
+def write_test_image(path: str, width: int, height: int, seed: int = 0, mode: str = "RGB") -> str:
+    """A synthetic picture: a few flat-coloured shapes on a gradient, saved as PNG."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = np.stack([xx / max(width - 1, 1), yy / max(height - 1, 1), np.full_like(xx, 0.3, float)], -1)
+    for _ in range(3):
+        cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
+        r = rng.uniform(0.1, 0.25) * min(width, height)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 1, 3)
+    pil = Image.fromarray((img * 255).astype(np.uint8))
+    if mode != "RGB":
+        pil = pil.convert(mode)
+    pil.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def upload(client, tmp_path_factory):
+    """upload(width, height, seed=0, mode="RGB") -> the name LoadImage takes."""
+    folder = tmp_path_factory.mktemp("images")
+
+    def _upload(width: int, height: int, seed: int = 0, mode: str = "RGB") -> str:
+        path = write_test_image(str(folder / f"img_{width}x{height}_{seed}_{mode}.png"), width, height, seed, mode)
+        return client.upload_image(path)
+
+    return _upload
