@@ -95,13 +95,15 @@ def _create_from_folder(folder: Path, device: str | torch.device) -> tuple[torch
     if hasattr(factory, "LOCAL_DIR_PREFIX"):
         name = f"local-dir:{folder}"
         return open_clip.create_model(name, device=device), open_clip.get_tokenizer(name)
-    # Older open_clip (no local-dir schema): register the folder's model_cfg under a private name.
+    # Older open_clip (2.24 - 2.31, no local-dir schema; not exercised by the tests, which
+    # run open_clip 3.x): register the folder's model_cfg under a private name.
     config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     name = "freeseg-local-" + hashlib.sha1(str(folder).encode()).hexdigest()[:12]
     factory._MODEL_CONFIGS[name] = config["model_cfg"]  # no public API registers a dict
-    pre = config.get("preprocess_cfg", {})
+    pre = {k: v for k, v in config.get("preprocess_cfg", {}).items()
+           if k in ("mean", "std", "interpolation", "resize_mode")}
     model = open_clip.create_model(name, pretrained=str(_folder_weights(folder)), device=device,
-                                   image_mean=pre.get("mean"), image_std=pre.get("std"))
+                                   force_preprocess_cfg=pre)
     return model, open_clip.get_tokenizer(name)
 
 
@@ -149,6 +151,17 @@ def load_open_clip(path: str, device: str | torch.device = "cpu") -> tuple[torch
     Raises FileNotFoundError / ValueError naming ``path``.
     """
     p = Path(os.fspath(path))
+    try:
+        model, tokenizer = _create(p, device)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as exc:
+        raise ValueError(f"{str(p)!r}: cannot load this open_clip model: {exc}") from exc
+    return model.eval(), _preprocess_cfg(model), tokenizer
+
+
+def _create(p: Path, device: str | torch.device) -> tuple[torch.nn.Module, Any]:
+    """Dispatch on folder / file / missing path; see ``load_open_clip``."""
     if p.is_dir():
         if not (p / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{str(p)!r} is not an open_clip model folder: no {CONFIG_NAME} (a folder "
@@ -157,14 +170,12 @@ def load_open_clip(path: str, device: str | torch.device = "cpu") -> tuple[torch
         if _folder_weights(p) is None:
             raise FileNotFoundError(f"{str(p)!r}: {CONFIG_NAME} found but no weights file "
                                     f"({', '.join(FOLDER_WEIGHTS[:3])}, ...)")
-        model, tokenizer = _create_from_folder(p, device)
-    elif p.is_file():
+        return _create_from_folder(p, device)
+    if p.is_file():
         if p.suffix not in FILE_SUFFIXES:
-            raise ValueError(f"{str(p)!r}: not an open_clip weights file (expected {', '.join(FILE_SUFFIXES)})")
-        model, tokenizer = _create_from_file(p, device)
-    else:
-        raise FileNotFoundError(f"open_clip model not found: {str(p)!r}")
-    return model.eval(), _preprocess_cfg(model), tokenizer
+            raise ValueError(f"not an open_clip weights file (expected {', '.join(FILE_SUFFIXES)})")
+        return _create_from_file(p, device)
+    raise FileNotFoundError(f"open_clip model not found: {str(p)!r}")
 
 
 # --------------------------------------------------------------------------- mask views

@@ -1,30 +1,20 @@
 """Session fixtures: the random-weight models and one real ComfyUI server for all tests."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from model_fixtures import build_all_subprocess
 from comfy_harness import FIXTURE_CACHE, MODEL_LINKS, REPO, ComfyServer, link
 
 
 @pytest.fixture(scope="session")
 def model_files() -> dict:
-    """Builds (once, cached under .cache/fixtures) the random-weight models; returns their paths.
-
-    Built in a subprocess so the test process never imports ComfyUI itself."""
-    code = ("import json, sys; from tests.fixtures.models import build_all; "
-            "print('FIXTURES=' + json.dumps(build_all(sys.argv[1])))")
-    out = subprocess.run([sys.executable, "-c", code, FIXTURE_CACHE], cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"building the model fixtures failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    line = [l for l in out.stdout.splitlines() if l.startswith("FIXTURES=")][-1]
-    return json.loads(line[len("FIXTURES="):])
+    """The random-weight models (built once, cached under .cache/fixtures), in a subprocess so
+    the test process never imports ComfyUI itself."""
+    return build_all_subprocess(FIXTURE_CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -179,3 +179,39 @@ def test_missing_model_error_names_the_folder(client, upload):
     with pytest.raises(ComfyError) as err:
         client.run(g.prompt)
     assert "model_name" in str(err.value)
+
+
+def test_non_unet_family_is_refused_with_a_clear_error(client, upload):
+    g = Graph()
+    image = g.node("LoadImage", image=upload(64, 64, seed=10))
+    unet = g.node("UNETLoader", unet_name=MODEL_LINKS["sd3_unet"][1], weight_dtype="default")
+    vae = g.node("VAELoader", vae_name=MODEL_LINKS["sdxl_vae"][1])
+    feats = g.node("FreeSegDiffusionFeatures", model=unet[0], vae=vae[0], image=image[0], timestep=0,
+                   resolution=128, source="cross_attn_queries", seed=0)
+    g.probe(g.node("FreeSegClusterMasks", features=feats[0], n_clusters=2, method="kmeans", seed=0)[1])
+    with pytest.raises(ComfyError) as err:
+        client.run(g.prompt)
+    message = str(err.value)
+    assert "FreeSegDiffusionFeatures" in message and "SD3" in message
+    assert "SD1.x, SD2.x and SDXL" in message
+
+
+def test_interrupt_stops_between_images(client, upload):
+    g = Graph()
+    a, b = (g.node("LoadImage", image=upload(64, 64, seed=s)) for s in (11, 12))
+    batch = g.node("RepeatImageBatch", image=g.node("ImageBatch", image1=a[0], image2=b[0])[0], amount=4)
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=MODEL_LINKS["sd15_ckpt"][1])
+    feats = g.node("FreeSegDiffusionFeatures", model=ckpt[0], vae=ckpt[2], image=batch[0], timestep=0,
+                   resolution=256, source="cross_attn_queries", seed=random.randrange(2**31))
+    g.probe(g.node("FreeSegClusterMasks", features=feats[0], n_clusters=2, method="kmeans", seed=0)[1])
+    seen = []
+
+    def on_event(kind, data):
+        if kind == "progress" and data.get("node") == feats.id:
+            seen.append(data["value"])
+            if len(seen) == 1:
+                client.interrupt()
+
+    with pytest.raises(ComfyError, match="interrupted"):
+        client.run(g.prompt, on_event=on_event)
+    assert seen and seen[-1] < 8, seen

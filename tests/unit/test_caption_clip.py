@@ -10,7 +10,7 @@ import torch
 from freeseg.caption import captioner_type, generate_captions, load_captioner
 from freeseg.clip_label import (ENSEMBLE_TEMPLATES, encode_names, load_open_clip, mask_views, preprocess_views,
                                 score_masks, split_arch_tag)
-from tests.fixtures import models as fx
+import model_fixtures as fx
 
 
 @pytest.fixture(scope="session")
@@ -248,11 +248,37 @@ def test_preprocess_close_to_open_clip_transform(clip: tuple) -> None:
     from PIL import Image
 
     model, cfg, _ = clip
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, 90), torch.linspace(0, 1, 150), indexing="ij")
-    image = torch.stack([yy, xx, (yy + xx) / 2], dim=-1)
-    ours = preprocess_views([image], cfg)[0]
     transform = open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"])
-    pil = Image.fromarray((image.numpy() * 255).round().astype(np.uint8))
-    theirs = transform(pil)
-    assert ours.shape == theirs.shape == (3, 64, 64)
-    assert (ours - theirs).abs().mean().item() < 0.05
+    for h, w in ((90, 150), (151, 77), (30, 20)):
+        image = (_images(1, h, w, seed=h)[0] * 255).round() / 255  # exactly representable as uint8
+        ours = preprocess_views([image], cfg)[0]
+        theirs = transform(Image.fromarray((image.numpy() * 255).round().astype(np.uint8)))
+        assert ours.shape == theirs.shape == (3, 64, 64)
+        assert (ours - theirs).abs().mean().item() < 0.01, (h, w)
+
+
+def test_load_open_clip_wrong_weights_names_path(tmp_path: Path, fixture_paths: dict[str, str]) -> None:
+    """A file named after a builtin architecture but holding other weights -> ValueError naming it."""
+    import shutil
+
+    wrong = tmp_path / "ViT-S-32-alt.safetensors"
+    shutil.copy(Path(fixture_paths["open_clip_dir"]) / "open_clip_model.safetensors", wrong)
+    with pytest.raises(ValueError, match=r"ViT-S-32-alt\.safetensors"):
+        load_open_clip(str(wrong))
+
+
+def test_load_open_clip_single_file(tmp_path: Path) -> None:
+    """A plain state dict named after a builtin architecture loads with that architecture."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        reference = open_clip.create_model("ViT-S-32-alt")
+    path = tmp_path / "ViT-S-32-alt.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    model, cfg, tokenizer = load_open_clip(str(path))
+    assert cfg["size"] == (224, 224)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items())
+    assert tokenizer(["a cat"]).shape[0] == 1

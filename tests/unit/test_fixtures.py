@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures import models as fx
+import model_fixtures as fx
 
 pytestmark = pytest.mark.skipif(
     not (fx.comfy_dir() / "comfy" / "sd.py").is_file(), reason="ComfyUI source tree not available"
