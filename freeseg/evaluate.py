@@ -58,6 +58,7 @@ import math
 import os
 import re
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Union, \
@@ -70,6 +71,7 @@ from freeseg.datasets import (
     DATASETS, IGNORE_INDEX, DatasetError, Sample, SegDataset, colorize, file_signature,
     load_dataset, read_class_names, read_label_png, save_label_png,
 )
+from freeseg.nouns import singular
 from freeseg.metrics import confusion_matrix, image_miou as _image_miou, iou_per_class, pixel_accuracy
 
 __all__ = [
@@ -131,33 +133,10 @@ DEFAULT_SYNONYMS: dict[str, tuple[str, ...]] = {
 A name listed here is final: if none of its targets is a class of the dataset it maps to
 nothing (so "hot dog" never falls back to its head word "dog")."""
 
-_IRREGULAR = {
-    "people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
-    "geese": "goose", "knives": "knife", "leaves": "leaf", "teeth": "tooth", "feet": "foot",
-    "calves": "calf", "wolves": "wolf", "shelves": "shelf", "buses": "bus", "busses": "bus",
-}
-_INVARIANT = frozenset((
-    "sheep", "fish", "deer", "bus", "glasses", "skis", "scissors", "series", "species", "grass",
-    "glass", "dress", "cross", "moose", "bison", "cattle", "news", "lens"))
-
 
 def _key(text: str) -> str:
     """Comparison key: lowercase letters and digits only ("Dining-Table" -> "diningtable")."""
     return re.sub(r"[^a-z0-9]+", "", text.lower())
-
-
-def _singular(word: str) -> str:
-    """Singular of one lowercase word by a few rules ("dogs" -> "dog", "boxes" -> "box")."""
-    if word in _IRREGULAR:
-        return _IRREGULAR[word]
-    if word in _INVARIANT or len(word) < 4 or not word.endswith("s") \
-            or word.endswith(("ss", "us", "is")):
-        return word
-    if word.endswith("ies"):
-        return word[:-3] + "y"
-    if word.endswith(("ches", "shes", "sses", "xes", "zes")):
-        return word[:-2]
-    return word[:-1]
 
 
 def _synonym_table(synonyms: Optional[Mapping[str, Union[str, Sequence[str]]]]) -> dict[str, tuple[str, ...]]:
@@ -193,7 +172,7 @@ def map_label(label: Optional[str], class_names: Sequence[str],
     for start in range(len(words)):
         tail = words[start:]
         variants = [tail]
-        single = _singular(tail[-1])
+        single = singular(tail[-1])
         if single != tail[-1]:
             variants.append(tail[:-1] + [single])
         for variant in variants:
@@ -463,7 +442,7 @@ def _load_cached(path: Path, signature: str, shape: tuple[int, int]) -> Optional
         with np.load(path, allow_pickle=False) as data:
             cm = data["cm"].astype(np.int64)
             sig = str(data["sig"])
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
     return cm if cm.shape == shape and sig == signature else None
 
@@ -591,7 +570,7 @@ def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
         settings_hash=digest, n_scored=n_scored, n_cached=n_cached)
     if out_dir is not None:
         result.files = write_reports(result, dataset, source, samples, Path(out_dir), examples,
-                                     pred_dir, official_boundary)
+                                     pred_dir)
     return result
 
 
@@ -638,12 +617,13 @@ def _csv_value(value: float) -> str:
 
 def write_reports(result: EvalResult, dataset: SegDataset, source: PredictionSource,
                   samples: Sequence[Sample], out_dir: Path, examples: int = 4,
-                  pred_dir: Optional[Path] = None, official_boundary: bool = False) -> dict[str, Path]:
+                  pred_dir: Optional[Path] = None) -> dict[str, Path]:
     """Write results.{md,csv,json}, per_class_iou.png and examples.png; return their paths.
 
     ``results.csv`` columns: class, index, iou, iou_per_image, images_with_class, gt_pixels,
-    pred_pixels; one row per class (values 0..1, empty = undefined), then a row ``mIoU``
-    holding the two mIoUs in the iou / iou_per_image columns.
+    pred_pixels (counts over scored pixels, i.e. GT not ignored); one row per class (values
+    0..1, empty = undefined), then a row ``mIoU`` holding the two mIoUs in the iou /
+    iou_per_image columns.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -728,6 +708,8 @@ def _bar_chart(result: EvalResult, path: Path) -> Optional[Path]:
     ax = fig.add_subplot(1, 1, 1)
     ax.barh(y - 0.2, np.nan_to_num(result.iou) * 100, height=0.4, label="dataset-level IoU")
     ax.barh(y + 0.2, np.nan_to_num(result.iou_per_image) * 100, height=0.4, label="per-image IoU")
+    for i in np.flatnonzero(np.isnan(result.iou)):
+        ax.text(1, y[i], "n/a", va="center", fontsize=7, color="0.5")
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()

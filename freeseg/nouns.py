@@ -118,7 +118,7 @@ class _Token(NamedTuple):
 # -- singular forms ---------------------------------------------------------------
 
 @lru_cache(maxsize=8192)
-def _singular(word: str) -> str:
+def singular(word: str) -> str:
     """Singular form of one lowercase word: "dogs" -> "dog", "benches" -> "bench",
     "strawberries" -> "strawberry", "policemen" -> "policeman", "bus" -> "bus"."""
     if word in _IRREGULAR:
@@ -165,7 +165,7 @@ def _tokens(text: str) -> List[_Token]:
         word = word.rstrip("'")
         for part in word.split("-"):
             if part:
-                norm = _singular(part)
+                norm = singular(part)
                 tokens.append(_Token(norm, norm != part, False))
         if possessive and tokens and not tokens[-1].boundary:
             tokens[-1] = tokens[-1]._replace(possessive=True)
@@ -198,7 +198,7 @@ def _normalise_name(name: str) -> Tuple[str, Tuple[str, ...]]:
     for word in _TOKEN_RE.findall(name.lower().replace("_", " ")):
         if word in _BOUNDARY_CHARS:
             continue
-        parts = [_singular(part) for part in word.rstrip("'").split("-") if part]
+        parts = [singular(part) for part in word.rstrip("'").split("-") if part]
         words.append("-".join(parts))
         key.extend(parts)
     return " ".join(words), tuple(key)

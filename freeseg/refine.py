@@ -30,9 +30,18 @@ FreeSeg-Diff code (``script-stable-segmentation/crf.py``, pydensecrf):
 The update is pydensecrf's: ``Q = softmax(-U + sum_k w_k * Kn_k(Q))`` with
 ``Kn = D^-1/2 K D^-1/2`` (pydensecrf's default NORMALIZE_SYMMETRIC, where
 ``D = diag(K 1)``). A pixel's own contribution (kernel value 1 at distance 0)
-is *included* in ``K``, for both kernels, exactly as pydensecrf's filters do;
-at the defaults it is under 0.1 % of a pixel's total kernel mass, and because
-the same ``K`` gives the normaliser ``D``, the treatment is consistent.
+is *included* in ``K``, for both kernels, as in pydensecrf's filters; since
+the same ``K`` gives the normaliser ``D`` the treatment is consistent, and at
+the defaults it is small (a flat 20 px neighbourhood holds ~2500 pixels of
+kernel mass, so self is ~0.04 %; more only for pixels of a colour found
+nowhere near them).
+
+Labels for ``refine_masks(..., "crf")``: the K masks binarised at 0.5 (argmax
+where they overlap) plus, only if some pixel is covered by no mask, a "void"
+label. Void is an ordinary CRF label that is dropped from the output: a mask
+that stops short of its object grows into void pixels of the object's colour,
+one that overshoots hands foreign pixels back to void, and pixels that end as
+void have every output mask 0. Masks with no pixel >= 0.5 stay all zero.
 
 Filtering:
 
@@ -49,7 +58,7 @@ Filtering:
   table. Its size is bounded by ``H*W*6`` vertices whatever ``srgb``/``sxy``
   are, so no colour-bin clamp is needed (a bilateral grid would need one);
   small ``srgb``/``sxy`` only cost time (more distinct vertices, e.g. about
-  10x slower at ``bilateral_srgb=1`` than at 20). Like pydensecrf's, the
+  5x slower at ``bilateral_srgb=1`` than at 20). Like pydensecrf's, the
   lattice only approximates the Gaussian (about 0.97 correlation with the
   exact 5-D kernel).
 """
@@ -103,7 +112,10 @@ def refine_masks(image: torch.Tensor, masks: torch.Tensor, method: str = "crf",
             ``GUIDED_DEFAULTS``); none: no parameters.
 
     Returns:
-        ``[B,K,H,W]`` float32 on ``masks.device``.
+        ``[B,K,H,W]`` float32 on ``masks.device``. crf: one-hot per pixel (or
+        all zero on pixels left "void", see the module docstring); where the
+        inputs partition the image, so do the outputs. guided: soft, in
+        [0,1], summing to 1 per pixel where the inputs do.
 
     Raises:
         ValueError: unknown method, or ``image``/``masks`` shapes that do not match.
@@ -161,6 +173,7 @@ def _refine_crf(image: torch.Tensor, masks: torch.Tensor, params: dict) -> torch
     the output, so void pixels come out with every mask 0. Masks with no pixel
     are left out of the CRF and stay all zero.
     """
+    _check_crf_params(params)
     b, k, h, w = masks.shape
     out = torch.zeros((b, k, h, w), dtype=torch.float32, device=masks.device)
     for i in range(b):

@@ -1,0 +1,534 @@
+#!/usr/bin/env python3
+"""Writes the pack's example workflows from one description per graph.
+
+Each graph below is described once, in Python. From that description this script writes
+  * `workflows/<name>.json`: the UI format the ComfyUI frontend's "Save" writes (schema 0.4:
+    nodes with their input/output slots, links, `widgets_values`, positions laid out left to
+    right). ComfyUI lists `custom_nodes/<pack>/workflows/*.json` under Workflow -> Browse
+    Templates -> Extensions, with `<name>.jpg` beside it as the thumbnail;
+  * `workflows/api/<name>.json`: the API ("prompt") format that `POST /prompt` takes, which is
+    what the frontend's "Export (API)" writes for the same graph.
+
+Slot names and types, widget order and defaults come from a copy of a running server's
+`/object_info` (this script starts nothing). By default it reads `.cache/object_info.json`,
+which `tests/server/test_workflows.py` writes from the live test server on every run; give
+`--object-info FILE` or `--server http://127.0.0.1:8188` to use another source. The test
+also checks that the files in workflows/ are exactly what this script generates.
+
+Usage:
+    .venv/bin/python scripts/make_workflows.py            # (re)write workflows/
+    .venv/bin/python scripts/make_workflows.py --check    # exit 1 if a file would change
+
+The thumbnails (`workflows/<name>.jpg`) and `docs/freeseg_full.png` are screenshots of the
+real frontend, taken by `FREESEG_UPDATE_SCREENSHOTS=1 .venv/bin/python -m pytest
+tests/server/test_workflows_browser.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS = os.path.join(REPO, "workflows")
+DEFAULT_OBJECT_INFO = os.path.join(REPO, ".cache", "object_info.json")
+
+# User-facing default model names (the tests swap in their random-weight fixtures).
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+BLIP2 = "blip2-opt-2.7b"
+OPEN_CLIP = "vit_base_patch32_clip_224.openai"
+IMAGE = "example.png"  # ComfyUI's own input/example.png
+
+# Inputs the frontend shows as widgets (anything else is a socket).
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# Frontend-only nodes: drawn and saved in the UI file, never sent to the server.
+VIRTUAL_NODES = {"MarkdownNote", "Note"}
+
+# -- the frontend's rules for turning a node definition into slots and widgets ------------------
+
+
+def input_specs(node_def: dict) -> list[tuple[str, str, dict, bool]]:
+    """(name, type, options, optional) of every input, in the order the frontend creates them."""
+    out = []
+    for section in ("required", "optional"):
+        spec = node_def["input"].get(section, {})
+        for name in node_def.get("input_order", {}).get(section, list(spec)):
+            kind, opts = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
+            out.append((name, "COMBO" if isinstance(kind, list) else kind, opts or {}, section == "optional"))
+    return out
+
+
+def is_widget(kind: str, opts: dict) -> bool:
+    return kind in WIDGET_TYPES and not opts.get("forceInput")
+
+
+def has_control(name: str, kind: str, opts: dict) -> bool:
+    """The frontend adds a `control_after_generate` widget after INT seeds (and any input that
+    asks for one); its value ("fixed", "randomize", ...) is saved in `widgets_values`."""
+    control = opts.get("control_after_generate")
+    if kind == "COMBO" and control:
+        raise NotImplementedError("combo widgets with control_after_generate")
+    return kind == "INT" and (bool(control) if control is not None else name in ("seed", "noise_seed"))
+
+
+def widget_layout(node_def: dict) -> list[tuple[str, str]]:
+    """`widgets_values` layout: (input name, "value" | "control" | "upload") per entry."""
+    layout = []
+    for name, kind, opts, _ in input_specs(node_def):
+        if not is_widget(kind, opts):
+            continue
+        layout.append((name, "value"))
+        if has_control(name, kind, opts):
+            layout.append((name, "control"))
+        if kind == "COMBO" and opts.get("image_upload"):
+            layout.append((name, "upload"))
+    return layout
+
+
+def slot_list(node_def: dict) -> list[dict]:
+    """The node's input slots as the frontend serializes them: sockets first, then one slot
+    per widget (so a widget can take a link)."""
+    specs = input_specs(node_def)
+    slots = [{"localized_name": n, "name": n, "type": k, **({"shape": 7} if opt else {})}
+             for n, k, o, opt in specs if not is_widget(k, o)]
+    for n, k, o, _ in specs:
+        if is_widget(k, o):
+            slots.append({"localized_name": n, "name": n, "type": k, "widget": {"name": n}})
+        if k == "COMBO" and o.get("image_upload"):
+            slots.append({"localized_name": "choose file to upload", "name": "upload", "type": "IMAGEUPLOAD",
+                          "widget": {"name": "upload"}})
+    return slots
+
+
+def default_value(name: str, kind: str, opts: dict, spec) -> object:
+    if "default" in opts:
+        return opts["default"]
+    if kind == "COMBO":
+        options = spec[0] if isinstance(spec[0], list) else opts.get("options", [])
+        if options:
+            return options[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
+
+
+# -- graph description ----------------------------------------------------------------------------
+
+
+@dataclass
+class Out:
+    node: "Node"
+    slot: int
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    title: str | None
+    values: dict
+    size: tuple[int, int] | None
+    controls: dict
+    text: str | None = None  # MarkdownNote body
+    col: int = 0
+    pos: tuple[float, float] = (0, 0)
+    size_wh: tuple[int, int] = (0, 0)
+    graph: "Graph" = field(default=None, repr=False)
+
+    def __getitem__(self, key) -> Out:
+        names = self.graph.defs[self.type]["output_name"]
+        return Out(self, names.index(key) if isinstance(key, str) else key)
+
+
+class Graph:
+    """`g.add("ClassName", input=value_or_output, ...)`: a node; `node["output name"]` (or index)
+    is one of its outputs. Widgets not given take their declared default."""
+
+    def __init__(self, defs: dict, name: str):
+        self.defs = defs
+        self.name = name
+        self.nodes: list[Node] = []
+
+    def add(self, class_type: str, title: str | None = None, size: tuple[int, int] | None = None,
+            controls: dict | None = None, **values) -> Node:
+        if class_type not in self.defs:
+            raise KeyError(f"{self.name}: the server declares no node {class_type!r}")
+        known = {n for n, *_ in input_specs(self.defs[class_type])}
+        unknown = set(values) - known
+        if unknown:
+            raise KeyError(f"{self.name}: {class_type} has no inputs {sorted(unknown)} (it has {sorted(known)})")
+        node = Node(len(self.nodes) + 1, class_type, title, values, size, controls or {}, graph=self)
+        self.nodes.append(node)
+        return node
+
+    def note(self, text: str, size=(420, 300)) -> Node:
+        node = Node(len(self.nodes) + 1, "MarkdownNote", None, {}, size, {}, text=text, graph=self)
+        self.nodes.append(node)
+        return node
+
+    # -- checks, order, layout -----------------------------------------------------------------
+    def links(self) -> list[tuple[Out, Node, str]]:
+        return [(v, n, k) for n in self.nodes for k, v in n.values.items() if isinstance(v, Out)]
+
+    def check(self) -> None:
+        for node in self.nodes:
+            if node.type in VIRTUAL_NODES:
+                continue
+            for name, kind, opts, optional in input_specs(self.defs[node.type]):
+                value = node.values.get(name)
+                if isinstance(value, Out):
+                    out_type = self.defs[value.node.type]["output"][value.slot]
+                    if kind != "*" and out_type != kind and not (kind == "COMBO" and out_type == "COMBO"):
+                        raise TypeError(f"{self.name}: {value.node.type}[{value.slot}] is {out_type}, "
+                                        f"{node.type}.{name} takes {kind}")
+                elif not is_widget(kind, opts) and not optional:
+                    raise ValueError(f"{self.name}: {node.type} (#{node.id}) needs an input {name!r}")
+                elif value is not None and not is_widget(kind, opts):
+                    raise TypeError(f"{self.name}: {node.type}.{name} is a socket; give it an output")
+
+    def topo_order(self) -> list[Node]:
+        deps = {n.id: {v.node.id for v in n.values.values() if isinstance(v, Out)} for n in self.nodes}
+        done, order = set(), []
+        while len(order) < len(self.nodes):
+            ready = [n for n in self.nodes if n.id not in done and deps[n.id] <= done]
+            if not ready:
+                raise ValueError(f"{self.name}: the graph has a cycle")
+            order.append(ready[0])
+            done.add(ready[0].id)
+        return order
+
+    def layout(self, gap_x: int = 70, gap_y: int = 60) -> None:
+        """Left to right: a node's column is one past its latest input's; nodes that feed others
+        then move right up to just before their first consumer (loaders sit next to what uses
+        them). Within a column, nodes are stacked in the order of their inputs' heights."""
+        order = self.topo_order()
+        for node in order:
+            parents = [v.node.col + 1 for v in node.values.values() if isinstance(v, Out)]
+            node.col = max(parents, default=0)
+            node.size_wh = node.size or estimate_size(self.defs.get(node.type), node)
+        consumers = {n.id: [] for n in self.nodes}
+        for out, target, _ in self.links():
+            consumers[out.node.id].append(target)
+        for node in reversed(order):
+            if consumers[node.id]:
+                node.col = min(c.col for c in consumers[node.id]) - 1
+        x = 0
+        for col in range(max(n.col for n in self.nodes) + 1):
+            members = [n for n in self.nodes if n.col == col]
+
+            def key(n: Node):
+                ys = [v.node.pos[1] + v.node.size_wh[1] / 2 for v in n.values.values()
+                      if isinstance(v, Out) and v.node.col < col]
+                return (n.type not in VIRTUAL_NODES, sum(ys) / len(ys) if ys else -1, n.id)
+
+            y = 0
+            for node in sorted(members, key=key):
+                node.pos = (x, y)
+                y += node.size_wh[1] + gap_y
+            if members:
+                x += max(n.size_wh[0] for n in members) + gap_x
+
+    # -- output ------------------------------------------------------------------------------------
+    def widgets_values(self, node: Node) -> list:
+        if node.type in VIRTUAL_NODES:
+            return [node.text]
+        node_def = self.defs[node.type]
+        specs = {n: (k, o, node_def["input"].get("required", {}).get(n) or node_def["input"]["optional"][n])
+                 for n, k, o, _ in input_specs(node_def)}
+        values = []
+        for name, part in widget_layout(node_def):
+            kind, opts, spec = specs[name]
+            if part == "control":
+                values.append(node.controls.get(name, "fixed"))
+            elif part == "upload":
+                values.append("image")
+            else:
+                given = node.values.get(name)
+                # A widget fed by a link keeps (and saves) its own value too.
+                values.append(default_value(name, kind, opts, spec) if given is None or isinstance(given, Out)
+                              else given)
+        return values
+
+    def ui(self) -> dict:
+        self.check()
+        self.layout()
+        order = {n.id: i for i, n in enumerate(self.topo_order())}
+        links, link_ids = [], {}
+        for out, target, name in sorted(self.links(), key=lambda l: (l[1].id, self._slot_index(l[1], l[2]))):
+            link_id = len(links) + 1
+            out_type = self.defs[out.node.type]["output"][out.slot]
+            links.append([link_id, out.node.id, out.slot, target.id, self._slot_index(target, name), out_type])
+            link_ids[(target.id, name)] = link_id
+        nodes = []
+        for node in self.nodes:
+            entry = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size_wh),
+                     "flags": {}, "order": order[node.id], "mode": 0}
+            if node.type in VIRTUAL_NODES:
+                entry.update(inputs=[], outputs=[], properties={}, widgets_values=self.widgets_values(node),
+                             color="#432", bgcolor="#653")
+                nodes.append(entry)
+                continue
+            node_def = self.defs[node.type]
+            inputs = []
+            for slot in slot_list(node_def):
+                inputs.append({**slot, "link": link_ids.get((node.id, slot["name"]))})
+            outputs = []
+            for i, (name, kind) in enumerate(zip(node_def["output_name"], node_def["output"])):
+                ids = [l[0] for l in links if l[1] == node.id and l[2] == i]
+                outputs.append({"localized_name": name, "name": name, "type": kind, "links": ids,
+                                **({"slot_index": i} if ids else {})})
+            entry.update(inputs=inputs, outputs=outputs)
+            if node.title:
+                entry["title"] = node.title
+            entry["properties"] = {"Node name for S&R": node.type}
+            entry["widgets_values"] = self.widgets_values(node)
+            nodes.append(entry)
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"freeseg-diff/workflows/{self.name}")),
+            "revision": 0,
+            "last_node_id": max(n.id for n in self.nodes),
+            "last_link_id": len(links),
+            "nodes": nodes,
+            "links": links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": fit_view(self.nodes)},
+            "version": 0.4,
+        }
+
+    def _slot_index(self, node: Node, name: str) -> int:
+        return [s["name"] for s in slot_list(self.defs[node.type])].index(name)
+
+    def api(self) -> dict:
+        self.check()
+        prompt = {}
+        for node in self.topo_order():
+            if node.type in VIRTUAL_NODES:
+                continue
+            node_def = self.defs[node.type]
+            values = self.widgets_values(node)
+            inputs = {name: value for (name, part), value in zip(widget_layout(node_def), values) if part == "value"}
+            for name, value in node.values.items():
+                if isinstance(value, Out):
+                    inputs[name] = [str(value.node.id), value.slot]
+            prompt[str(node.id)] = {"inputs": inputs, "class_type": node.type,
+                                    "_meta": {"title": node.title or node_def["display_name"]}}
+        return prompt
+
+
+def estimate_size(node_def: dict | None, node: Node) -> tuple[int, int]:
+    """About the size the frontend gives a fresh node (a little larger is harmless)."""
+    width = 320
+    if node_def is None:
+        return (width, 200)
+    specs = input_specs(node_def)
+    sockets = sum(1 for _, k, o, _ in specs if not is_widget(k, o))
+    rows = max(sockets, len(node_def["output"]))
+    height = 10 + 22 * rows + 26 * len(widget_layout(node_def))
+    height += sum(70 for _, k, o, _ in specs if k == "STRING" and o.get("multiline"))
+    extra = {"LoadImage": 260, "SaveImage": 260, "PreviewImage": 260, "PreviewAny": 120}
+    return (width, height + extra.get(node.type, 0))
+
+
+def fit_view(nodes: list[Node], view=(1500, 800), title_h: int = 30) -> dict:
+    """The canvas offset/scale that shows every node in a window of about `view` pixels."""
+    x0 = min(n.pos[0] for n in nodes)
+    y0 = min(n.pos[1] for n in nodes) - title_h
+    x1 = max(n.pos[0] + n.size_wh[0] for n in nodes)
+    y1 = max(n.pos[1] + n.size_wh[1] for n in nodes)
+    scale = round(min(1.0, view[0] / (x1 - x0 + 100), view[1] / (y1 - y0 + 100)), 3)
+    return {"scale": scale, "offset": [round(50 / scale - x0 + 20, 1), round(50 / scale - y0 + 20, 1)]}
+
+
+# -- the workflows -------------------------------------------------------------------------------
+
+MODELS_NOTE = (
+    "**Models** (nothing is downloaded unless you switch `download` on in a loader):\n"
+    f"* `models/checkpoints/{CHECKPOINT}`: any SD1.x, SD2.x or SDXL checkpoint works;\n"
+    f"* `models/blip2/{BLIP2}/`: a BLIP-2 folder saved by transformers (Salesforce/blip2-opt-2.7b);\n"
+    f"* `models/open_clip/{OPEN_CLIP}/`: an open_clip folder (timm/vit_base_patch32_clip_224.openai).\n")
+
+
+def segment(g: Graph, image: Out, ckpt: Node, class_names: str = "", captioner: bool = True,
+            method: str = "crf") -> tuple[Node | None, Node]:
+    """Caption (optional) -> diffusion features -> k-means masks -> CLIP names -> refinement."""
+    clip_model = g.add("FreeSegCLIPLoader", model_name=OPEN_CLIP)
+    caption = None
+    if captioner:
+        blip2 = g.add("FreeSegBLIP2Loader", model_name=BLIP2)
+        caption = g.add("FreeSegCaption", image=image, blip2=blip2["blip2"], class_names=class_names)
+    feats = g.add("FreeSegDiffusionFeatures", model=ckpt["MODEL"], vae=ckpt["VAE"], image=image, clip=ckpt["CLIP"],
+                  timestep=0, resolution=512, source="cross_attn_queries", seed=0)
+    clusters = g.add("FreeSegClusterMasks", features=feats["features"], n_clusters=4, method="kmeans", seed=0)
+    names = caption["class_names"] if caption is not None else class_names
+    labelled = g.add("FreeSegCLIPLabel", segments=clusters["segments"], image=image, clip_model=clip_model["clip_model"],
+                     class_names=names, crop_mode="masked", prompt="bare", threshold=0.0)
+    refined = g.add("FreeSegRefineMasks", segments=labelled["segments"], image=image, method=method)
+    return caption, refined
+
+
+def save_masks(g: Graph, mask: Out, prefix: str, title: str = "Save masks") -> Node:
+    return g.add("SaveImage", title=title, images=g.add("MaskToImage", mask=mask)["IMAGE"], filename_prefix=prefix)
+
+
+def freeseg_full(g: Graph) -> None:
+    g.note("## FreeSeg-Diff: segment everything and name it\n"
+           "BLIP-2 captions the image; the nouns of the caption (plus any names you add in *Caption*) "
+           "are the class names. One pass of the checkpoint's UNet gives features that k-means splits "
+           "into masks; CLIP names each mask; a CRF sharpens the edges.\n\n"
+           "Outputs: the coloured preview, one mask per named segment (same order as *Labels*), and "
+           "the segments as JSON.\n\n" + MODELS_NOTE)
+    image = g.add("LoadImage", image=IMAGE)["IMAGE"]
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    caption, refined = segment(g, image, ckpt)
+    g.add("PreviewAny", title="Class names (from the caption)", source=caption["class_names"])
+    g.add("SaveImage", title="Save preview", images=refined["preview"], filename_prefix="freeseg/full_preview")
+    save_masks(g, refined["masks"], "freeseg/full_mask")
+    g.add("PreviewAny", title="Labels (one per mask)", source=refined["labels"])
+    g.add("PreviewAny", title="Segments (JSON)", source=refined["json"])
+
+
+def freeseg_inpaint(g: Graph) -> None:
+    g.note("## Segment, pick a part by name, inpaint it\n"
+           "*Select Mask* takes the segments named `dog` (change it to any name in the class list); "
+           "the mask is grown and feathered, then the SAME checkpoint repaints that region from the "
+           "inpaint prompt and the result is pasted back over the original.\n\n" + MODELS_NOTE)
+    image = g.add("LoadImage", image=IMAGE)["IMAGE"]
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    _, refined = segment(g, image, ckpt, class_names="dog")
+    picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="dog")
+    grown = g.add("GrowMask", mask=picked["mask"], expand=8, tapered_corners=True)
+    feathered = g.add("FeatherMask", mask=grown["MASK"], left=8, top=8, right=8, bottom=8)
+    positive = g.add("CLIPTextEncode", title="Inpaint prompt", text="a photo of a cat", clip=ckpt["CLIP"])
+    negative = g.add("CLIPTextEncode", title="Negative prompt", text="blurry, low quality", clip=ckpt["CLIP"])
+    cond = g.add("InpaintModelConditioning", positive=positive["CONDITIONING"], negative=negative["CONDITIONING"],
+                 vae=ckpt["VAE"], pixels=image, mask=feathered["MASK"], noise_mask=True)
+    sampled = g.add("KSampler", model=ckpt["MODEL"], positive=cond["positive"], negative=cond["negative"],
+                    latent_image=cond["latent"], seed=0, steps=25, cfg=7.0, sampler_name="euler",
+                    scheduler="normal", denoise=1.0, controls={"seed": "randomize"})
+    decoded = g.add("VAEDecode", samples=sampled["LATENT"], vae=ckpt["VAE"])
+    pasted = g.add("ImageCompositeMasked", destination=image, source=decoded["IMAGE"], x=0, y=0,
+                   resize_source=False, mask=feathered["MASK"])
+    g.add("PreviewImage", title="Inpaint mask", images=g.add("MaskToImage", mask=feathered["MASK"])["IMAGE"])
+    g.add("PreviewAny", title="Labels", source=refined["labels"])
+    g.add("SaveImage", title="Save inpainted image", images=pasted["IMAGE"], filename_prefix="freeseg/inpaint")
+
+
+def freeseg_cutout(g: Graph) -> None:
+    g.note("## Cut a named part out as a transparent PNG\n"
+           "*Select Mask* picks the segments named `dog` (names or mask indices, comma-separated). "
+           "ComfyUI masks mean \"transparent where 1\" in *Join Image with Alpha*, hence the "
+           "*Invert Mask*: the selected part stays opaque, everything else becomes transparent.\n\n"
+           + MODELS_NOTE)
+    image = g.add("LoadImage", image=IMAGE)["IMAGE"]
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    _, refined = segment(g, image, ckpt, class_names="dog")
+    picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="dog")
+    alpha = g.add("InvertMask", mask=picked["mask"])
+    rgba = g.add("JoinImageWithAlpha", image=image, alpha=alpha["MASK"])
+    g.add("PreviewAny", title="Labels", source=refined["labels"])
+    save_masks(g, picked["mask"], "freeseg/cutout_mask", title="Save selected mask")
+    g.add("SaveImage", title="Save cut-out (RGBA PNG)", images=rgba["IMAGE"], filename_prefix="freeseg/cutout")
+
+
+def freeseg_vocabulary(g: Graph) -> None:
+    g.note("## Your own class names, no captioner\n"
+           "Type the names to look for in *CLIP Label* (comma-separated; one line per image for a "
+           "batch, or one line for all). Each name goes to the mask CLIP finds most like it; masks "
+           "left over stay unnamed (background). No BLIP-2 model is needed.\n\n" + MODELS_NOTE)
+    image = g.add("LoadImage", image=IMAGE)["IMAGE"]
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    _, refined = segment(g, image, ckpt, class_names="dog, cat, grass, sky, tree", captioner=False)
+    g.add("SaveImage", title="Save preview", images=refined["preview"], filename_prefix="freeseg/vocabulary_preview")
+    save_masks(g, refined["masks"], "freeseg/vocabulary_mask")
+    g.add("PreviewAny", title="Labels (one per mask)", source=refined["labels"])
+    g.add("PreviewAny", title="Segments (JSON)", source=refined["json"])
+
+
+def freeseg_batch(g: Graph) -> None:
+    g.note("## Several images in one run\n"
+           "The images are batched (*Batch Images* resizes the later ones to the first one's size) "
+           "and every node handles the batch image by image: one caption and class list per image, "
+           "masks named from that image's list. *union* has one mask per image (all its named "
+           "segments); *masks* has one per named segment, and the JSON's `image` field tells which "
+           "image each belongs to.\n\n" + MODELS_NOTE)
+    images = [g.add("LoadImage", title=f"Load image {i}", image=IMAGE)["IMAGE"] for i in (1, 2, 3)]
+    pair = g.add("ImageBatch", image1=images[0], image2=images[1])
+    batch = g.add("ImageBatch", image1=pair["IMAGE"], image2=images[2])["IMAGE"]
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    caption, refined = segment(g, batch, ckpt)
+    g.add("PreviewAny", title="Captions (one per image)", source=caption["captions"])
+    g.add("SaveImage", title="Save previews", images=refined["preview"], filename_prefix="freeseg/batch_preview")
+    save_masks(g, refined["union"], "freeseg/batch_union", title="Save one mask per image")
+    save_masks(g, refined["masks"], "freeseg/batch_mask", title="Save every named mask")
+    g.add("PreviewAny", title="Labels (one per mask)", source=refined["labels"])
+    g.add("PreviewAny", title="Segments (JSON, with image index)", source=refined["json"])
+
+
+WORKFLOWS_DEFS = {f.__name__: f for f in (freeseg_full, freeseg_inpaint, freeseg_cutout, freeseg_vocabulary,
+                                          freeseg_batch)}
+
+
+def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:
+    """{name: (UI workflow, API prompt)} for every workflow, from a server's `/object_info`."""
+    out = {}
+    for name, describe in WORKFLOWS_DEFS.items():
+        g = Graph(object_info, name)
+        describe(g)
+        out[name] = (g.ui(), g.api())
+    return out
+
+
+def dumps(data: dict) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def files(object_info: dict) -> dict[str, str]:
+    """{path relative to the repository: text} of every file this script writes."""
+    out = {}
+    for name, (ui, api) in build_all(object_info).items():
+        out[f"workflows/{name}.json"] = dumps(ui)
+        out[f"workflows/api/{name}.json"] = dumps(api)
+    return out
+
+
+def load_object_info(path: str | None, server: str | None) -> dict:
+    if server:
+        with urllib.request.urlopen(server.rstrip("/") + "/object_info", timeout=60) as resp:
+            return json.loads(resp.read())
+    path = path or DEFAULT_OBJECT_INFO
+    if not os.path.isfile(path):
+        sys.exit(f"no {path}: run `.venv/bin/python -m pytest tests/server/test_workflows.py` once (it saves the "
+                 "test server's /object_info there), or pass --server URL / --object-info FILE")
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--object-info", help=f"a saved /object_info (default: {DEFAULT_OBJECT_INFO})")
+    parser.add_argument("--server", help="read /object_info from this running ComfyUI instead")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
+    args = parser.parse_args(argv)
+    wanted = files(load_object_info(args.object_info, args.server))
+    stale = []
+    for rel, text in wanted.items():
+        path = os.path.join(REPO, rel)
+        current = open(path).read() if os.path.isfile(path) else None
+        if current == text:
+            continue
+        stale.append(rel)
+        if not args.check:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+    verb = "differ" if args.check else "written"
+    print(f"{len(stale)} of {len(wanted)} files {verb}" + "".join(f"\n  {p}" for p in stale))
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Checks UI-format workflows against a server's `/object_info`, converts them to the API
+format (as the frontend's graphToPrompt does), and adapts the example workflows to the
+random-weight test fixtures.
+
+Written from the formats themselves, independently of scripts/make_workflows.py, so that the
+tests compare two implementations (and the browser test compares both with the frontend)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+from comfy_harness import MODEL_LINKS, REPO
+
+WORKFLOW_DIR = os.path.join(REPO, "workflows")
+API_DIR = os.path.join(WORKFLOW_DIR, "api")
+NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabulary", "freeseg_batch")
+
+SOCKETLESS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # types the frontend draws as widgets
+FRONTEND_ONLY = {"MarkdownNote", "Note"}  # virtual nodes: saved in the UI file, never queued
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+MUTED_MODES = {2, 4}  # "never" and "bypass": graphToPrompt leaves these nodes out
+
+# Inputs whose choices are the server's files: the fixtures and uploads replace them in tests.
+TEST_MODELS = {
+    ("CheckpointLoaderSimple", "ckpt_name"): MODEL_LINKS["sd15_ckpt"][1],
+    ("FreeSegBLIP2Loader", "model_name"): MODEL_LINKS["blip2_dir"][1],
+    ("FreeSegCLIPLoader", "model_name"): MODEL_LINKS["open_clip_dir"][1],
+}
+# Smaller settings so that a workflow runs in seconds on a CPU.
+TEST_SPEED = {
+    ("FreeSegDiffusionFeatures", "resolution"): 128,
+    ("FreeSegCaption", "max_new_tokens"): 8,
+    ("KSampler", "steps"): 2,
+}
+
+
+def declared_inputs(node_def: dict) -> list[tuple[str, str, dict, bool]]:
+    """(name, type, options, optional) per input, required ones first, in declared order."""
+    result = []
+    for section in ("required", "optional"):
+        specs = node_def["input"].get(section, {})
+        for name in node_def.get("input_order", {}).get(section, list(specs)):
+            spec = specs[name]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            result.append((name, "COMBO" if isinstance(spec[0], list) else spec[0], opts, section == "optional"))
+    return result
+
+
+def combo_options(node_def: dict, name: str) -> list:
+    for section in ("required", "optional"):
+        spec = node_def["input"].get(section, {}).get(name)
+        if spec is not None:
+            return spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
+    raise KeyError(name)
+
+
+def widget_entries(node_def: dict) -> list[tuple[str, str]]:
+    """What each `widgets_values` entry holds: (input name, "value" | "control" | "upload").
+
+    The frontend makes a widget of every INT/FLOAT/STRING/BOOLEAN/COMBO input (unless
+    forceInput), follows INT inputs named seed/noise_seed (or flagged control_after_generate)
+    with a "control after generate" combo, and image_upload combos with an upload button whose
+    saved value is "image"."""
+    entries = []
+    for name, kind, opts, _ in declared_inputs(node_def):
+        if kind not in SOCKETLESS or opts.get("forceInput"):
+            continue
+        entries.append((name, "value"))
+        control = opts.get("control_after_generate")
+        if kind == "INT" and (control if control is not None else name in ("seed", "noise_seed")):
+            entries.append((name, "control"))
+        if kind == "COMBO" and opts.get("image_upload"):
+            entries.append((name, "upload"))
+    return entries
+
+
+def widget_values_by_name(node: dict, node_def: dict) -> dict:
+    return {name: value for (name, part), value in zip(widget_entries(node_def), node.get("widgets_values") or [])
+            if part == "value"}
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """The API prompt of a UI workflow: widget values by name, then linked inputs, for every node
+    that is not frontend-only or muted. (The frontend also sends the display-only `preview`
+    value of PreviewAny, which the server ignores; it is left out here.)"""
+    links = {link[0]: link for link in ui["links"]}
+    prompt = {}
+    for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in MUTED_MODES:
+            continue
+        node_def = object_info[node["type"]]
+        inputs = widget_values_by_name(node, node_def)
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"],
+                                   "_meta": {"title": node.get("title") or node_def["display_name"]}}
+    return prompt
+
+
+def check_value(kind: str, opts: dict, value, options: list | None) -> str | None:
+    """Why `value` does not suit a widget of this kind, or None."""
+    if kind == "INT":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{value!r} is not an integer"
+    elif kind == "FLOAT":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{value!r} is not a number"
+    elif kind == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{value!r} is not a boolean"
+    elif kind == "STRING":
+        return None if isinstance(value, str) else f"{value!r} is not a string"
+    elif kind == "COMBO":
+        return None if options is None or value in options else f"{value!r} is not one of {options[:8]}"
+    if "min" in opts and value < opts["min"]:
+        return f"{value} < min {opts['min']}"
+    if "max" in opts and value > opts["max"]:
+        return f"{value} > max {opts['max']}"
+    return None
+
+
+def validate_ui(ui: dict, object_info: dict, check_files: bool = True) -> list[str]:
+    """Every way the UI workflow disagrees with what the server declares (empty when none).
+
+    `check_files=False` skips the choice check of inputs listing the server's files (model
+    names, input images), which the published workflows name by their usual user-side names."""
+    problems = []
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    if len(nodes) != len(ui["nodes"]):
+        problems.append("duplicate node ids")
+    if ui.get("version") != 0.4:
+        problems.append(f"version is {ui.get('version')!r}, not 0.4")
+    if max(nodes) > ui["last_node_id"]:
+        problems.append("last_node_id is below a node id")
+    if ui["links"] and max(l[0] for l in ui["links"]) > ui["last_link_id"]:
+        problems.append("last_link_id is below a link id")
+    file_inputs = set(TEST_MODELS) | {("LoadImage", "image")}
+
+    for node in ui["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        node_def = object_info.get(node["type"])
+        if node_def is None:
+            problems.append(f"{where}: the server has no such node")
+            continue
+        declared = {n: (k, o, opt) for n, k, o, opt in declared_inputs(node_def)}
+        # widgets
+        entries, values = widget_entries(node_def), node.get("widgets_values") or []
+        if len(values) != len(entries):
+            problems.append(f"{where}: {len(values)} widgets_values for {len(entries)} widgets {entries}")
+        for (name, part), value in zip(entries, values):
+            if part == "control":
+                if value not in CONTROL_VALUES:
+                    problems.append(f"{where}: control_after_generate of {name} is {value!r}")
+                continue
+            if part == "upload":
+                if value != "image":
+                    problems.append(f"{where}: upload widget value {value!r}")
+                continue
+            kind, opts, _ = declared[name]
+            skip_options = not check_files and (node["type"], name) in file_inputs
+            options = combo_options(node_def, name) if kind == "COMBO" and not skip_options else None
+            why = check_value(kind, opts, value, options)
+            if why:
+                problems.append(f"{where}: widget {name}: {why}")
+        # input slots: names and types
+        for slot in node.get("inputs", []):
+            if slot["name"] == "upload" and slot.get("type") == "IMAGEUPLOAD":
+                continue
+            if slot["name"] not in declared:
+                problems.append(f"{where}: input slot {slot['name']!r} is not declared")
+            elif slot["type"] != declared[slot["name"]][0]:
+                problems.append(f"{where}: input {slot['name']} has type {slot['type']}, declared "
+                                f"{declared[slot['name']][0]}")
+        linked = {s["name"] for s in node.get("inputs", []) if s.get("link") is not None}
+        for name, (kind, opts, optional) in declared.items():
+            if not optional and (kind not in SOCKETLESS or opts.get("forceInput")) and name not in linked:
+                problems.append(f"{where}: required input {name} is not connected")
+        # output slots
+        outputs = node.get("outputs", [])
+        declared_out = list(zip(node_def["output_name"], node_def["output"]))
+        if [(o["name"], o["type"]) for o in outputs] != declared_out:
+            problems.append(f"{where}: outputs {[(o['name'], o['type']) for o in outputs]} != declared {declared_out}")
+
+    for link_id, origin, origin_slot, target, target_slot, kind in ui["links"]:
+        where = f"link {link_id} ({origin}:{origin_slot} -> {target}:{target_slot})"
+        if origin not in nodes or target not in nodes:
+            problems.append(f"{where}: unknown node")
+            continue
+        src, dst = nodes[origin], nodes[target]
+        if src["type"] not in object_info or dst["type"] not in object_info:
+            continue
+        out_types = object_info[src["type"]]["output"]
+        if origin_slot >= len(out_types):
+            problems.append(f"{where}: {src['type']} has no output {origin_slot}")
+            continue
+        if kind != out_types[origin_slot]:
+            problems.append(f"{where}: link type {kind} but {src['type']} output {origin_slot} is "
+                            f"{out_types[origin_slot]}")
+        if link_id not in (src["outputs"][origin_slot].get("links") or []):
+            problems.append(f"{where}: missing from the origin's output links")
+        if target_slot >= len(dst.get("inputs", [])):
+            problems.append(f"{where}: {dst['type']} has no input slot {target_slot}")
+            continue
+        slot = dst["inputs"][target_slot]
+        if slot.get("link") != link_id:
+            problems.append(f"{where}: the target slot {slot['name']} names link {slot.get('link')}")
+        want = object_info[dst["type"]]
+        declared = {n: k for n, k, _, _ in declared_inputs(want)}
+        want_type = declared.get(slot["name"])
+        if want_type not in ("*", out_types[origin_slot]):
+            problems.append(f"{where}: {src['type']} gives {out_types[origin_slot]}, {dst['type']}."
+                            f"{slot['name']} takes {want_type}")
+    return problems
+
+
+# -- adapting the example workflows to the test server -------------------------------------------
+
+
+def fixture_values(class_type: str, node_id, images: dict) -> dict:
+    """{input name: value} the tests put into a node: fixture model names, uploaded images
+    (`images` maps the LoadImage node id to an uploaded name) and faster settings."""
+    values = {name: v for (ct, name), v in {**TEST_MODELS, **TEST_SPEED}.items() if ct == class_type}
+    if class_type == "LoadImage":
+        values["image"] = images[str(node_id)]
+    return values
+
+
+def adapt_api(api: dict, images: dict) -> dict:
+    out = copy.deepcopy(api)
+    for node_id, node in out.items():
+        for name, value in fixture_values(node["class_type"], node_id, images).items():
+            assert name in node["inputs"] and not isinstance(node["inputs"][name], list), (node_id, name)
+            node["inputs"][name] = value
+    return out
+
+
+def adapt_ui(ui: dict, object_info: dict, images: dict) -> dict:
+    out = copy.deepcopy(ui)
+    for node in out["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        entries = widget_entries(object_info[node["type"]])
+        for name, value in fixture_values(node["type"], node["id"], images).items():
+            node["widgets_values"][entries.index((name, "value"))] = value
+    return out
+
+
+def load_image_ids(api: dict) -> list[str]:
+    return sorted((k for k, n in api.items() if n["class_type"] == "LoadImage"), key=int)
