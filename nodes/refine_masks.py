@@ -39,12 +39,16 @@ def outputs(segments: SegmentsData, images) -> tuple:
     preview = torch.stack([draw_overlay(pixels[b], segments.masks[b], segments.labels[b])
                            for b in range(segments.batch_size)])
     labels = "\n".join(r["label"] for r in records)
-    return (segments.named_masks(), labels, segments.union(), to_segs(segments, pixels), preview,
+    masks = segments.named_masks()
+    if masks.shape[0] == 0:  # nothing named: one empty mask, so chained mask nodes still work
+        masks = torch.zeros((1, *segments.image_size), dtype=torch.float32)
+    return (masks, labels, segments.union(), to_segs(segments, pixels), preview,
             json.dumps(records))
 
 
 OUTPUTS = [
-    io.Mask.Output(display_name="masks", tooltip="[N,H,W]: one mask per named segment, at the image's size."),
+    io.Mask.Output(display_name="masks", tooltip="[N,H,W]: one mask per named segment, at the image's "
+                   "size (one all-zero mask when nothing is named)."),
     io.String.Output(display_name="labels", tooltip="One name per line, in the order of `masks`."),
     io.Mask.Output(display_name="union", tooltip="[B,H,W]: all named segments of each image."),
     io.SEGS.Output(display_name="segs", tooltip="Impact Pack SEGS with label and confidence."),

@@ -41,10 +41,10 @@ def check_outputs(client, result, probes, batch, height, width):
     """The shared contract of Refine Masks' outputs for a batch of `batch` images."""
     masks, labels, union = (probed(result, probes[k]) for k in ("masks", "labels", "union"))
     segs, preview, records = (probed(result, probes[k]) for k in ("segs", "preview", "json"))
-    class_lines = probed(result, probes["class_names"])["value"].splitlines()
+    class_lines = probed(result, probes["class_names"])["value"].split("\n")
     assert len(class_lines) == batch
     names = [l for l in labels["value"].splitlines() if l]
-    assert masks["shape"] == [len(names), height, width] and masks["dtype"] == "float32"
+    assert masks["shape"] == [max(len(names), 1), height, width] and masks["dtype"] == "float32"
     if names:
         assert 0.0 <= masks["min"] and masks["max"] <= 1.0
     assert union["shape"] == [batch, height, width] and union["dtype"] == "float32"
@@ -215,3 +215,17 @@ def test_interrupt_stops_between_images(client, upload):
     with pytest.raises(ComfyError, match="interrupted"):
         client.run(g.prompt, on_event=on_event)
     assert seen and seen[-1] < 8, seen
+
+
+def test_nothing_named_gives_empty_masks_of_the_right_shape(client, upload):
+    g = Graph()
+    image = g.node("LoadImage", image=upload(70, 50, seed=13))
+    caption, _, refined = segment_graph(g, image[0], n_clusters=3, resolution=128, method="crf",
+                                        with_blip=False, class_names="")
+    probes = add_probes(g, caption, refined)
+    result = client.run(g.prompt)
+    names, records = check_outputs(client, result, probes, batch=1, height=50, width=70)
+    assert names == [] and records == []
+    masks, union = probed(result, probes["masks"]), probed(result, probes["union"])
+    assert masks["shape"] == [1, 50, 70] and masks["max"] == 0.0
+    assert union["shape"] == [1, 50, 70] and union["max"] == 0.0

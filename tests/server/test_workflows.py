@@ -1,0 +1,225 @@
+"""The example workflows in workflows/ (UI format) and workflows/api/ (API format).
+
+* They are exactly what scripts/make_workflows.py generates from the live server's
+  /object_info (which this module saves to .cache/object_info.json for that script).
+* Every UI workflow agrees with /object_info: node types exist, slot names and types, link
+  types, widget count and order (with the frontend's control_after_generate entries), and it
+  converts to its API twin.
+* ComfyUI serves them as templates (/workflow_templates) with their .jpg thumbnails.
+* Every API twin runs to completion on the random-weight fixtures (model names swapped for
+  the fixtures, small uploaded images, 128 px features, 2 sampler steps), and its outputs are
+  checked through /history and /view.
+"""
+
+import importlib.util
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import workflow_tools as wt
+from comfy_harness import PACK_NAME, REPO
+
+OBJECT_INFO_CACHE = os.path.join(REPO, ".cache", "object_info.json")
+WIDTH, HEIGHT = 96, 64
+
+
+def load(name: str) -> tuple[dict, dict]:
+    with open(os.path.join(wt.WORKFLOW_DIR, f"{name}.json")) as f:
+        ui = json.load(f)
+    with open(os.path.join(wt.API_DIR, f"{name}.json")) as f:
+        api = json.load(f)
+    return ui, api
+
+
+def make_workflows_module():
+    spec = importlib.util.spec_from_file_location("make_workflows", os.path.join(REPO, "scripts", "make_workflows.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def object_info(client) -> dict:
+    """The live server's /object_info, also saved for scripts/make_workflows.py."""
+    info = client.object_info()
+    os.makedirs(os.path.dirname(OBJECT_INFO_CACHE), exist_ok=True)
+    tmp = f"{OBJECT_INFO_CACHE}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, OBJECT_INFO_CACHE)
+    return info
+
+
+def test_files_are_what_make_workflows_generates(object_info):
+    wanted = make_workflows_module().files(object_info)
+    assert sorted(wanted) == sorted([f"workflows/{n}.json" for n in wt.NAMES] + [f"workflows/api/{n}.json" for n in wt.NAMES])
+    stale = []
+    for rel, text in wanted.items():
+        path = os.path.join(REPO, rel)
+        if not os.path.isfile(path) or open(path).read() != text:
+            stale.append(rel)
+    assert not stale, (f"{stale} differ from what scripts/make_workflows.py generates from this server's "
+                       "/object_info: run `.venv/bin/python scripts/make_workflows.py`")
+
+
+def test_templates_are_listed_and_served_with_thumbnails(client):
+    listed = client.get_json("/workflow_templates")
+    assert sorted(listed.get(PACK_NAME, [])) == sorted(wt.NAMES), listed
+    for name in wt.NAMES:
+        ui, _ = load(name)
+        served = json.loads(client._request(f"/api/workflow_templates/{PACK_NAME}/{name}.json"))
+        assert served == ui
+        # The template browser shows <name>.jpg for custom node templates.
+        thumb = Image.open(io.BytesIO(client._request(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")))
+        assert thumb.format == "JPEG" and min(thumb.size) >= 128
+
+
+@pytest.mark.parametrize("name", wt.NAMES)
+def test_ui_workflow_agrees_with_object_info_and_converts_to_api_twin(name, object_info):
+    ui, api = load(name)
+    assert wt.validate_ui(ui, object_info, check_files=False) == []
+    assert wt.ui_to_api(ui, object_info) == api
+    # The published workflows name the user's usual model files, not the test fixtures.
+    names = {n["inputs"].get(i) for n in api.values() for (ct, i) in wt.TEST_MODELS if n["class_type"] == ct}
+    assert not names & set(wt.TEST_MODELS.values())
+
+
+# -- running the API twins ------------------------------------------------------------------------
+
+
+def uploaded_images(client, upload, api: dict) -> dict:
+    """{LoadImage node id: name of a freshly uploaded WIDTHxHEIGHT test picture}."""
+    return {node_id: upload(WIDTH, HEIGHT, seed=10 + i) for i, node_id in enumerate(wt.load_image_ids(api))}
+
+
+def prepare(name: str, client, upload) -> tuple[dict, dict]:
+    """The API twin adapted to the fixtures; also checks the adapted UI file converts to it."""
+    ui, api = load(name)
+    images = uploaded_images(client, upload, api)
+    prompt = wt.adapt_api(api, images)
+    info = client.object_info()  # again: it now lists the uploads and the fixtures as choices
+    adapted_ui = wt.adapt_ui(ui, info, images)
+    assert wt.validate_ui(adapted_ui, info) == []
+    assert wt.ui_to_api(adapted_ui, info) == prompt
+    return prompt, images
+
+
+def node_id(prompt: dict, class_type: str, title: str | None = None) -> str:
+    (found,) = [k for k, n in prompt.items() if n["class_type"] == class_type
+                and (title is None or n["_meta"]["title"] == title)]
+    return found
+
+
+def text(result: dict, prompt: dict, title: str) -> str:
+    (value,) = result["outputs"][node_id(prompt, "PreviewAny", title)]["text"]
+    return value
+
+
+def images(client, result: dict, prompt: dict, title: str, class_type: str = "SaveImage") -> list[Image.Image]:
+    files = result["outputs"][node_id(prompt, class_type, title)]["images"]
+    assert all(f["type"] == ("output" if class_type == "SaveImage" else "temp") for f in files)
+    return [Image.open(io.BytesIO(client.view(f))) for f in files]
+
+
+def input_pixels(client, images_by_node: dict, node: str) -> np.ndarray:
+    data = client.view({"filename": images_by_node[node], "subfolder": "", "type": "input"})
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+def check_named_masks(client, result, prompt, labels_title, masks_title, allowed, batch=1):
+    """One saved mask per label line, each at the image size; labels from the class list; the
+    JSON records list the same labels, each with its image index."""
+    labels = [l for l in text(result, prompt, labels_title).splitlines() if l]
+    masks = images(client, result, prompt, masks_title)
+    assert labels and len(masks) == len(labels)
+    assert all(m.size == (WIDTH, HEIGHT) for m in masks)
+    records = json.loads(text(result, prompt, next(n["_meta"]["title"] for n in prompt.values()
+                                                   if n["_meta"]["title"].startswith("Segments (JSON"))))
+    assert [r["label"] for r in records] == labels
+    for r in records:
+        assert 0 <= r["image"] < batch
+        assert r["label"].lower() in allowed[r["image"]], (r, allowed)
+    return labels, records
+
+
+def names(line: str) -> set[str]:
+    return {n.strip().lower() for n in line.split(",") if n.strip()}
+
+
+def test_freeseg_full_runs(client, upload):
+    prompt, _ = prepare("freeseg_full", client, upload)
+    result = client.run(prompt)
+    assert result["status"]["status_str"] == "success"
+    class_names = names(text(result, prompt, "Class names (from the caption)"))
+    assert names(wt.TEST_CLASS_NAMES) <= class_names
+    (preview,) = images(client, result, prompt, "Save preview")
+    assert preview.size == (WIDTH, HEIGHT) and preview.mode == "RGB"
+    check_named_masks(client, result, prompt, "Labels (one per mask)", "Save masks", [class_names])
+
+
+def test_freeseg_vocabulary_runs(client, upload):
+    prompt, _ = prepare("freeseg_vocabulary", client, upload)
+    assert "FreeSegCaption" not in {n["class_type"] for n in prompt.values()}
+    typed = names(prompt[node_id(prompt, "FreeSegCLIPLabel")]["inputs"]["class_names"])
+    result = client.run(prompt)
+    (preview,) = images(client, result, prompt, "Save preview")
+    assert preview.size == (WIDTH, HEIGHT)
+    labels, _ = check_named_masks(client, result, prompt, "Labels (one per mask)", "Save masks", [typed])
+    assert len(labels) == len(set(labels))  # each typed name goes to at most one mask
+
+
+def test_freeseg_batch_runs(client, upload):
+    prompt, _ = prepare("freeseg_batch", client, upload)
+    assert len(wt.load_image_ids(prompt)) == 3
+    result = client.run(prompt)
+    assert len(text(result, prompt, "Captions (one per image)").splitlines()) == 3
+    previews = images(client, result, prompt, "Save previews")
+    unions = images(client, result, prompt, "Save one mask per image")
+    assert len(previews) == 3 and len(unions) == 3
+    assert all(i.size == (WIDTH, HEIGHT) for i in previews + unions)
+    allowed = [names(wt.TEST_CLASS_NAMES)] * 3  # the captions add no nouns with random weights
+    _, records = check_named_masks(client, result, prompt, "Labels (one per mask)", "Save every named mask",
+                                   allowed, batch=3)
+    assert {r["image"] for r in records} == {0, 1, 2}  # every image has named masks
+    for b in range(3):  # per image, a name is used at most once
+        per_image = [r["label"] for r in records if r["image"] == b]
+        assert len(per_image) == len(set(per_image))
+
+
+def test_freeseg_inpaint_runs_and_changes_only_the_masked_region(client, upload):
+    prompt, uploaded = prepare("freeseg_inpaint", client, upload)
+    ckpt = node_id(prompt, "CheckpointLoaderSimple")
+    for class_type in ("KSampler", "InpaintModelConditioning", "VAEDecode", "FreeSegDiffusionFeatures"):
+        node = prompt[node_id(prompt, class_type)]["inputs"]
+        assert all(v[0] == ckpt for k, v in node.items() if k in ("model", "vae", "clip")), class_type
+    result = client.run(prompt)
+    assert text(result, prompt, "Labels").splitlines()
+    (out,) = images(client, result, prompt, "Save inpainted image")
+    assert out.size == (WIDTH, HEIGHT)
+    (mask,) = images(client, result, prompt, "Inpaint mask", "PreviewImage")
+    assert mask.size == (WIDTH, HEIGHT)
+    original = input_pixels(client, uploaded, node_id(prompt, "LoadImage"))
+    outside = np.asarray(mask.convert("L")) == 0
+    assert outside.any()
+    diff = np.abs(np.asarray(out.convert("RGB")).astype(int) - original)
+    assert diff[outside].max() <= 1  # untouched outside the (grown, feathered) mask
+
+
+def test_freeseg_cutout_is_rgba_and_opaque_only_where_selected(client, upload):
+    prompt, uploaded = prepare("freeseg_cutout", client, upload)
+    result = client.run(prompt)
+    assert "dog" in text(result, prompt, "Labels").splitlines()  # the only user name always wins a mask
+    (cut,) = images(client, result, prompt, "Save cut-out (RGBA PNG)")
+    (mask,) = images(client, result, prompt, "Save selected mask")
+    assert cut.mode == "RGBA" and cut.size == (WIDTH, HEIGHT)
+    alpha = np.asarray(cut)[..., 3].astype(int)
+    selected = np.asarray(mask.convert("L")).astype(int)
+    assert (selected > 0).any() and (selected == 0).any()
+    assert np.abs(alpha - selected).max() <= 1
+    original = input_pixels(client, uploaded, node_id(prompt, "LoadImage"))
+    rgb = np.asarray(cut)[..., :3].astype(int)
+    assert np.abs(rgb - original)[selected > 0].max() <= 1

@@ -1,0 +1,206 @@
+"""The real ComfyUI frontend (the one the test server serves) loads and queues every example
+workflow, in headless Chromium driven by Playwright.
+
+For each UI workflow (model names swapped for the fixtures, images uploaded): `app.loadGraphData`
+must report no missing node or model and show no dialog or error; the graph the frontend builds
+must serialize back to the same slots, links and `widgets_values`; its `graphToPrompt()` must
+equal the API twin; and queueing it from the page (`app.queuePrompt`) must be accepted by the
+server and run to completion.
+
+Needs Debian's `chromium` (/usr/bin/chromium, or $FREESEG_CHROMIUM) and the `playwright` Python
+package (scripts/setup_browser.sh installs both; Playwright never downloads a browser here).
+Without them the tests are skipped, saying which is missing.
+
+With FREESEG_UPDATE_SCREENSHOTS=1 the test also (re)writes the thumbnails `workflows/<name>.jpg`
+and the README picture `docs/freeseg_full.png` from screenshots of the published workflows.
+"""
+
+import io
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+import workflow_tools as wt
+from comfy_harness import REPO
+
+CHROMIUM = os.environ.get("FREESEG_CHROMIUM", "/usr/bin/chromium")
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--no-first-run"]
+UPDATE_SCREENSHOTS = os.environ.get("FREESEG_UPDATE_SCREENSHOTS") == "1"
+VIEWPORT = {"width": 1600, "height": 900}
+THUMBNAIL_VIEWPORT, THUMBNAIL_SIZE = {"width": 1200, "height": 900}, (640, 480)
+README_VIEWPORT = {"width": 2400, "height": 1100}
+# Settings for a quiet, readable canvas (stored in the test server's own user folder).
+SETTINGS = {
+    "Comfy.TutorialCompleted": True,
+    "Comfy.Minimap.Visible": False,
+    "Comfy.Graph.CanvasInfo": False,
+    "Comfy.Graph.CanvasMenu": False,
+    "LiteGraph.Canvas.MinFontSizeForLOD": 0,  # draw text at any zoom (thumbnails are zoomed out)
+}
+# Console noise of an offline frontend that says nothing about the workflow.
+IGNORED_CONSOLE = ("api.comfy.org", "Failed to load resource", "Content Security Policy")
+
+
+def _why_no_browser() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (run scripts/setup_browser.sh)"
+    if not (os.path.isfile(CHROMIUM) or shutil.which(CHROMIUM)):
+        return f"no Chromium at {CHROMIUM} (run scripts/setup_browser.sh, or set FREESEG_CHROMIUM)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_no_browser() is not None, reason=str(_why_no_browser()))
+
+
+@pytest.fixture(scope="module")
+def page(server, client):
+    from playwright.sync_api import sync_playwright
+
+    for key, value in SETTINGS.items():
+        client.post_json(f"/settings/{key}", value)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
+        try:
+            pg = browser.new_page(viewport=VIEWPORT)
+            pg.messages = []
+            pg.on("console", lambda m: pg.messages.append(f"console.{m.type}: {m.text}")
+                  if m.type in ("error", "warning") and not any(s in m.text for s in IGNORED_CONSOLE) else None)
+            pg.on("pageerror", lambda e: pg.messages.append(f"pageerror: {e}"))
+            pg.goto(server.url)
+            pg.wait_for_function("() => window.app?.graph && window.app.canvas && window.LiteGraph && "
+                                 "Object.keys(LiteGraph.registered_node_types).includes('FreeSegCLIPLabel')",
+                                 timeout=120_000)
+            pg.evaluate("""async () => {
+                const cmd = app.extensionManager.command;
+                if (!app.extensionManager.workspace?.focusMode) await cmd.execute('Workspace.ToggleFocusMode');
+                window.__freeseg = {missingNodes: [], missingModels: []};
+                const nodes = app.showMissingNodesError.bind(app), models = app.showMissingModelsError.bind(app);
+                app.showMissingNodesError = (t) => { window.__freeseg.missingNodes.push(t); return nodes(t); };
+                app.showMissingModelsError = (m, p) => { window.__freeseg.missingModels.push(m); return models(m, p); };
+            }""")
+            pg.wait_for_timeout(300)
+            pg.messages.clear()  # what the start-up printed is not about our workflows
+            yield pg
+        finally:
+            browser.close()
+
+
+LOAD_JS = """async (wf) => {
+    window.__freeseg.missingNodes = []; window.__freeseg.missingModels = [];
+    await app.loadGraphData(wf, true, true, null);
+    await new Promise(r => setTimeout(r, 200));
+    const unknown = app.graph.nodes.filter(n => n.has_errors || !(n.type in LiteGraph.registered_node_types))
+                                   .map(n => n.type);
+    const dialogs = [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent !== null)
+                                                               .map(d => d.innerText.slice(0, 300));
+    const toasts = [...document.querySelectorAll('.p-toast-message-error, .p-toast-message-warn')]
+                       .map(t => t.innerText.slice(0, 300));
+    const prompt = await app.graphToPrompt();
+    return {missingNodes: window.__freeseg.missingNodes, missingModels: window.__freeseg.missingModels,
+            unknown, dialogs, toasts, serialized: app.graph.serialize(), prompt: prompt.output};
+}"""
+
+
+def slots(node: dict) -> tuple:
+    return ([(s["name"], s["type"], s.get("link")) for s in node.get("inputs", [])],
+            [(s["name"], s["type"], sorted(s.get("links") or [])) for s in node.get("outputs", [])])
+
+
+def load_in_page(page, workflow: dict) -> dict:
+    page.messages.clear()
+    state = page.evaluate(LOAD_JS, workflow)
+    assert state["missingNodes"] == [] and state["unknown"] == [], state["missingNodes"] or state["unknown"]
+    assert state["missingModels"] == []
+    assert state["dialogs"] == [] and state["toasts"] == []
+    assert page.messages == [], page.messages
+    return state
+
+
+def screenshot(page, viewport: dict) -> bytes:
+    page.set_viewport_size(viewport)
+    page.wait_for_timeout(300)
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.Canvas.FitView'); "
+                  "app.canvas.setDirty(true, true); }")
+    page.wait_for_timeout(500)
+    data = page.screenshot()
+    page.set_viewport_size(VIEWPORT)
+    return data
+
+
+def write_pictures(page, name: str, ui: dict) -> None:
+    """Thumbnail (and for freeseg_full the README picture) of the published workflow."""
+    from PIL import Image
+
+    load_in_page(page, ui)
+    thumb = Image.open(io.BytesIO(screenshot(page, THUMBNAIL_VIEWPORT))).convert("RGB")
+    thumb.resize(THUMBNAIL_SIZE, Image.LANCZOS).save(os.path.join(wt.WORKFLOW_DIR, f"{name}.jpg"),
+                                                     quality=85, optimize=True)
+    if name == "freeseg_full":
+        os.makedirs(os.path.join(REPO, "docs"), exist_ok=True)
+        Image.open(io.BytesIO(screenshot(page, README_VIEWPORT))).save(
+            os.path.join(REPO, "docs", "freeseg_full.png"), optimize=True)
+
+
+@pytest.fixture(scope="module")
+def example_png(client, tmp_path_factory):
+    """An input image named like ComfyUI's own example.png, so the screenshots show a picture."""
+    from conftest import write_test_image
+
+    path = write_test_image(str(tmp_path_factory.mktemp("example") / "example.png"), 512, 384, seed=3)
+    return client.upload_image(path)
+
+
+@pytest.mark.parametrize("name", wt.NAMES)
+def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_png):
+    with open(os.path.join(wt.WORKFLOW_DIR, f"{name}.json")) as f:
+        ui = json.load(f)
+    with open(os.path.join(wt.API_DIR, f"{name}.json")) as f:
+        api = json.load(f)
+    if UPDATE_SCREENSHOTS:
+        write_pictures(page, name, ui)
+
+    images = {node_id: upload(96, 64, seed=10 + i) for i, node_id in enumerate(wt.load_image_ids(api))}
+    info = client.object_info()
+    workflow, prompt = wt.adapt_ui(ui, info, images), wt.adapt_api(api, images)
+    state = load_in_page(page, workflow)
+
+    # The frontend's own graph serializes back to what the file says...
+    theirs = {n["id"]: n for n in state["serialized"]["nodes"]}
+    assert sorted(theirs) == sorted(n["id"] for n in workflow["nodes"])
+    for node in workflow["nodes"]:
+        assert theirs[node["id"]]["widgets_values"] == node["widgets_values"], node["type"]
+        assert slots(theirs[node["id"]]) == slots(node), node["type"]
+    assert state["serialized"]["links"] == workflow["links"]
+    # ...and to the API twin (less PreviewAny's display-only `preview`, which the server ignores).
+    sent = state["prompt"]
+    for node in sent.values():
+        if node["class_type"] == "PreviewAny":
+            node["inputs"].pop("preview", None)
+    assert sent == prompt
+
+    # Queue it from the page: the server accepts it and runs it.
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as answer:
+        page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+    assert answer.value.status == 200, answer.value.text()
+    prompt_id = answer.value.json()["prompt_id"]
+    assert page.evaluate("() => app.lastNodeErrors") in (None, {})
+    deadline = time.monotonic() + 300
+    while (entry := client.history(prompt_id)) is None or not entry["status"].get("completed"):
+        assert entry is None or entry["status"]["status_str"] != "error", entry["status"]
+        assert time.monotonic() < deadline, f"{name}: prompt {prompt_id} did not finish"
+        time.sleep(0.25)
+    assert entry["status"]["status_str"] == "success"
+    queued = entry["prompt"][2]
+    assert {k: (n["class_type"], {i: v for i, v in n["inputs"].items() if not (n["class_type"] == "PreviewAny"
+                                                                               and i == "preview")})
+            for k, n in queued.items()} == {k: (n["class_type"], n["inputs"]) for k, n in prompt.items()}
+    assert entry["prompt"][3]["extra_pnginfo"]["workflow"]["nodes"]  # the UI graph travels with it
+    dialogs = page.evaluate("() => [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent !== null)"
+                            ".map(d => d.innerText.slice(0, 300))")
+    assert dialogs == []
