@@ -133,6 +133,7 @@ class Node:
     size: tuple[int, int] | None
     controls: dict
     text: str | None = None  # MarkdownNote body
+    band: int = 0
     col: int = 0
     pos: tuple[float, float] = (0, 0)
     size_wh: tuple[int, int] = (0, 0)
@@ -151,6 +152,7 @@ class Graph:
         self.defs = defs
         self.name = name
         self.nodes: list[Node] = []
+        self.current_band = 0
 
     def add(self, class_type: str, title: str | None = None, size: tuple[int, int] | None = None,
             controls: dict | None = None, **values) -> Node:
@@ -160,12 +162,14 @@ class Graph:
         unknown = set(values) - known
         if unknown:
             raise KeyError(f"{self.name}: {class_type} has no inputs {sorted(unknown)} (it has {sorted(known)})")
-        node = Node(len(self.nodes) + 1, class_type, title, values, size, controls or {}, graph=self)
+        node = Node(len(self.nodes) + 1, class_type, title, values, size, controls or {}, band=self.current_band,
+                    graph=self)
         self.nodes.append(node)
         return node
 
-    def note(self, text: str, size=(420, 300)) -> Node:
-        node = Node(len(self.nodes) + 1, "MarkdownNote", None, {}, size, {}, text=text, graph=self)
+    def note(self, text: str, size=(420, 300), title: str = "Read me") -> Node:
+        node = Node(len(self.nodes) + 1, "MarkdownNote", title, {}, size, {}, text=text, band=self.current_band,
+                    graph=self)
         self.nodes.append(node)
         return node
 
@@ -200,36 +204,48 @@ class Graph:
             done.add(ready[0].id)
         return order
 
-    def layout(self, gap_x: int = 70, gap_y: int = 60) -> None:
-        """Left to right: a node's column is one past its latest input's; nodes that feed others
-        then move right up to just before their first consumer (loaders sit next to what uses
-        them). Within a column, nodes are stacked in the order of their inputs' heights."""
+    def band(self) -> None:
+        """Nodes added from now on are laid out in a new band below the previous ones (keeps a
+        long chain from growing too wide)."""
+        self.current_band += 1
+
+    def layout(self, gap_x: int = 70, gap_y: int = 60, gap_band: int = 140) -> None:
+        """Left to right within each band: a node's column is one past its latest input's in the
+        band; nodes that feed others then move right up to just before their first consumer
+        (loaders sit next to what uses them). Within a column, nodes are stacked in the order of
+        their inputs' heights."""
         order = self.topo_order()
         for node in order:
-            parents = [v.node.col + 1 for v in node.values.values() if isinstance(v, Out)]
-            node.col = max(parents, default=0)
             node.size_wh = node.size or estimate_size(self.defs.get(node.type), node)
+            parents = [v.node.col + 1 for v in node.values.values() if isinstance(v, Out) and v.node.band == node.band]
+            node.col = max(parents, default=0)
         consumers = {n.id: [] for n in self.nodes}
         for out, target, _ in self.links():
-            consumers[out.node.id].append(target)
+            if out.node.band == target.band:
+                consumers[out.node.id].append(target)
         for node in reversed(order):
             if consumers[node.id]:
                 node.col = min(c.col for c in consumers[node.id]) - 1
-        x = 0
-        for col in range(max(n.col for n in self.nodes) + 1):
-            members = [n for n in self.nodes if n.col == col]
+        top = 0
+        for band in sorted({n.band for n in self.nodes}):
+            x, bottom = 0, top
+            in_band = [n for n in self.nodes if n.band == band]
+            for col in range(max(n.col for n in in_band) + 1):
+                members = [n for n in in_band if n.col == col]
 
-            def key(n: Node):
-                ys = [v.node.pos[1] + v.node.size_wh[1] / 2 for v in n.values.values()
-                      if isinstance(v, Out) and v.node.col < col]
-                return (n.type not in VIRTUAL_NODES, sum(ys) / len(ys) if ys else -1, n.id)
+                def key(n: Node):
+                    ys = [v.node.pos[1] + v.node.size_wh[1] / 2 for v in n.values.values() if isinstance(v, Out)
+                          and (v.node.band < band or (v.node.band == band and v.node.col < col))]
+                    return (n.type not in VIRTUAL_NODES, sum(ys) / len(ys) if ys else -1, n.id)
 
-            y = 0
-            for node in sorted(members, key=key):
-                node.pos = (x, y)
-                y += node.size_wh[1] + gap_y
-            if members:
-                x += max(n.size_wh[0] for n in members) + gap_x
+                y = top
+                for node in sorted(members, key=key):
+                    node.pos = (x, y)
+                    y += node.size_wh[1] + gap_y
+                bottom = max(bottom, y - gap_y)
+                if members:
+                    x += max(n.size_wh[0] for n in members) + gap_x
+            top = bottom + gap_band
 
     # -- output ------------------------------------------------------------------------------------
     def widgets_values(self, node: Node) -> list:
@@ -267,8 +283,8 @@ class Graph:
             entry = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size_wh),
                      "flags": {}, "order": order[node.id], "mode": 0}
             if node.type in VIRTUAL_NODES:
-                entry.update(inputs=[], outputs=[], properties={}, widgets_values=self.widgets_values(node),
-                             color="#432", bgcolor="#653")
+                entry.update(inputs=[], outputs=[], title=node.title, properties={},
+                             widgets_values=self.widgets_values(node), color="#432", bgcolor="#653")
                 nodes.append(entry)
                 continue
             node_def = self.defs[node.type]
@@ -399,6 +415,8 @@ def freeseg_inpaint(g: Graph) -> None:
     image = g.add("LoadImage", image=IMAGE)["IMAGE"]
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     _, refined = segment(g, image, ckpt, class_names="dog")
+    g.add("PreviewAny", title="Labels", source=refined["labels"])
+    g.band()
     picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="dog")
     grown = g.add("GrowMask", mask=picked["mask"], expand=8, tapered_corners=True)
     feathered = g.add("FeatherMask", mask=grown["MASK"], left=8, top=8, right=8, bottom=8)
@@ -413,7 +431,6 @@ def freeseg_inpaint(g: Graph) -> None:
     pasted = g.add("ImageCompositeMasked", destination=image, source=decoded["IMAGE"], x=0, y=0,
                    resize_source=False, mask=feathered["MASK"])
     g.add("PreviewImage", title="Inpaint mask", images=g.add("MaskToImage", mask=feathered["MASK"])["IMAGE"])
-    g.add("PreviewAny", title="Labels", source=refined["labels"])
     g.add("SaveImage", title="Save inpainted image", images=pasted["IMAGE"], filename_prefix="freeseg/inpaint")
 
 
@@ -426,10 +443,11 @@ def freeseg_cutout(g: Graph) -> None:
     image = g.add("LoadImage", image=IMAGE)["IMAGE"]
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     _, refined = segment(g, image, ckpt, class_names="dog")
+    g.add("PreviewAny", title="Labels", source=refined["labels"])
+    g.band()
     picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="dog")
     alpha = g.add("InvertMask", mask=picked["mask"])
     rgba = g.add("JoinImageWithAlpha", image=image, alpha=alpha["MASK"])
-    g.add("PreviewAny", title="Labels", source=refined["labels"])
     save_masks(g, picked["mask"], "freeseg/cutout_mask", title="Save selected mask")
     g.add("SaveImage", title="Save cut-out (RGBA PNG)", images=rgba["IMAGE"], filename_prefix="freeseg/cutout")
 

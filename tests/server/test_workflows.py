@@ -15,6 +15,8 @@ import importlib.util
 import io
 import json
 import os
+import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -35,9 +37,15 @@ def load(name: str) -> tuple[dict, dict]:
     return ui, api
 
 
+def get_bytes(client, path: str) -> bytes:
+    with urllib.request.urlopen(client.url + path, timeout=30) as resp:
+        return resp.read()
+
+
 def make_workflows_module():
     spec = importlib.util.spec_from_file_location("make_workflows", os.path.join(REPO, "scripts", "make_workflows.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -71,10 +79,10 @@ def test_templates_are_listed_and_served_with_thumbnails(client):
     assert sorted(listed.get(PACK_NAME, [])) == sorted(wt.NAMES), listed
     for name in wt.NAMES:
         ui, _ = load(name)
-        served = json.loads(client._request(f"/api/workflow_templates/{PACK_NAME}/{name}.json"))
+        served = json.loads(get_bytes(client, f"/api/workflow_templates/{PACK_NAME}/{name}.json"))
         assert served == ui
         # The template browser shows <name>.jpg for custom node templates.
-        thumb = Image.open(io.BytesIO(client._request(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")))
+        thumb = Image.open(io.BytesIO(get_bytes(client, f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")))
         assert thumb.format == "JPEG" and min(thumb.size) >= 128
 
 
