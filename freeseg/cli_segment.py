@@ -1,0 +1,460 @@
+"""`python -m freeseg segment IMAGE --out DIR`: segment a picture and name every part.
+
+Writes into DIR, whichever backend ran:
+
+* ``mask_<i>_<label>.png``: one per named mask, mode L, 0/255, at the image's size;
+* ``overlay.png``: the image with the coloured, labelled masks;
+* ``labels.json``: ``{"image", "width", "height", "caption", "class_names", "backend",
+  "settings", "overlay": "overlay.png", "masks": [{"index", "file", "label", "score", "area",
+  "bbox"}, ...], "timings"}`` (bbox ``[x0, y0, x1, y1]`` with exclusive ends or null, area in
+  pixels; the layout of ``freeseg.pipeline.segment_to_folder``).
+
+Backends:
+
+* ``comfyui`` (default) runs the ``freeseg_full`` API workflow, either on a running server
+  (``--url``) or on an embedded ComfyUI that this command starts from the project's
+  environment (``.venv/ComfyUI``, or ``--comfyui DIR``), with ``--models DIR`` as its models
+  folder (checkpoints/, blip2/, open_clip/; a ComfyUI ``models/`` folder works as is).
+* ``diffusers`` calls ``freeseg.pipeline`` (no ComfyUI), when that module is installed.
+
+``--random-weights`` runs the embedded path on tiny random-weight models (built by
+``tests/helpers/model_fixtures.py``): a smoke test of the install, the masks mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+from .client import (DEFAULT_WORKFLOW, ComfyClient, ComfyError, add_workflow_arguments, execute, load_workflow,
+                     missing_node_types, one_line, output_text, prepare, report_error, workflow_settings)
+from .server import PACK_DIR, ComfyServer, default_comfy_dir, link
+
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+OPEN_CLIP_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")
+FIXTURES_SCRIPT = os.path.join(PACK_DIR, "tests", "helpers", "model_fixtures.py")
+# Where each random-weight fixture goes in the embedded server's models/ folder.
+RANDOM_MODEL_LINKS = {
+    "sd15_ckpt": ("checkpoints", "freeseg-tiny-sd15.safetensors"),
+    "blip2_dir": ("blip2", "tiny-blip2"),
+    "open_clip_dir": ("open_clip", "tiny-open-clip"),
+}
+# The random BLIP-2 writes no real nouns: without these names nothing would be named.
+RANDOM_CLASS_NAMES = "dog, cat, tree, sky"
+RANDOM_NOTICE = (
+    "--random-weights: the checkpoint, BLIP-2 and CLIP are RANDOM test fixtures.",
+    "The masks, labels and caption are MEANINGLESS: this run is a smoke test of",
+    "the install, nothing more.",
+)
+# What goes where in a models folder, per model kind (the missing-weights message).
+WHAT_GOES_WHERE = {
+    "checkpoint": ("checkpoints", "put an SD1.5/SD2.x/SDXL checkpoint (.safetensors) in {dir}/checkpoints/"),
+    "blip2": ("blip2", "put a BLIP-2 folder in {dir}/blip2/<name>/ (config.json, model.safetensors or shards, "
+                       "processor and tokenizer files, e.g. Salesforce/blip2-opt-2.7b), or give class names "
+                       "with --class-names to segment without captions"),
+    "clip": ("open_clip", "put an open_clip folder in {dir}/open_clip/<name>/ (open_clip_config.json, "
+                          "open_clip_model.safetensors, e.g. timm/vit_base_patch32_clip_224.openai)"),
+}
+
+
+class SegmentError(RuntimeError):
+    """A problem the user can fix (missing weights, bad options); printed without a traceback."""
+
+
+# -- the output folder (shared by both backends) --------------------------------------------------
+
+def safe_label(label: str) -> str:
+    """A label as a file-name part, as ``freeseg.pipeline`` writes it: runs of characters
+    other than ASCII letters and digits become "_" ("potted plant" -> "potted_plant")."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(label)).strip("_") or "mask"
+
+
+def mask_file_name(index: int, label: str) -> str:
+    """``mask_<index>_<label>.png``."""
+    return f"mask_{index}_{safe_label(label)}.png"
+
+
+def mask_stats(mask: np.ndarray) -> tuple[int, Optional[list[int]]]:
+    """(area, bbox ``[x0, y0, x1, y1]`` with exclusive ends or None) of a boolean HxW mask."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return 0, None
+    return int(len(ys)), [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def binary_mask(image: Image.Image) -> np.ndarray:
+    """A saved mask image (any mode) -> HxW bool (above half intensity)."""
+    return np.asarray(image.convert("L")) >= 128
+
+
+def write_segmentation(out_dir: str, image_path: str, masks: list[np.ndarray], records: list[dict],
+                       overlay: Image.Image, caption: str = "", class_names: Optional[list[str]] = None,
+                       backend: str = "comfyui", settings: Optional[dict] = None,
+                       timings: Optional[dict] = None) -> dict:
+    """Write the masks, overlay.png and labels.json into `out_dir`; returns the labels document,
+    in the layout ``freeseg.pipeline.segment_to_folder`` (the diffusers backend) writes.
+
+    Args:
+        masks: one HxW mask per named segment (bool, or float/uint8 where >= 0.5 / 128 is in).
+        records: one dict per mask with at least ``label`` (and ``score``); area and bbox are
+            recomputed from the written masks so the JSON and the files always agree.
+        overlay: the labelled overlay (saved as RGB PNG).
+    Old ``mask_<i>_*.png`` files in `out_dir` are removed first, so the folder holds one run.
+    """
+    if len(masks) != len(records):
+        raise SegmentError(f"{len(masks)} masks but {len(records)} labels came back")
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):
+        if re.fullmatch(r"mask_\d+_[A-Za-z0-9_]*\.png", name):
+            os.remove(os.path.join(out_dir, name))
+    overlay = overlay.convert("RGB")
+    width, height = overlay.size
+    entries = []
+    for i, (mask, rec) in enumerate(zip(masks, records)):
+        m = np.asarray(mask)
+        m = m if m.dtype == bool else (m >= (128 if m.dtype == np.uint8 else 0.5))
+        height, width = m.shape
+        name = mask_file_name(i, rec["label"])
+        Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(os.path.join(out_dir, name))
+        area, bbox = mask_stats(m)
+        entries.append({"index": i, "file": name, "label": rec["label"], "score": float(rec.get("score", 0.0)),
+                        "area": area, "bbox": bbox})
+    overlay.save(os.path.join(out_dir, "overlay.png"))
+    doc = {"image": str(image_path), "width": width, "height": height, "caption": caption,
+           "class_names": list(class_names or []), "backend": backend, "settings": dict(settings or {}),
+           "overlay": "overlay.png", "masks": entries, "timings": dict(timings or {})}
+    with open(os.path.join(out_dir, "labels.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+def scan_models(models_dir: str) -> dict[str, list[str]]:
+    """The model names a models folder offers, as ComfyUI lists them: checkpoint files (with
+    sub-folders), BLIP-2 folders (holding config.json), open_clip folders or weight files."""
+    found: dict[str, list[str]] = {"checkpoint": [], "blip2": [], "clip": []}
+    root = os.path.join(models_dir, "checkpoints")
+    for folder, _, files in os.walk(root, followlinks=True):
+        for name in files:
+            if name.lower().endswith(CHECKPOINT_EXTENSIONS):
+                found["checkpoint"].append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
+    for role, sub, marker in (("blip2", "blip2", "config.json"), ("clip", "open_clip", "open_clip_config.json")):
+        root = os.path.join(models_dir, sub)
+        if not os.path.isdir(root):
+            continue
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if os.path.isfile(os.path.join(path, marker)) or (
+                    role == "clip" and os.path.isfile(path) and name.lower().endswith(OPEN_CLIP_EXTENSIONS)):
+                found[role].append(name)
+    return {role: sorted(names) for role, names in found.items()}
+
+
+def pick_models(models_dir: str, wanted: dict, class_names: Optional[str]) -> dict[str, str]:
+    """Model names to use from `models_dir`: the ones asked for (checked), else the only one
+    there. BLIP-2 may be missing when class names are given. SegmentError says what to put where."""
+    found = scan_models(models_dir)
+    chosen: dict[str, str] = {}
+    missing: list[str] = []
+    flags = {"checkpoint": "--checkpoint", "blip2": "--blip2", "clip": "--clip"}
+    for role, names in found.items():
+        sub, put = WHAT_GOES_WHERE[role]
+        if role in wanted:
+            if wanted[role] not in names:
+                raise SegmentError(f"{flags[role]} {wanted[role]!r}: not in {os.path.join(models_dir, sub)} "
+                                   f"(found: {', '.join(names) or 'nothing'})")
+            chosen[role] = wanted[role]
+        elif len(names) == 1:
+            chosen[role] = names[0]
+        elif len(names) > 1:
+            raise SegmentError(f"several models in {os.path.join(models_dir, sub)}: pick one with {flags[role]} "
+                               f"({', '.join(names)})")
+        elif not (role == "blip2" and class_names):
+            missing.append(put.format(dir=models_dir))
+    if missing:
+        raise SegmentError("model weights missing in " + models_dir + ":\n  " + "\n  ".join(missing)
+                           + "\n(--models DIR picks another models folder; --random-weights smoke-tests the "
+                             "install without real weights)")
+    return chosen
+
+
+def model_paths(models_dir: str, names: dict[str, str]) -> dict[str, str]:
+    """Full paths of the chosen model names in `models_dir`."""
+    subs = {"checkpoint": "checkpoints", "blip2": "blip2", "clip": "open_clip"}
+    return {role: os.path.join(models_dir, subs[role], name) for role, name in names.items()}
+
+
+def build_random_models(python: str, comfy_dir: str) -> dict[str, str]:
+    """Build (or reuse from the cache) the random-weight fixtures in a subprocess; {key: path}."""
+    if not os.path.isfile(FIXTURES_SCRIPT):
+        raise SegmentError(f"--random-weights needs the project's checkout ({FIXTURES_SCRIPT} is missing)")
+    cache = os.environ.get("FREESEG_FIXTURE_CACHE") or os.path.join(PACK_DIR, ".cache", "fixtures")
+    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); from model_fixtures import build_all; "
+            "print('FIXTURES=' + json.dumps(build_all(sys.argv[1])))")
+    print(f"building / reusing the random-weight models in {cache} ...", file=sys.stderr, flush=True)
+    env = dict(os.environ, FREESEG_COMFYUI_DIR=comfy_dir)
+    proc = subprocess.run([python, "-c", code, cache, os.path.dirname(FIXTURES_SCRIPT)], cwd=PACK_DIR,
+                          capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FIXTURES=")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise SegmentError("building the random-weight models failed:\n  " + "\n  ".join(tail))
+    return json.loads(lines[-1][len("FIXTURES="):])
+
+
+def print_notice(lines: tuple[str, ...]) -> None:
+    """A framed, impossible-to-miss notice on stderr."""
+    width = max(len(ln) for ln in lines) + 4
+    frame = "#" * (width + 2)
+    print("\n".join([frame] + [f"#  {ln.ljust(width - 4)}  #" for ln in lines] + [frame]), file=sys.stderr,
+          flush=True)
+
+
+# -- the ComfyUI backend --------------------------------------------------------------------------
+
+def wants_gpu(python: str) -> bool:
+    """Whether `python`'s torch sees a GPU (CUDA, ROCm, XPU or MPS); False when it cannot tell."""
+    code = ("import sys, torch; b = getattr(torch, 'backends', None); "
+            "ok = torch.cuda.is_available() or (hasattr(torch, 'xpu') and torch.xpu.is_available()) "
+            "or (b is not None and hasattr(b, 'mps') and b.mps.is_available()); sys.exit(0 if ok else 3)")
+    try:
+        return subprocess.run([python, "-c", code], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def collect(client: ComfyClient, entry: dict, roles: dict) -> tuple[list[np.ndarray], list[dict], Image.Image,
+                                                                    str, list[str]]:
+    """(masks, records, overlay, caption, class names) from a finished freeseg_full run."""
+    text = output_text(entry, roles["json"])
+    if text is None:
+        raise SegmentError("the run produced no labels JSON (FreeSegRefineMasks json output)")
+    records = json.loads(text)
+    outputs = entry.get("outputs", {})
+    mask_files = (outputs.get(roles["masks"]) or {}).get("images", [])
+    masks = [binary_mask(Image.open(io.BytesIO(client.view(f)))) for f in mask_files]
+    previews = (outputs.get(roles["preview"]) or {}).get("images", [])
+    if not previews:
+        raise SegmentError("the run produced no overlay image (FreeSegRefineMasks preview output)")
+    overlay = Image.open(io.BytesIO(client.view(previews[0]))).convert("RGB")
+    caption = (output_text(entry, roles.get("captions")) or "").strip().splitlines()
+    names_text = (output_text(entry, roles.get("class_names")) or "").strip().splitlines()
+    names = [n.strip() for n in names_text[0].split(",") if n.strip()] if names_text else []
+    if not names:
+        names = sorted({r["label"] for r in records})
+    return masks, records, overlay, caption[0] if caption else "", names
+
+
+# FreeSegSettings fields (the diffusers backend's "settings") read from the workflow's nodes.
+SETTINGS_FROM_NODES = {
+    "FreeSegDiffusionFeatures": {"resolution": "resolution", "timestep": "timestep", "source": "source",
+                                 "seed": "seed"},
+    "FreeSegClusterMasks": {"n_clusters": "n_clusters", "method": "cluster_method", "seed": "seed"},
+    "FreeSegCLIPLabel": {"crop_mode": "crop_mode", "prompt": "prompt", "threshold": "threshold"},
+    "FreeSegRefineMasks": {"method": "refine"},
+    "FreeSegCaption": {"max_new_tokens": "max_new_tokens"},
+    "FreeSegPipeline": {"n_clusters": "n_clusters", "seed": "seed"},
+}
+
+
+def settings_of(prompt: dict) -> dict:
+    """The FreeSeg-Diff settings a filled workflow runs with (typed-in values only)."""
+    settings: dict[str, Any] = {}
+    for node in prompt.values():
+        for input_name, key in SETTINGS_FROM_NODES.get(node["class_type"], {}).items():
+            value = node["inputs"].get(input_name)
+            if value is not None and not isinstance(value, list):
+                settings.setdefault(key, value)
+    settings["use_caption"] = any(n["class_type"] == "FreeSegBLIP2Loader" for n in prompt.values())
+    return settings
+
+
+def segment_on_server(client: ComfyClient, args: argparse.Namespace, models: dict, overrides: list,
+                      class_names: Optional[str]) -> dict:
+    """Run the workflow on `client`'s server and write the output folder; the labels document."""
+    workflow = load_workflow(args.workflow)
+    prompt, roles = prepare(client, workflow, args.image, class_names=class_names, n_clusters=args.clusters,
+                            seed=args.seed, models=models, overrides=overrides)
+    start = time.perf_counter()
+    entry = execute(client, prompt, timeout=args.timeout, quiet=args.quiet)
+    masks, records, overlay, caption, names = collect(client, entry, roles)
+    return write_segmentation(args.out, args.image, masks, records, overlay, caption, names, backend="comfyui",
+                              settings=settings_of(prompt),
+                              timings={"total": round(time.perf_counter() - start, 4)})
+
+
+def segment_embedded(args: argparse.Namespace, models: dict, overrides: list, class_names: Optional[str]) -> dict:
+    """Start a ComfyUI of our own (temporary base folder, our pack, the models linked in), run
+    the workflow on it and stop it again."""
+    comfy_dir = os.path.abspath(args.comfyui or default_comfy_dir())
+    if not os.path.isfile(os.path.join(comfy_dir, "main.py")):
+        if args.comfyui:
+            raise SegmentError(f"no ComfyUI main.py in {comfy_dir}: --comfyui takes the folder that holds "
+                               "ComfyUI's main.py")
+        raise SegmentError(f"no ComfyUI main.py in {comfy_dir} (the project's environment): run "
+                           "scripts/setup_env.sh, pass --comfyui DIR, or use a running server with --url")
+    python = args.python or sys.executable
+    base = tempfile.mkdtemp(prefix="freeseg-comfyui-")
+    try:
+        if args.random_weights:
+            fixtures = build_random_models(python, comfy_dir)
+            models_dir = os.path.join(base, "models")
+            for key, (folder, name) in RANDOM_MODEL_LINKS.items():
+                link(fixtures[key], os.path.join(models_dir, folder, name))
+        else:
+            models_dir = os.path.abspath(args.models or os.path.join(comfy_dir, "models"))
+        chosen = pick_models(models_dir, models, class_names)
+        if not args.random_weights:
+            link(models_dir, os.path.join(base, "models"))
+        cpu = args.cpu or not wants_gpu(python)
+        print(f"starting ComfyUI from {comfy_dir} ({'CPU' if cpu else 'GPU'}; models: {models_dir}) ...",
+              file=sys.stderr, flush=True)
+        server = ComfyServer(base, comfy_dir=comfy_dir, python=python, cpu=cpu)
+        try:
+            server.start(timeout=args.startup_timeout)
+        except RuntimeError as e:
+            raise SegmentError(f"the embedded ComfyUI did not start: {e}") from None
+        try:
+            missing = missing_node_types(load_workflow(args.workflow), server.client.object_info())
+            if missing:
+                errors = [ln for ln in server.log().splitlines() if "error" in ln.lower() or "freeseg" in ln.lower()]
+                raise SegmentError("the freeseg-diff pack did not load into the embedded ComfyUI (no "
+                                   f"{', '.join(missing)}):\n  " + "\n  ".join(errors[-15:]))
+            return segment_on_server(server.client, args, chosen, overrides, class_names)
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- the diffusers backend ------------------------------------------------------------------------
+
+def segment_diffusers(args: argparse.Namespace, models: dict, class_names: Optional[str]) -> dict:
+    """Run ``freeseg.pipeline`` (diffusers, no ComfyUI): ``FreeSegPipeline.from_pretrained`` on
+    the models of ``--models`` (or the random fixtures), then ``segment_to_folder``."""
+    if args.url:
+        raise SegmentError("--url runs the ComfyUI backend; leave it out with --backend diffusers")
+    if args.workflow != DEFAULT_WORKFLOW or args.overrides:
+        raise SegmentError("--workflow and --set apply to the ComfyUI backend only")
+    if importlib.util.find_spec("freeseg.pipeline") is None:
+        raise SegmentError("--backend diffusers needs freeseg/pipeline.py, which this install lacks; use "
+                           "--backend comfyui")
+    module = importlib.import_module("freeseg.pipeline")
+    pipeline_cls = getattr(module, "FreeSegPipeline", None)
+    run = getattr(module, "segment_to_folder", None)
+    if run is None or not hasattr(pipeline_cls, "from_pretrained"):
+        raise SegmentError("freeseg.pipeline has no FreeSegPipeline.from_pretrained() and segment_to_folder(): "
+                           "the diffusers backend is not available in this version")
+    if args.random_weights:
+        fixtures = build_random_models(args.python or sys.executable,
+                                       os.path.abspath(args.comfyui or default_comfy_dir()))
+        paths = {"checkpoint": fixtures["sd15_ckpt"], "blip2": fixtures["blip2_dir"], "clip": fixtures["open_clip_dir"]}
+        # Component configs / a diffusers VAE for the tiny checkpoint, when the fixtures offer them.
+        for key, role in (("sd15_diffusers_config", "sd_config"), ("sd15_diffusers_vae", "vae")):
+            if fixtures.get(key):
+                paths[role] = fixtures[key]
+    else:
+        models_dir = os.path.abspath(args.models or os.path.join(default_comfy_dir(), "models"))
+        paths = model_paths(models_dir, pick_models(models_dir, models, class_names))
+    accepted = inspect.signature(pipeline_cls.from_pretrained).parameters
+    kwargs: dict[str, Any] = {"sd": paths["checkpoint"], "clip": paths.get("clip"), "blip2": paths.get("blip2")}
+    kwargs.update({role: paths[role] for role in ("sd_config", "vae") if paths.get(role)})
+    for key, value in (("n_clusters", args.clusters), ("seed", args.seed), ("resolution", args.resolution)):
+        if value is not None:
+            kwargs[key] = value
+    if args.cpu:
+        kwargs["device"] = "cpu"
+    has_var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted or has_var_kw}
+    print("loading the models (diffusers backend) ...", file=sys.stderr, flush=True)
+    try:
+        pipeline = pipeline_cls.from_pretrained(**kwargs)
+        return run(pipeline, args.image, args.out, class_names=class_names)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SegmentError(f"the diffusers backend failed: {one_line(str(e))}") from None
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m freeseg segment",
+        description="Segment IMAGE and name every part: writes mask_<i>_<label>.png (one per named mask), "
+                    "overlay.png and labels.json into --out.")
+    parser.add_argument("image", metavar="IMAGE", help="the picture to segment")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    parser.add_argument("--backend", choices=("comfyui", "diffusers"), default="comfyui",
+                        help="comfyui (default): the freeseg_full workflow; diffusers: freeseg.pipeline")
+    parser.add_argument("--url", default=None, help="a running ComfyUI server (default: start an embedded one)")
+    parser.add_argument("--comfyui", default=None, metavar="DIR",
+                        help="the ComfyUI install (folder of main.py) the embedded server runs "
+                             "(default: the project's .venv/ComfyUI)")
+    parser.add_argument("--python", default=None, metavar="EXE",
+                        help="the Python that runs the embedded ComfyUI (default: this one)")
+    parser.add_argument("--models", default=None, metavar="DIR",
+                        help="models folder with checkpoints/, blip2/, open_clip/ (default: the ComfyUI's models/)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="tiny random models: a smoke test of the install (the masks mean nothing)")
+    parser.add_argument("--cpu", action="store_true", help="run the embedded ComfyUI on the CPU")
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for the embedded server to start")
+    add_workflow_arguments(parser)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of `python -m freeseg segment`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.url and (args.random_weights or args.models or args.comfyui):
+        print("error: --random-weights, --models and --comfyui start an embedded ComfyUI; leave out --url (the "
+              "server at --url uses its own models)", file=sys.stderr)
+        return 2
+    if args.random_weights and args.models:
+        print("error: --random-weights and --models exclude each other", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.image):
+        print(f"error: no image file {args.image}", file=sys.stderr)
+        return 1
+    class_names = args.class_names
+    if args.random_weights:
+        if not class_names:
+            class_names = RANDOM_CLASS_NAMES
+        print_notice(RANDOM_NOTICE + (f"Class names: {class_names}",))
+    try:
+        models, overrides = workflow_settings(args)
+        if args.backend == "diffusers":
+            doc = segment_diffusers(args, models, class_names)
+        elif args.url:
+            doc = segment_on_server(ComfyClient(args.url), args, models, overrides, class_names)
+        else:
+            doc = segment_embedded(args, models, overrides, class_names)
+    except ComfyError as e:
+        report_error(e)
+        return 1
+    except SegmentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if args.random_weights:
+        print_notice(RANDOM_NOTICE)
+    print(f"wrote {len(doc.get('masks', []))} mask(s), overlay.png and labels.json to {args.out}",
+          file=sys.stderr)
+    print(json.dumps(doc, indent=2))
+    return 0

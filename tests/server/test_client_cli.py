@@ -1,0 +1,331 @@
+"""The command lines: `python -m freeseg.client` (any workflow on any server) and
+`python -m freeseg segment` (the output folder), against the real ComfyUI server, one
+embedded-server run with --random-weights, and their error messages.
+
+The unit tests at the top need no server (they run against fake /object_info dicts and a
+stub HTTP server); the rest use the session's server with the random-weight fixtures."""
+
+from __future__ import annotations
+
+import copy
+import importlib.machinery
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import types
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_harness import MODEL_LINKS, REPO
+from freeseg import client as fc
+from freeseg.cli_segment import build_parser, mask_file_name, pick_models, segment_diffusers, write_segmentation
+
+PYTHON = sys.executable
+WORKFLOW = os.path.join(REPO, "workflows", "api", "freeseg_full.json")
+CLASS_NAMES = "dog, cat, tree, sky"  # the random BLIP-2 writes no real nouns
+FAST = ["--resolution", "128", "--set", "FreeSegCaption.max_new_tokens=8"]
+WIDTH, HEIGHT = 80, 56
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m <args>` from the repository root (as a user would)."""
+    return subprocess.run([PYTHON, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    """A small synthetic picture: two discs on a gradient."""
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    img = np.stack([xx / WIDTH, yy / HEIGHT, np.full_like(xx, 0.3, float)], -1)
+    img[(xx - 25) ** 2 + (yy - 30) ** 2 < 15 ** 2] = (0.9, 0.2, 0.2)
+    img[(xx - 58) ** 2 + (yy - 20) ** 2 < 12 ** 2] = (0.1, 0.2, 0.9)
+    path = str(tmp_path_factory.mktemp("cli") / "picture.png")
+    Image.fromarray((img * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def renumbered(prompt: dict, offset: int = 100) -> dict:
+    """The same workflow with other node ids (filling must go by class type, not id)."""
+    new = {k: str(int(k) + offset) for k in prompt}
+    out = {}
+    for k, node in prompt.items():
+        node = copy.deepcopy(node)
+        node["inputs"] = {n: [new[v[0]], v[1]] if fc._is_link(v) else v for n, v in node["inputs"].items()}
+        out[new[k]] = node
+    return out
+
+
+# -- no server --------------------------------------------------------------------------------------
+
+
+def test_missing_node_types_are_named():
+    workflow = fc.load_workflow(WORKFLOW)
+    info = {t: {} for t in ("LoadImage", "CheckpointLoaderSimple", "PreviewAny", "SaveImage", "MaskToImage")}
+    missing = fc.missing_node_types(workflow, info)
+    assert missing == ["FreeSegBLIP2Loader", "FreeSegCLIPLabel", "FreeSegCLIPLoader", "FreeSegCaption",
+                       "FreeSegClusterMasks", "FreeSegDiffusionFeatures", "FreeSegRefineMasks"]
+    message = fc.missing_nodes_message(missing, "http://h:1")
+    assert "http://h:1" in message and "FreeSegRefineMasks" in message and "freeseg-diff" in message
+    assert fc.missing_node_types(workflow, {t: {} for t in {n["class_type"] for n in workflow.values()}}) == []
+
+
+def test_fill_goes_by_class_type_and_outputs_are_found_or_added():
+    workflow = renumbered(fc.load_workflow(WORKFLOW))
+    filled = fc.fill_workflow(workflow, image="x.png", class_names="dog, cat", n_clusters=3, seed=7,
+                              checkpoint="c.safetensors", blip2="b", clip="o",
+                              overrides=[fc.parse_override("FreeSegDiffusionFeatures.resolution=256")])
+    by_type = {n["class_type"]: n["inputs"] for n in filled.values()}
+    assert by_type["LoadImage"]["image"] == "x.png"
+    assert by_type["FreeSegCaption"]["class_names"] == "dog, cat"
+    assert fc._is_link(by_type["FreeSegCLIPLabel"]["class_names"])  # linked to the caption: left alone
+    assert (by_type["FreeSegClusterMasks"]["n_clusters"], by_type["FreeSegClusterMasks"]["seed"]) == (3, 7)
+    assert by_type["FreeSegDiffusionFeatures"]["resolution"] == 256
+    assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "c.safetensors"
+    assert (by_type["FreeSegBLIP2Loader"]["model_name"], by_type["FreeSegCLIPLoader"]["model_name"]) == ("b", "o")
+    assert workflow != filled and fc.nodes_of(workflow, "LoadImage") == fc.nodes_of(filled, "LoadImage")
+
+    prompt, roles = fc.ensure_outputs(filled)
+    refine = fc.nodes_of(prompt, "FreeSegRefineMasks")[0]
+    assert prompt[roles["json"]]["inputs"]["source"] == [refine, 6]
+    assert prompt[roles["labels"]]["inputs"]["source"] == [refine, 2]
+    assert prompt[roles["preview"]]["inputs"]["images"] == [refine, 5]
+    assert roles["json"] in workflow and roles["masks"] in workflow  # the workflow's own output nodes
+    caption = fc.nodes_of(prompt, "FreeSegCaption")[0]
+    assert roles["captions"] not in workflow and prompt[roles["captions"]]["inputs"]["source"] == [caption, 0]
+    with pytest.raises(fc.ComfyError, match="--set"):
+        fc.parse_override("resolution=3")
+
+
+def test_model_choice_and_node_error_formatting():
+    workflow = fc.load_workflow(WORKFLOW)
+    info = {"CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["only.safetensors"], {}]}}},
+            "FreeSegBLIP2Loader": {"input": {"required": {"model_name": ["COMBO", {"options": ["(none found)"]}]}}},
+            "FreeSegCLIPLoader": {"input": {"required": {"model_name": [["a", "b"], {}]}}}}
+    with pytest.raises(fc.ComfyError, match="pick one with --clip: a, b"):
+        fc.choose_models(fc.fill_workflow(workflow, class_names="dog"), info, "U")
+    with pytest.raises(fc.ComfyError, match="no BLIP-2 model: put a BLIP-2 folder"):
+        fc.choose_models(workflow, info, "U", {"clip": "b"})
+    with pytest.raises(fc.ComfyError, match="--checkpoint 'x': the server at U has no such checkpoint"):
+        fc.choose_models(workflow, info, "U", {"checkpoint": "x"})
+    # With class names typed in and no BLIP-2 on the server, the captioner is left out.
+    prompt = fc.choose_models(fc.fill_workflow(workflow, class_names="dog"), info, "U", {"clip": "b"})
+    assert not fc.nodes_of(prompt, "FreeSegBLIP2Loader")
+    assert "blip2" not in prompt[fc.nodes_of(prompt, "FreeSegCaption")[0]]["inputs"]
+    assert prompt[fc.nodes_of(prompt, "CheckpointLoaderSimple")[0]]["inputs"]["ckpt_name"] == "only.safetensors"
+
+    details = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+               "node_errors": {"8": {"class_type": "FreeSegClusterMasks", "dependent_outputs": ["12"], "errors": [
+                   {"type": "value_bigger_than_max", "message": "Value 99 bigger than max of 64",
+                    "details": "n_clusters"}]}}}
+    lines = fc.format_node_errors(details, workflow)
+    assert lines[0] == "ComfyUI rejected the prompt: Prompt outputs failed validation"
+    assert lines[1] == ("  node 8 (FreeSegClusterMasks, 'FreeSeg-Diff Cluster Masks'): Value 99 bigger than max "
+                        "of 64 - n_clusters")
+
+
+def test_progress_bar_text():
+    out = io.StringIO()
+    prompt = {"1": {"class_type": "A", "inputs": {}}, "2": {"class_type": "B", "inputs": {}, "_meta": {"title": "Bee"}}}
+    bar = fc.ProgressBar(prompt, stream=out, width=10)
+    for kind, data in [("execution_cached", {"nodes": ["1"]}), ("executing", {"node": "2"}),
+                       ("progress", {"value": 1, "max": 2, "node": "2"}), ("executing", {"node": None}),
+                       ("execution_success", {})]:
+        bar(kind, data)
+    bar.close()
+    assert out.getvalue().splitlines() == ["[#####-----]  50%", "[#####-----]  50% Bee", "[##########] 100%"]
+
+
+def test_output_folder_layout(tmp_path):
+    masks = [np.zeros((4, 6), bool), np.ones((4, 6), np.float32) * 0.7]
+    masks[0][1:3, 2:5] = True
+    records = [{"label": "Red car!", "score": 0.5, "area": 999}, {"label": "sky", "score": 0.25}]
+    (tmp_path / "mask_7_old.png").write_bytes(b"")
+    doc = write_segmentation(str(tmp_path), "/x/pic.jpg", masks, records, Image.new("RGB", (6, 4)), "a car",
+                             ["car", "sky"], settings={"n_clusters": 2})
+    assert doc["masks"][0] == {"index": 0, "file": "mask_0_Red_car.png", "label": "Red car!", "score": 0.5,
+                               "area": 6, "bbox": [2, 1, 5, 3]}
+    assert doc["masks"][1]["file"] == mask_file_name(1, "sky") == "mask_1_sky.png"
+    assert mask_file_name(2, "potted plant") == "mask_2_potted_plant.png"  # as freeseg.pipeline names them
+    assert (doc["image"], doc["width"], doc["height"], doc["caption"], doc["class_names"], doc["backend"],
+            doc["settings"], doc["overlay"]) == ("/x/pic.jpg", 6, 4, "a car", ["car", "sky"], "comfyui",
+                                                 {"n_clusters": 2}, "overlay.png")
+    assert sorted(os.listdir(tmp_path)) == ["labels.json", "mask_0_Red_car.png", "mask_1_sky.png", "overlay.png"]
+    assert json.loads((tmp_path / "labels.json").read_text()) == doc
+    m = Image.open(tmp_path / "mask_0_Red_car.png")
+    assert m.mode == "L" and m.size == (6, 4) and set(np.unique(np.asarray(m))) == {0, 255}
+
+
+def test_missing_weights_say_what_to_put_where(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "a.safetensors").write_bytes(b"")
+    with pytest.raises(Exception) as err:
+        pick_models(str(tmp_path), {}, None)
+    text = str(err.value)
+    assert f"{tmp_path}/blip2/<name>/ (config.json" in text
+    assert f"{tmp_path}/open_clip/<name>/ (open_clip_config.json, open_clip_model.safetensors" in text
+    assert "checkpoints/" not in text.split("\n", 1)[1]  # the checkpoint is there
+    result = cli("freeseg", "segment", os.path.join(REPO, "README.md"), "--out", str(tmp_path / "o"),
+                 "--models", str(tmp_path), "--clip", "x", timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--clip 'x': not in" in result.stderr
+
+
+def test_diffusers_backend_calls_freeseg_pipeline(tmp_path, monkeypatch, image):
+    """--backend diffusers: FreeSegPipeline.from_pretrained on the picked model paths, then
+    segment_to_folder (a stand-in module here: the real one has its own tests)."""
+    for sub, name in (("checkpoints", "sd.safetensors"), ("blip2", "b2/config.json"),
+                      ("open_clip", "oc/open_clip_config.json")):
+        (tmp_path / sub / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / name).write_text("{}")
+    calls = {}
+
+    class FakePipeline:
+        @classmethod
+        def from_pretrained(cls, sd, clip=None, blip2=None, *, device=None, **overrides):
+            calls["load"] = dict(sd=sd, clip=clip, blip2=blip2, device=device, **overrides)
+            return cls()
+
+    def segment_to_folder(pipeline, image_path, out_dir, class_names=None):
+        calls["run"] = (image_path, out_dir, class_names)
+        return {"backend": "diffusers", "masks": []}
+
+    fake = types.ModuleType("freeseg.pipeline")
+    fake.__spec__ = importlib.machinery.ModuleSpec("freeseg.pipeline", None)
+    fake.FreeSegPipeline, fake.segment_to_folder = FakePipeline, segment_to_folder
+    monkeypatch.setitem(sys.modules, "freeseg.pipeline", fake)
+    args = build_parser().parse_args([image, "--out", str(tmp_path / "o"), "--backend", "diffusers", "--models",
+                                      str(tmp_path), "--clusters", "3", "--cpu"])
+    assert segment_diffusers(args, {}, "dog, cat") == {"backend": "diffusers", "masks": []}
+    assert calls["load"] == {"sd": str(tmp_path / "checkpoints" / "sd.safetensors"),
+                             "clip": str(tmp_path / "open_clip" / "oc"), "blip2": str(tmp_path / "blip2" / "b2"),
+                             "device": "cpu", "n_clusters": 3}
+    assert calls["run"] == (image, str(tmp_path / "o"), "dog, cat")
+
+
+class _NoPackServer(BaseHTTPRequestHandler):
+    """A stand-in for a ComfyUI server without the pack: /object_info lists core nodes only."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        body = json.dumps({t: {"input": {}} for t in ("LoadImage", "CheckpointLoaderSimple", "SaveImage",
+                                                       "PreviewAny", "MaskToImage")}).encode()
+        self.send_response(200 if self.path.startswith("/object_info") else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_cli_names_missing_node_types_and_unreachable_server(image):
+    httpd = HTTPServer(("127.0.0.1", 0), _NoPackServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        result = cli("freeseg.client", image, "--url", url, timeout=60)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert url in line and "FreeSegCaption" in line and "FreeSegRefineMasks" in line and "freeseg-diff" in line
+
+    dead = f"http://127.0.0.1:{httpd.server_address[1]}"  # closed now
+    for args in (("freeseg.client", image, "--url", dead), ("freeseg", "segment", image, "--out", "/nonexistent",
+                                                            "--url", dead)):
+        result = cli(*args, timeout=60)
+        assert result.returncode != 0
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: cannot reach the ComfyUI server at " + dead), line
+
+
+# -- the session's server -----------------------------------------------------------------------------
+
+
+def test_client_cli_runs_the_full_workflow(server, tmp_path, image):
+    out = tmp_path / "out"
+    result = cli("freeseg.client", image, "--url", server.url, "--out", str(out), "--class-names", CLASS_NAMES,
+                 "--clusters", "3", "--seed", "1", "--checkpoint", MODEL_LINKS["sd15_ckpt"][1],
+                 "--blip2", MODEL_LINKS["blip2_dir"][1], "--clip", MODEL_LINKS["open_clip_dir"][1], *FAST)
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert records and all(r["label"] in CLASS_NAMES.split(", ") and r["image"] == 0 for r in records)
+    assert len(records) <= 3
+    assert "[" + "#" * 30 + "] 100%" in result.stderr and "FreeSeg-Diff Diffusion Features" in result.stderr
+    files = sorted(os.listdir(out))
+    masks = [f for f in files if "full_mask" in f]
+    assert len(masks) == len(records) and len([f for f in files if "full_preview" in f]) == 1, files
+    assert all(Image.open(out / f).size == (WIDTH, HEIGHT) for f in files)
+
+
+def test_segment_cli_on_a_server_writes_the_output_folder(server, tmp_path, image):
+    out = tmp_path / "seg"
+    # no model names: the server's only checkpoint / BLIP-2 / open_clip are picked
+    result = cli("freeseg", "segment", image, "--out", str(out), "--url", server.url, "--class-names", CLASS_NAMES,
+                 "--quiet", *FAST)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "labels.json").read_text())
+    assert json.loads(result.stdout) == doc
+    assert (doc["image"], doc["width"], doc["height"], doc["backend"]) == (image, WIDTH, HEIGHT, "comfyui")
+    assert isinstance(doc["caption"], str) and doc["caption"]  # captioned by the (random) BLIP-2
+    assert set(CLASS_NAMES.split(", ")) <= set(doc["class_names"])
+    assert doc["settings"]["resolution"] == 128 and doc["settings"]["use_caption"] is True
+    assert doc["overlay"] == "overlay.png" and doc["timings"]["total"] > 0
+    assert doc["masks"] and sorted(os.listdir(out)) == sorted(["labels.json", "overlay.png"]
+                                                              + [m["file"] for m in doc["masks"]])
+    for i, seg in enumerate(doc["masks"]):
+        assert seg["index"] == i and seg["file"] == mask_file_name(i, seg["label"])
+        assert seg["label"] in doc["class_names"]
+        mask = Image.open(out / seg["file"])
+        pixels = np.asarray(mask)
+        assert mask.mode == "L" and mask.size == (WIDTH, HEIGHT) and set(np.unique(pixels)) <= {0, 255}
+        assert seg["area"] == int((pixels == 255).sum()) > 0
+        ys, xs = np.nonzero(pixels)
+        assert seg["bbox"] == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        assert 0.0 <= seg["score"] <= 1.0
+    overlay = Image.open(out / "overlay.png")
+    assert overlay.mode == "RGB" and overlay.size == (WIDTH, HEIGHT)
+
+
+def test_rejected_prompt_prints_node_errors(server, tmp_path, image):
+    # Only n_clusters is wrong: ComfyUI accepts the outputs that validate (the caption previews)
+    # and reports the rest; the client takes such a prompt back and fails like a rejected one.
+    # With max_new_tokens wrong too, no output validates and ComfyUI answers HTTP 400.
+    for extra in ([], ["--set", "FreeSegCaption.max_new_tokens=0"]):
+        result = cli("freeseg.client", image, "--url", server.url, "--out", str(tmp_path / "o"), "--class-names",
+                     CLASS_NAMES, "--clusters", "999", *FAST, *extra)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert lines[0] == "error: ComfyUI rejected the prompt: Prompt outputs failed validation", lines
+        cluster = [l for l in lines if "(FreeSegClusterMasks, 'FreeSeg-Diff Cluster Masks')" in l]
+        caption = [l for l in lines if "(FreeSegCaption, 'FreeSeg-Diff Caption')" in l]
+        assert cluster and "999" in cluster[0] and "n_clusters" in cluster[0], lines
+        assert bool(caption) == bool(extra) and all("max_new_tokens" in l for l in caption), lines
+        assert not (tmp_path / "o").exists() and not result.stdout
+    deadline = time.monotonic() + 30
+    while server.client.get_json("/queue") != {"queue_running": [], "queue_pending": []}:
+        assert time.monotonic() < deadline, "the partly valid prompt was left on the server's queue"
+        time.sleep(0.2)
+
+
+def test_segment_cli_embedded_random_weights(model_files, tmp_path, image):
+    """The embedded mode: starts its own ComfyUI from .venv/ComfyUI on the random fixtures."""
+    out = tmp_path / "embedded"
+    result = cli("freeseg", "segment", image, "--out", str(out), "--random-weights", "--cpu", "--clusters", "3",
+                 *FAST, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEANINGLESS" in result.stderr and result.stderr.count("#" * 40) >= 4  # framed, before and after
+    doc = json.loads((out / "labels.json").read_text())
+    assert doc["masks"] and all(m["label"] in CLASS_NAMES.split(", ") for m in doc["masks"])
+    assert all((out / m["file"]).is_file() for m in doc["masks"])
+    assert Image.open(out / "overlay.png").size == (WIDTH, HEIGHT)
+    assert "freeseg-comfyui-" in result.stderr  # the temporary base folder it linked the models into
