@@ -67,12 +67,12 @@ from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Union, 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from freeseg.datasets import (
+from .datasets import (
     DATASETS, IGNORE_INDEX, DatasetError, Sample, SegDataset, colorize, file_signature,
     load_dataset, read_class_names, read_label_png, save_label_png,
 )
-from freeseg.nouns import singular
-from freeseg.metrics import confusion_matrix, image_miou as _image_miou, iou_per_class, pixel_accuracy
+from .nouns import singular
+from .metrics import confusion_matrix, image_miou as _image_miou, iou_per_class, pixel_accuracy
 
 __all__ = [
     "DEFAULT_SYNONYMS", "EvalResult", "MODES", "PredictionFolder", "PredictionSource",

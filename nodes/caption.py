@@ -4,29 +4,17 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..freeseg.caption import generate_captions
-from ..freeseg.nouns import extract_nouns
+from ..freeseg.stages import caption_images
 from .common import CATEGORY, Captioner, Progress, load_to_device, parse_names, to_rgb
 
 
 def caption(images, captioner=None, class_names: str = "", max_new_tokens: int = 30) -> tuple[list[str], list[list[str]]]:
     """B captions and B class lists (caption nouns first, then the user's names)."""
     pixels = to_rgb(images)
-    user = parse_names(class_names)
     if captioner is None:
-        return [""] * pixels.shape[0], [list(user) for _ in range(pixels.shape[0])]
-    progress = Progress(pixels.shape[0])
-    captions, lists = [], []
-    for i in range(pixels.shape[0]):
-        progress.check()
-        model = load_to_device(captioner["patcher"])
-        (text,) = generate_captions(model, captioner["processor"], pixels[i:i + 1], max_new_tokens=max_new_tokens)
-        captions.append(text)
-        names = extract_nouns(text)
-        names += [n for n in user if n.lower() not in {m.lower() for m in names}]
-        lists.append(names)
-        progress.step()
-    return captions, lists
+        return caption_images(pixels, None, None, parse_names(class_names))
+    return caption_images(pixels, lambda: load_to_device(captioner["patcher"]), captioner["processor"],
+                          parse_names(class_names), max_new_tokens=max_new_tokens, progress=Progress(pixels.shape[0]))
 
 
 class FreeSegCaption(io.ComfyNode):

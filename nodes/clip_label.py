@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
-from ..freeseg.assign import assign_labels
-from ..freeseg.clip_label import encode_names, score_masks
+from ..freeseg.clip_label import CROP_MODES, PROMPTS
+from ..freeseg.stages import label_segments
 from ..freeseg.segments import Segments as SegmentsData
 from .common import CATEGORY, ClipModel, Progress, Segments, class_lists_for_batch, load_to_device, log, to_rgb
-
-CROP_MODES = ("masked", "bbox")
-PROMPTS = ("bare", "ensemble")
-
 
 def label(segments: SegmentsData, images, clip, class_names: str, crop_mode: str = "masked",
           prompt: str = "bare", threshold: float = 0.0) -> SegmentsData:
     """Names every mask of every image from that image's class list (None = background)."""
     if not isinstance(segments, SegmentsData):
         raise TypeError("segments: expected FreeSeg-Diff segments (from Cluster Masks)")
-    pixels = to_rgb(images)
-    if pixels.shape[0] != segments.batch_size or tuple(pixels.shape[1:3]) != segments.image_size:
-        raise ValueError(f"image: {tuple(pixels.shape[:3])} does not match the segments "
-                         f"({segments.batch_size} images of {segments.image_size}); use the same images")
-    lists = class_lists_for_batch(class_names, segments.batch_size)
-    out = SegmentsData(segments.masks, [], [], lists)
-    progress = Progress(segments.batch_size)
-    for b in range(segments.batch_size):
-        progress.check()
-        k = segments.masks.shape[1]
-        names = lists[b]
-        if not names:
-            log.warning("FreeSeg-Diff CLIP Label: image %d has no class names; its masks stay unnamed", b)
-            out.labels.append([None] * k)
-            out.scores.append([0.0] * k)
-            progress.step()
-            continue
-        model = load_to_device(clip["patcher"])
-        text = encode_names(model, clip["tokenizer"], names, prompt=prompt)
-        scores = score_masks(model, clip["preprocess"], pixels[b], segments.masks[b], text, crop_mode=crop_mode)
-        picks = assign_labels(scores.float().cpu(), threshold=threshold)
-        out.labels.append([names[p] if p is not None else None for p in picks])
-        out.scores.append([float(scores[i, p]) if p is not None else 0.0 for i, p in enumerate(picks)])
-        progress.step()
-    return out
+    return label_segments(segments, to_rgb(images), lambda: load_to_device(clip["patcher"]), clip["preprocess"],
+                          clip["tokenizer"], class_lists_for_batch(class_names, segments.batch_size), crop_mode,
+                          prompt, threshold, progress=Progress(segments.batch_size), warn=log.warning)
 
 
 class FreeSegCLIPLabel(io.ComfyNode):

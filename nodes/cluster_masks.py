@@ -6,27 +6,17 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..freeseg.cluster import cluster_features, labels_to_masks
+from ..freeseg.cluster import METHODS
 from ..freeseg.features import DiffusionFeatures
+from ..freeseg.stages import cluster_segments
 from ..freeseg.segments import Segments as SegmentsData
 from .common import CATEGORY, Features, Progress, Segments
-
-METHODS = ("kmeans", "agglomerative")
-
 
 def cluster(features: DiffusionFeatures, n_clusters: int, method: str = "kmeans", seed: int = 0) -> SegmentsData:
     """Cluster each image's feature grid into `n_clusters` masks `[B,K,H,W]` at the image size."""
     if not isinstance(features, DiffusionFeatures):
         raise TypeError("features: expected the output of FreeSeg-Diff Diffusion Features")
-    feats = features.features
-    progress = Progress(feats.shape[0])
-    masks = []
-    for i in range(feats.shape[0]):
-        progress.check()
-        labels = cluster_features(feats[i:i + 1], n_clusters, method=method, seed=seed)
-        masks.append(labels_to_masks(labels.cpu(), features.image_size, n_clusters))
-        progress.step()
-    return SegmentsData.unlabelled(torch.cat(masks))
+    return cluster_segments(features, n_clusters, method, seed, progress=Progress(features.features.shape[0]))
 
 
 def label_map(segments: SegmentsData) -> torch.Tensor:

@@ -12,6 +12,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 
+from ..freeseg.stages import class_lists_for_batch, parse_names, to_rgb  # noqa: F401 (re-exported)
+
 CATEGORY = "FreeSeg-Diff"
 log = logging.getLogger("freeseg-diff")
 
@@ -19,39 +21,6 @@ Features = io.Custom("FREESEG_FEATURES")
 Segments = io.Custom("FREESEG_SEGMENTS")
 Captioner = io.Custom("FREESEG_BLIP2")
 ClipModel = io.Custom("FREESEG_CLIP")
-
-
-def to_rgb(image: torch.Tensor, name: str = "image") -> torch.Tensor:
-    """IMAGE `[B,H,W,C]` with C in {1, 3, 4} (grey, RGB, RGBA) -> `[B,H,W,3]` float32 0..1."""
-    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{name} must be an IMAGE [B,H,W,C] with 1, 3 or 4 channels, got {tuple(image.shape)}")
-    if image.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch")
-    if image.shape[-1] == 1:
-        image = image.expand(-1, -1, -1, 3)
-    return image[..., :3].float().clamp(0, 1)
-
-
-def parse_names(text: str) -> list[str]:
-    """Comma- or newline-separated class names -> stripped, deduplicated list (order kept)."""
-    out: list[str] = []
-    for part in text.replace("\n", ",").split(","):
-        name = " ".join(part.split())
-        if name and name.lower() not in {n.lower() for n in out}:
-            out.append(name)
-    return out
-
-
-def class_lists_for_batch(text: str, batch: int) -> list[list[str]]:
-    """A class-list STRING (one line per image, names comma-separated; a single line applies to
-    every image) -> B lists of names. Raises ValueError when the line count fits neither."""
-    lines = [line for line in text.splitlines() if line.strip()] or [""]
-    if len(lines) == 1:
-        return [parse_names(lines[0]) for _ in range(batch)]
-    if len(lines) != batch:
-        raise ValueError(f"class_names has {len(lines)} lines but the batch has {batch} images: give one "
-                         "line per image, or a single line for all of them")
-    return [parse_names(line) for line in lines]
 
 
 class ModuleHolder(torch.nn.Module):

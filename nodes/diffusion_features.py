@@ -4,19 +4,17 @@ capturing the features FreeSeg-Diff clusters."""
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from comfy_api.latest import io
 
 import comfy.model_management as mm
 import comfy.model_sampling
-import comfy.utils
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-from ..freeseg.features import (SOURCE_DECODER, SOURCE_QUERIES, SOURCES, DiffusionFeatures,
-                                aggregate_maps, block_factor, tokens_to_map)
+from ..freeseg.features import SOURCE_QUERIES, SOURCES, DiffusionFeatures
+from ..freeseg.stages import captured_to_features, resize_square, seeded_noise
 from .common import CATEGORY, Features, Progress, log, to_rgb
 
 SUPPORTED = "SD1.x, SD2.x and SDXL (UNet) checkpoints"
@@ -53,23 +51,6 @@ def unet_layers(dm: UNetModel, source: str) -> list[tuple[str, torch.nn.Module]]
         for i, block in enumerate(dm.output_blocks):
             layers.append((f"output_{i}", block[-1]))
     return layers
-
-
-def select_blocks(captured: dict[str, torch.Tensor], latent_hw: tuple[int, int], source: str) -> list[str]:
-    """Names of the captured layers FreeSeg-Diff uses: for queries, those at latent/4 (the
-    16x16 blocks at 512 px; the nearest level if the model has none there); for decoder
-    features, those at latent/4 and latent/2."""
-    factors = {name: block_factor(_tokens(t), latent_hw) for name, t in captured.items()}
-    if source == SOURCE_QUERIES:
-        best = min(set(factors.values()), key=lambda f: (abs(math.log2(f) - 2), -f))
-        wanted = {best}
-    else:
-        wanted = {2, 4}
-    return [name for name in captured if factors[name] in wanted]
-
-
-def _tokens(t: torch.Tensor) -> int:
-    return t.shape[1] if t.ndim == 3 else t.shape[-2] * t.shape[-1]
 
 
 def empty_prompt(clip, context_dim: int, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,14 +108,12 @@ def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, reso
     out, names = [], []
     for i in range(b):
         progress.check()
-        px = comfy.utils.common_upscale(pixels[i:i + 1].movedim(-1, 1), resolution, resolution, "bicubic",
-                                        "disabled").movedim(1, -1).clamp(0, 1)
+        px = resize_square(pixels[i:i + 1], resolution).movedim(1, -1)
         latent = vae.encode(px)
         mm.load_models_gpu([unet], memory_required=unet.memory_required([1, *latent.shape[1:]]))
         device = unet.load_device
         x0 = latent_format.process_in(latent.to(device))
-        gen = torch.Generator().manual_seed(seed + i)
-        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device)
+        noise = seeded_noise(x0.shape, seed + i).to(device)
         s = timestep_sigma(model_sampling, timestep, device)
         x = model_sampling.noise_scaling(s, noise, x0)
         conds = base.extra_conds(cross_attn=cond.to(device), pooled_output=pooled.to(device),
@@ -152,10 +131,8 @@ def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, reso
         finally:
             for handle in handles:
                 handle.remove()
-        latent_hw = tuple(x0.shape[-2:])
-        names = select_blocks(captured, latent_hw, source)
-        maps = [tokens_to_map(captured[n], latent_hw) if captured[n].ndim == 3 else captured[n] for n in names]
-        out.append(aggregate_maps(maps, grid).to(mm.intermediate_device(), torch.float16))
+        feats, names = captured_to_features(captured, tuple(x0.shape[-2:]), grid, source)
+        out.append(feats.to(mm.intermediate_device(), torch.float16))
         captured.clear()
         progress.step()
     feats = torch.cat(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..freeseg.features import SOURCE_QUERIES
+from ..freeseg.stages import PAPER
 from .caption import caption
 from .cluster_masks import cluster
 from .clip_label import label
@@ -43,9 +43,11 @@ class FreeSegPipeline(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, image, clip_model, class_names, n_clusters, seed, blip2=None,
                 clip=None) -> io.NodeOutput:
-        captions, lists = caption(image, blip2, class_names)
-        features = extract(model, vae, image, clip, timestep=0, resolution=512, source=SOURCE_QUERIES, seed=seed)
-        segments = cluster(features, n_clusters, "kmeans", seed)
-        segments = label(segments, image, clip_model, "\n".join(", ".join(n) for n in lists))
-        segments = refine(segments, image, "crf")
+        p = PAPER
+        captions, lists = caption(image, blip2, class_names, p.max_new_tokens)
+        features = extract(model, vae, image, clip, p.timestep, p.resolution, p.source, seed)
+        segments = cluster(features, n_clusters, p.cluster_method, seed)
+        segments = label(segments, image, clip_model, "\n".join(", ".join(n) for n in lists), p.crop_mode,
+                         p.prompt, p.threshold)
+        segments = refine(segments, image, p.refine)
         return io.NodeOutput(segments, *outputs(segments, image), "\n".join(captions))

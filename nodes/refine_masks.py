@@ -7,29 +7,19 @@ import json
 import torch
 from comfy_api.latest import io
 
-from ..freeseg.refine import refine_masks
+from ..freeseg.refine import REFINE_METHODS
+from ..freeseg.stages import refine_segments
 from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.segments import draw_overlay, to_segs
 from .common import CATEGORY, Progress, Segments, to_rgb
 
-METHODS = ("crf", "guided", "none")
 
 
 def refine(segments: SegmentsData, images, method: str = "crf") -> SegmentsData:
     """Refines every mask of every image (one image at a time, interruptible)."""
     if not isinstance(segments, SegmentsData):
         raise TypeError("segments: expected FreeSeg-Diff segments")
-    pixels = to_rgb(images)
-    if pixels.shape[0] != segments.batch_size or tuple(pixels.shape[1:3]) != segments.image_size:
-        raise ValueError(f"image: {tuple(pixels.shape[:3])} does not match the segments "
-                         f"({segments.batch_size} images of {segments.image_size}); use the same images")
-    progress = Progress(segments.batch_size)
-    out = []
-    for b in range(segments.batch_size):
-        progress.check()
-        out.append(refine_masks(pixels[b:b + 1], segments.masks[b:b + 1], method=method).cpu())
-        progress.step()
-    return segments.with_masks(torch.cat(out))
+    return refine_segments(segments, to_rgb(images), method, progress=Progress(segments.batch_size))
 
 
 def outputs(segments: SegmentsData, images) -> tuple:
@@ -69,7 +59,7 @@ class FreeSegRefineMasks(io.ComfyNode):
             inputs=[
                 Segments.Input("segments", tooltip="Output of FreeSeg-Diff CLIP Label."),
                 io.Image.Input("image", tooltip="The same images the segments came from."),
-                io.Combo.Input("method", options=list(METHODS), default="crf", tooltip="crf: fully connected "
+                io.Combo.Input("method", options=list(REFINE_METHODS), default="crf", tooltip="crf: fully connected "
                                "CRF with the paper's settings. guided: edge-aware guided filter. none: as is."),
             ],
             outputs=[Segments.Output(display_name="segments"), *OUTPUTS],

@@ -15,11 +15,11 @@ PACK_NODES = {
 
 
 def test_pack_imports_without_error(server):
-    log = server.log()
+    log = server.log().split("got prompt")[0]  # start-up only: later tests provoke errors on purpose
     assert "freeseg-diff" in log, log[-3000:]
-    for bad in ("IMPORT FAILED", "Traceback", "Cannot import"):
-        lines = [l for l in log.splitlines() if bad in l and "freeseg" in l.lower()]
-        assert not lines, "\n".join(lines)
+    lines = [l for l in log.splitlines() if "freeseg" in l.lower()
+             and any(bad in l.lower() for bad in ("error", "failed", "cannot import", "traceback", "skip"))]
+    assert not lines, "\n".join(lines)
 
 
 def test_every_pack_node_is_listed(client):
