@@ -785,8 +785,19 @@ def build_parser() -> argparse.ArgumentParser:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--predictions", type=Path, metavar="DIR",
                      help="folder of <stem>.png label maps (class indices or VOC palette colours)")
-    src.add_argument("--backend", metavar="NAME",
-                     help="run a model (not available from the command line yet)")
+    src.add_argument("--backend", choices=("diffusers",),
+                     help="run FreeSeg-Diff itself (freeseg.pipeline, diffusers backend) on every image")
+    model = parser.add_argument_group("model (with --backend diffusers)")
+    model.add_argument("--sd", type=Path, metavar="FILE_OR_DIR",
+                       help="Stable Diffusion checkpoint (.safetensors, LDM layout) or diffusers folder")
+    model.add_argument("--sd-config", type=Path, default=None, metavar="DIR",
+                       help="diffusers-layout config folder for a non-standard checkpoint")
+    model.add_argument("--vae", type=Path, default=None, metavar="PATH", help="VAE to use instead of the checkpoint's")
+    model.add_argument("--blip2", type=Path, default=None, metavar="DIR", help="BLIP-2 model folder")
+    model.add_argument("--clip", type=Path, metavar="PATH", help="open_clip model folder or weights file")
+    model.add_argument("--mode", choices=("closed", "open"), default="closed",
+                       help="closed: the model names masks from its caption, names mapped to dataset classes; "
+                            "open: the dataset's class names are the vocabulary")
     parser.add_argument("--official-boundary", action="store_true",
                         help="score label 255 as background, as the official FreeSeg-Diff code "
                              "did for VOC boundaries (default: ignore 255)")
@@ -811,22 +822,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry (``python -m freeseg eval ...``). Returns the exit status (0 ok, 2 error)."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.backend is not None:
-        print(f"freeseg eval: error: --backend {args.backend}: running a model from the command "
-              "line is not available yet. Save label maps and score them with --predictions DIR, "
-              "or call freeseg.evaluate.evaluate(dataset, segmenter) from Python.", file=sys.stderr)
-        return 2
+    if args.backend is not None and (args.sd is None or args.clip is None):
+        parser.error("--backend diffusers needs --sd and --clip (and --blip2 for --mode closed)")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
     try:
         names = read_class_names(args.class_names) if args.class_names is not None else None
         dataset = load_dataset(args.dataset, args.root, args.split, names)
-        result = evaluate(dataset, PredictionFolder(args.predictions),
+        if args.backend is not None:
+            from .pipeline import FreeSegPipeline
+
+            source = FreeSegPipeline.from_pretrained(str(args.sd), clip=str(args.clip),
+                                                     blip2=str(args.blip2) if args.blip2 else None,
+                                                     sd_config=args.sd_config, vae=args.vae)
+        else:
+            source = PredictionFolder(args.predictions)
+        result = evaluate(dataset, source, mode=args.mode,
                           official_boundary=args.official_boundary, limit=args.limit,
                           out_dir=args.out, examples=max(0, args.examples),
                           progress=False if args.no_progress else None,
                           use_cache=not args.no_cache)
-    except (FileNotFoundError, DatasetError) as exc:
+    except (FileNotFoundError, DatasetError, ValueError) as exc:
         print(f"freeseg eval: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

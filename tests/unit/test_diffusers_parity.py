@@ -331,3 +331,30 @@ def test_load_errors_are_clear(fixture_paths: dict[str, str], sd_config: Path, t
         (sdxl / "unet" / "config.json").write_text(json.dumps({**TINY_UNET_CONFIG,
                                                                 "addition_embed_type": "text_time"}))
         load_sd(fixture_paths["sd15_ckpt"], sd_config=sdxl)
+
+
+def test_eval_cli_runs_the_pipeline_on_a_voc_layout_dataset(fixture_paths: dict[str, str], sd_config: Path,
+                                                            vae_dir: Path, tmp_path: Path) -> None:
+    """`python -m freeseg eval --backend diffusers` segments every image and scores it."""
+    root = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    for i, stem in enumerate(("a", "b")):
+        Image.fromarray(_image(40, 56)).save(root / "JPEGImages" / f"{stem}.jpg")
+        gt = np.zeros((40, 56), np.uint8)
+        gt[5:30, 10 + i:40] = 12  # dog
+        gt[30, :] = 255
+        Image.fromarray(gt, mode="L").save(root / "SegmentationClass" / f"{stem}.png")
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\n")
+    out = subprocess.run([sys.executable, "-m", "freeseg", "eval", "--dataset", "voc", "--root", str(root),
+                          "--backend", "diffusers", "--sd", fixture_paths["sd15_ckpt"], "--sd-config", str(sd_config),
+                          "--vae", str(vae_dir), "--clip", fixture_paths["open_clip_dir"], "--mode", "open",
+                          "--out", str(tmp_path / "results"), "--json", "--no-progress"],
+                         capture_output=True, text=True, timeout=300, cwd=str(fx.REPO_ROOT))
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert set(result) == {"miou", "miou_per_image", "per_class_iou"}
+    assert 0.0 <= result["miou"] <= 1.0 and 0.0 <= result["miou_per_image"] <= 1.0
+    assert result["per_class_iou"]["dog"] is not None
+    saved = list((tmp_path / "results" / "predictions").rglob("*.png"))
+    assert sorted(p.stem for p in saved) == ["a", "b"]
