@@ -317,9 +317,11 @@ def test_missing_folders_are_named(voc_root: Path, tmp_path: Path, capsys: pytes
     assert "nosplit.txt" in capsys.readouterr().err
 
 
-def test_backend_not_available(voc_root: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["--root", str(voc_root), "--backend", "freeseg"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def test_backend_needs_its_models(voc_root: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--root", str(voc_root), "--backend", "diffusers"])
+    assert exit_.value.code == 2
+    assert "needs --sd and --clip" in capsys.readouterr().err
 
 
 def test_dispatch_through_package_main(voc_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
