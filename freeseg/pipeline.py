@@ -64,7 +64,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +74,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .features import SOURCE_QUERIES, DiffusionFeatures
+from .output import write_segmentation
 from .segments import Segments, draw_overlay, mask_bbox
 from .stages import (PAPER, FreeSegSettings, caption_images, captured_to_features, cluster_segments,
                             label_segments, parse_names, refine_segments, resize_square, seeded_noise,
@@ -778,12 +778,6 @@ class FreeSegPipeline:
 # Folder output (the main job of `python -m freeseg segment --backend diffusers`)
 # ------------------------------------------------------------------------------------------
 
-def _safe_label(label: str) -> str:
-    """A file-name-safe form of a label: runs of other characters -> "_" ("potted plant" ->
-    "potted_plant")."""
-    return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_") or "mask"
-
-
 def segment_to_folder(pipeline: FreeSegPipeline, image_path: PathLike, out_dir: PathLike,
                       class_names: Union[str, Sequence[str], None] = None) -> dict[str, Any]:
     """Segment one image file and write the results into ``out_dir`` (created if needed):
@@ -799,23 +793,12 @@ def segment_to_folder(pipeline: FreeSegPipeline, image_path: PathLike, out_dir: 
         "label", "score", "area", "bbox": [x0, y0, x1, y1] (exclusive ends) or None}, ...],
         "timings": {...}}``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     pixels = load_image(image_path)
     result = pipeline.segment(pixels[0], class_names)
-    h, w = result.image_size
-    masks_info = []
-    for i, rec in enumerate(result.records()):
-        name = f"mask_{i}_{_safe_label(rec['label'])}.png"
-        m = (result.masks[rec["mask"]] > 0.5).numpy().astype(np.uint8) * 255
-        Image.fromarray(m).save(out / name)
-        masks_info.append({"index": i, "file": name, "label": rec["label"], "score": rec["score"],
-                           "area": rec["area"], "bbox": rec["bbox"]})
+    masks = [(result.masks[rec["mask"]] > 0.5).numpy() for rec in result.records()]
     overlay = draw_overlay(pixels[0], result.masks, result.labels)
-    Image.fromarray((overlay.numpy() * 255).round().astype(np.uint8)).save(out / "overlay.png")
-    payload = {"image": str(image_path), "width": int(w), "height": int(h), "caption": result.caption,
-               "class_names": list(result.class_names), "backend": "diffusers",
-               "settings": result.settings.to_dict(), "overlay": "overlay.png", "masks": masks_info,
-               "timings": {k: round(v, 4) for k, v in result.timings.items()}}
-    (out / "labels.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    return payload
+    overlay_image = Image.fromarray((overlay.numpy() * 255).round().astype(np.uint8))
+    return write_segmentation(str(out_dir), str(image_path), masks, result.records(), overlay_image,
+                              result.caption, list(result.class_names), backend="diffusers",
+                              settings=result.settings.to_dict(),
+                              timings={k: round(v, 4) for k, v in result.timings.items()})

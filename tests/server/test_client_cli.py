@@ -25,7 +25,8 @@ from PIL import Image
 
 from comfy_harness import MODEL_LINKS, REPO
 from freeseg import client as fc
-from freeseg.cli_segment import build_parser, mask_file_name, pick_models, segment_diffusers, write_segmentation
+from freeseg.cli_segment import build_parser, pick_models, segment_diffusers
+from freeseg.output import mask_file_name, write_segmentation
 
 PYTHON = sys.executable
 WORKFLOW = os.path.join(REPO, "workflows", "api", "freeseg_full.json")

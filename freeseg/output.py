@@ -1,0 +1,81 @@
+"""Writing a segmentation to a folder: one PNG per named mask, overlay.png and labels.json.
+
+Both backends of `python -m freeseg segment` (ComfyUI and diffusers) write through here, so
+their folders have the same layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+
+class SegmentError(RuntimeError):
+    """A problem the user can fix (missing weights, bad options); printed without a traceback."""
+
+
+def safe_label(label: str) -> str:
+    """A label as a file-name part: runs of characters
+    other than ASCII letters and digits become "_" ("potted plant" -> "potted_plant")."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(label)).strip("_") or "mask"
+
+
+def mask_file_name(index: int, label: str) -> str:
+    """``mask_<index>_<label>.png``."""
+    return f"mask_{index}_{safe_label(label)}.png"
+
+
+def mask_stats(mask: np.ndarray) -> tuple[int, Optional[list[int]]]:
+    """(area, bbox ``[x0, y0, x1, y1]`` with exclusive ends or None) of a boolean HxW mask."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return 0, None
+    return int(len(ys)), [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def write_segmentation(out_dir: str, image_path: str, masks: list[np.ndarray], records: list[dict],
+                       overlay: Image.Image, caption: str = "", class_names: Optional[list[str]] = None,
+                       backend: str = "comfyui", settings: Optional[dict] = None,
+                       timings: Optional[dict] = None) -> dict:
+    """Write the masks, overlay.png and labels.json into `out_dir`; returns the labels document,
+    in the layout ``freeseg.pipeline.segment_to_folder`` (the diffusers backend) writes.
+
+    Args:
+        masks: one HxW mask per named segment (bool, or float/uint8 where >= 0.5 / 128 is in).
+        records: one dict per mask with at least ``label`` (and ``score``); area and bbox are
+            recomputed from the written masks so the JSON and the files always agree.
+        overlay: the labelled overlay (saved as RGB PNG).
+    Old ``mask_<i>_*.png`` files in `out_dir` are removed first, so the folder holds one run.
+    """
+    if len(masks) != len(records):
+        raise SegmentError(f"{len(masks)} masks but {len(records)} labels came back")
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):
+        if re.fullmatch(r"mask_\d+_[A-Za-z0-9_]*\.png", name):
+            os.remove(os.path.join(out_dir, name))
+    overlay = overlay.convert("RGB")
+    width, height = overlay.size
+    entries = []
+    for i, (mask, rec) in enumerate(zip(masks, records)):
+        m = np.asarray(mask)
+        m = m if m.dtype == bool else (m >= (128 if m.dtype == np.uint8 else 0.5))
+        height, width = m.shape
+        name = mask_file_name(i, rec["label"])
+        Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(os.path.join(out_dir, name))
+        area, bbox = mask_stats(m)
+        entries.append({"index": i, "file": name, "label": rec["label"], "score": float(rec.get("score", 0.0)),
+                        "area": area, "bbox": bbox})
+    overlay.save(os.path.join(out_dir, "overlay.png"))
+    doc = {"image": str(image_path), "width": width, "height": height, "caption": caption,
+           "class_names": list(class_names or []), "backend": backend, "settings": dict(settings or {}),
+           "overlay": "overlay.png", "masks": entries, "timings": dict(timings or {})}
+    with open(os.path.join(out_dir, "labels.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+# -- models ---------------------------------------------------------------------------------------
