@@ -330,3 +330,20 @@ def test_segment_cli_embedded_random_weights(model_files, tmp_path, image):
     assert all((out / m["file"]).is_file() for m in doc["masks"])
     assert Image.open(out / "overlay.png").size == (WIDTH, HEIGHT)
     assert "freeseg-comfyui-" in result.stderr  # the temporary base folder it linked the models into
+
+
+def test_segment_cli_diffusers_backend_random_weights(model_files, tmp_path, image):
+    """The main job without ComfyUI: the diffusers pipeline on the random fixtures writes the
+    same folder layout as the ComfyUI backend."""
+    out = tmp_path / "diffusers"
+    result = cli("freeseg", "segment", image, "--out", str(out), "--random-weights", "--backend", "diffusers",
+                 "--clusters", "3", "--resolution", "128", "--class-names", CLASS_NAMES, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEANINGLESS" in result.stderr
+    doc = json.loads((out / "labels.json").read_text())
+    assert doc["backend"] == "diffusers" and doc["width"] == WIDTH and doc["height"] == HEIGHT
+    assert doc["masks"] and all(m["label"] in CLASS_NAMES.split(", ") for m in doc["masks"])
+    for m in doc["masks"]:
+        mask = Image.open(out / m["file"])
+        assert mask.mode == "L" and mask.size == (WIDTH, HEIGHT)
+    assert Image.open(out / "overlay.png").size == (WIDTH, HEIGHT)

@@ -44,29 +44,6 @@ RESOLUTION = 256
 SEED = 3
 COS_MIN = 0.999
 
-# diffusers config of the reduced fixture UNet (model_fixtures.SD15_UNET_CONFIG): 320 channels
-# at 3 levels, 1 res block + 1 transformer (depth 1, 8 heads) per level, ResBlock-only middle.
-TINY_UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 320, 320],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3,
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 1,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2D",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["CrossAttnUpBlock2D"] * 3,
-}
 
 
 @pytest.fixture(scope="module")
@@ -76,27 +53,15 @@ def fixture_paths() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sd_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sd_config(fixture_paths: dict[str, str]) -> Path:
     """A config folder with only unet/config.json (the rest falls back to the shipped SD1.5)."""
-    root = tmp_path_factory.mktemp("tiny_sd_config")
-    (root / "unet").mkdir()
-    (root / "unet" / "config.json").write_text(json.dumps(TINY_UNET_CONFIG, indent=2))
-    return root
+    return Path(fixture_paths["sd15_diffusers_config"])
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def vae_dir(fixture_paths: dict[str, str]) -> Path:
     """A small random diffusers AutoencoderKL (downscale 8, 4 latent channels) folder."""
-    from diffusers import AutoencoderKL
-
-    folder = tmp_path_factory.mktemp("tiny_vae")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(11)
-        vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
-                            latent_channels=4, sample_size=64)
-    vae.save_pretrained(str(folder))
-    return folder
+    return Path(fixture_paths["sd15_diffusers_vae"])
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +293,7 @@ def test_load_errors_are_clear(fixture_paths: dict[str, str], sd_config: Path, t
     with pytest.raises(NotImplementedError, match="SDXL"):
         sdxl = tmp_path / "sdxl"
         (sdxl / "unet").mkdir(parents=True)
-        (sdxl / "unet" / "config.json").write_text(json.dumps({**TINY_UNET_CONFIG,
+        (sdxl / "unet" / "config.json").write_text(json.dumps({**fx.SD15_DIFFUSERS_UNET_CONFIG,
                                                                 "addition_embed_type": "text_time"}))
         load_sd(fixture_paths["sd15_ckpt"], sd_config=sdxl)
 
