@@ -42,11 +42,11 @@ from PIL import Image
 
 from .client import (DEFAULT_WORKFLOW, ComfyClient, ComfyError, add_workflow_arguments, execute, load_workflow,
                      missing_node_types, one_line, output_text, prepare, report_error, workflow_settings)
+from .model_files import model_entries
 from .output import SegmentError, write_segmentation
 from .server import PACK_DIR, ComfyServer, default_comfy_dir, link
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
-OPEN_CLIP_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")
 FIXTURES_SCRIPT = os.path.join(PACK_DIR, "tests", "helpers", "model_fixtures.py")
 # Where each random-weight fixture goes in the embedded server's models/ folder.
 RANDOM_MODEL_LINKS = {
@@ -84,15 +84,8 @@ def scan_models(models_dir: str) -> dict[str, list[str]]:
         for name in files:
             if name.lower().endswith(CHECKPOINT_EXTENSIONS):
                 found["checkpoint"].append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
-    for role, sub, marker in (("blip2", "blip2", "config.json"), ("clip", "open_clip", "open_clip_config.json")):
-        root = os.path.join(models_dir, sub)
-        if not os.path.isdir(root):
-            continue
-        for name in os.listdir(root):
-            path = os.path.join(root, name)
-            if os.path.isfile(os.path.join(path, marker)) or (
-                    role == "clip" and os.path.isfile(path) and name.lower().endswith(OPEN_CLIP_EXTENSIONS)):
-                found[role].append(name)
+    found["blip2"] = model_entries("blip2", os.path.join(models_dir, "blip2"))
+    found["clip"] = model_entries("open_clip", os.path.join(models_dir, "open_clip"))
     return {role: sorted(names) for role, names in found.items()}
 
 

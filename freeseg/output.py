@@ -11,7 +11,10 @@ import re
 from typing import Optional
 
 import numpy as np
+import torch
 from PIL import Image
+
+from .segments import mask_bbox
 
 
 class SegmentError(RuntimeError):
@@ -27,14 +30,6 @@ def safe_label(label: str) -> str:
 def mask_file_name(index: int, label: str) -> str:
     """``mask_<index>_<label>.png``."""
     return f"mask_{index}_{safe_label(label)}.png"
-
-
-def mask_stats(mask: np.ndarray) -> tuple[int, Optional[list[int]]]:
-    """(area, bbox ``[x0, y0, x1, y1]`` with exclusive ends or None) of a boolean HxW mask."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return 0, None
-    return int(len(ys)), [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
 def write_segmentation(out_dir: str, image_path: str, masks: list[np.ndarray], records: list[dict],
@@ -66,7 +61,7 @@ def write_segmentation(out_dir: str, image_path: str, masks: list[np.ndarray], r
         height, width = m.shape
         name = mask_file_name(i, rec["label"])
         Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(os.path.join(out_dir, name))
-        area, bbox = mask_stats(m)
+        area, bbox = int(m.sum()), mask_bbox(torch.from_numpy(m))
         entries.append({"index": i, "file": name, "label": rec["label"], "score": float(rec.get("score", 0.0)),
                         "area": area, "bbox": bbox})
     overlay.save(os.path.join(out_dir, "overlay.png"))

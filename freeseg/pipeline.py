@@ -75,7 +75,7 @@ from PIL import Image, ImageOps
 
 from .features import SOURCE_QUERIES, DiffusionFeatures
 from .output import write_segmentation
-from .segments import Segments, draw_overlay, mask_bbox
+from .segments import Segments, draw_overlay
 from .stages import (PAPER, FreeSegSettings, caption_images, captured_to_features, cluster_segments,
                             label_segments, parse_names, refine_segments, resize_square, seeded_noise,
                             to_rgb)
@@ -456,22 +456,16 @@ class FreeSegResult:
 
     def named(self) -> list[int]:
         """Indices of the named masks."""
-        return [k for k, name in enumerate(self.labels) if name is not None]
+        return [k for _, k in self.to_segments().named()]
 
     def named_masks(self) -> torch.Tensor:
         """``[N,H,W]`` float32, the named masks in mask order (N may be 0)."""
-        idx = self.named()
-        return self.masks[idx] if idx else torch.zeros((0, *self.image_size), dtype=torch.float32)
+        return self.to_segments().named_masks()
 
     def records(self) -> list[dict[str, Any]]:
         """Per named mask: ``mask`` (index), ``label``, ``score``, ``area`` (pixels > 0.5) and
         ``bbox`` ``[x0, y0, x1, y1]`` (exclusive ends; None when empty)."""
-        out = []
-        for k in self.named():
-            m = self.masks[k] > 0.5
-            out.append({"mask": k, "label": self.labels[k], "score": round(float(self.scores[k]), 6),
-                        "area": int(m.sum()), "bbox": mask_bbox(m)})
-        return out
+        return [{k: v for k, v in rec.items() if k != "image"} for rec in self.to_segments().records()]
 
     def to_segments(self) -> Segments:
         """As a one-image ``Segments`` (masks ``[1,K,H,W]``)."""

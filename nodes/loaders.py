@@ -16,10 +16,10 @@ import comfy.model_management as mm
 
 from ..freeseg.caption import load_captioner
 from ..freeseg.clip_label import load_open_clip
+from ..freeseg.model_files import is_model_entry, model_entries
 from .common import CATEGORY, Captioner, ClipModel, make_patcher, model_dtype
 
 NONE_FOUND = "(none found)"
-WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin")
 WHAT_GOES_THERE = {
     "blip2": "a BLIP-2 (or BLIP) model folder as saved by transformers: config.json, the weights "
              "(model.safetensors or shards), and the processor/tokenizer files, e.g. the contents of "
@@ -44,19 +44,9 @@ def search_paths(kind: str) -> list[str]:
         return [os.path.join(folder_paths.models_dir, kind)]
 
 
-def is_model_entry(kind: str, path: str) -> bool:
-    if os.path.isdir(path):
-        marker = "config.json" if kind == "blip2" else "open_clip_config.json"
-        return os.path.isfile(os.path.join(path, marker))
-    return kind == "open_clip" and path.lower().endswith(WEIGHT_EXTENSIONS)
-
-
 def list_models(kind: str) -> list[str]:
     """Names of the model folders (and, for open_clip, weight files) in every search path."""
-    names = set()
-    for root in search_paths(kind):
-        if os.path.isdir(root):
-            names.update(n for n in os.listdir(root) if is_model_entry(kind, os.path.join(root, n)))
+    names = {n for root in search_paths(kind) for n in model_entries(kind, root)}
     return sorted(names) or [NONE_FOUND]
 
 
