@@ -10,8 +10,8 @@ import importlib
 import sys
 
 COMMANDS = {
-    "segment": "freeseg.cli_segment",
-    "eval": "freeseg.evaluate",
+    "segment": "freeseg.app.segment",
+    "eval": "freeseg.eval.evaluate",
 }
 
 

@@ -1,5 +1,5 @@
 """Runtime-free FreeSeg-Diff stages shared by the ComfyUI nodes (`nodes/`) and the diffusers
-pipeline (`freeseg.pipeline`).
+pipeline (`freeseg.backends.diffusers`).
 
 Everything here is plain torch on top of the other `freeseg` modules; the model runtime
 (ComfyUI's ModelPatcher, diffusers modules) stays with the caller. Where a stage loops over a

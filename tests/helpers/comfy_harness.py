@@ -1,6 +1,6 @@
 """Start and stop a real ComfyUI server for the integration tests.
 
-The server (`freeseg.server.ComfyServer`) runs `main.py --cpu` from the ComfyUI tree the
+The server (`freeseg.app.server.ComfyServer`) runs `main.py --cpu` from the ComfyUI tree the
 environment script installed, on loopback and a free port, with `--base-directory` in a
 temporary folder that holds our pack (linked into `custom_nodes/`) and the random-weight
 fixtures (linked into `models/`).
@@ -12,7 +12,7 @@ import os
 
 # The server launcher lives in the library (the embedded mode of `python -m freeseg segment`
 # uses it too); re-exported here so the tests keep importing it from the harness.
-from freeseg.server import PACK_NAME, ComfyServer, default_comfy_dir, free_port, link  # noqa: F401
+from freeseg.app.server import PACK_NAME, ComfyServer, default_comfy_dir, free_port, link  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE_CACHE = os.environ.get("FREESEG_FIXTURE_CACHE", os.path.join(REPO, ".cache", "fixtures"))

@@ -1,4 +1,4 @@
-"""The command lines: `python -m freeseg.client` (any workflow on any server) and
+"""The command lines: `python -m freeseg.app.client` (any workflow on any server) and
 `python -m freeseg segment` (the output folder), against the real ComfyUI server, one
 embedded-server run with --random-weights, and their error messages.
 
@@ -8,7 +8,6 @@ stub HTTP server); the rest use the session's server with the random-weight fixt
 from __future__ import annotations
 
 import copy
-import importlib.machinery
 import io
 import json
 import os
@@ -16,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
@@ -24,9 +22,9 @@ import pytest
 from PIL import Image
 
 from comfy_harness import MODEL_LINKS, REPO
-from freeseg import client as fc
-from freeseg.cli_segment import build_parser, pick_models, segment_diffusers
-from freeseg.output import mask_file_name, write_segmentation
+from freeseg.app import client as fc
+from freeseg.app.segment import build_parser, pick_models, segment_diffusers
+from freeseg.app.output import mask_file_name, write_segmentation
 
 PYTHON = sys.executable
 WORKFLOW = os.path.join(REPO, "workflows", "api", "freeseg_full.json")
@@ -153,7 +151,7 @@ def test_output_folder_layout(tmp_path):
     assert doc["masks"][0] == {"index": 0, "file": "mask_0_Red_car.png", "label": "Red car!", "score": 0.5,
                                "area": 6, "bbox": [2, 1, 5, 3]}
     assert doc["masks"][1]["file"] == mask_file_name(1, "sky") == "mask_1_sky.png"
-    assert mask_file_name(2, "potted plant") == "mask_2_potted_plant.png"  # as freeseg.pipeline names them
+    assert mask_file_name(2, "potted plant") == "mask_2_potted_plant.png"  # as freeseg.backends.diffusers names them
     assert (doc["image"], doc["width"], doc["height"], doc["caption"], doc["class_names"], doc["backend"],
             doc["settings"], doc["overlay"]) == ("/x/pic.jpg", 6, 4, "a car", ["car", "sky"], "comfyui",
                                                  {"n_clusters": 2}, "overlay.png")
@@ -180,7 +178,7 @@ def test_missing_weights_say_what_to_put_where(tmp_path):
 
 def test_diffusers_backend_calls_freeseg_pipeline(tmp_path, monkeypatch, image):
     """--backend diffusers: FreeSegPipeline.from_pretrained on the picked model paths, then
-    segment_to_folder (a stand-in module here: the real one has its own tests)."""
+    segment_to_folder (stand-ins here: the real ones have their own tests)."""
     for sub, name in (("checkpoints", "sd.safetensors"), ("blip2", "b2/config.json"),
                       ("open_clip", "oc/open_clip_config.json")):
         (tmp_path / sub / name).parent.mkdir(parents=True, exist_ok=True)
@@ -197,10 +195,11 @@ def test_diffusers_backend_calls_freeseg_pipeline(tmp_path, monkeypatch, image):
         calls["run"] = (image_path, out_dir, class_names)
         return {"backend": "diffusers", "masks": []}
 
-    fake = types.ModuleType("freeseg.pipeline")
-    fake.__spec__ = importlib.machinery.ModuleSpec("freeseg.pipeline", None)
-    fake.FreeSegPipeline, fake.segment_to_folder = FakePipeline, segment_to_folder
-    monkeypatch.setitem(sys.modules, "freeseg.pipeline", fake)
+    import freeseg.app.segment as app_segment
+    import freeseg.backends.diffusers as backend
+
+    monkeypatch.setattr(backend, "FreeSegPipeline", FakePipeline)
+    monkeypatch.setattr(app_segment, "segment_to_folder", segment_to_folder)
     args = build_parser().parse_args([image, "--out", str(tmp_path / "o"), "--backend", "diffusers", "--models",
                                       str(tmp_path), "--clusters", "3", "--cpu"])
     assert segment_diffusers(args, {}, "dog, cat") == {"backend": "diffusers", "masks": []}
@@ -232,7 +231,7 @@ def test_cli_names_missing_node_types_and_unreachable_server(image):
     thread.start()
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}"
-        result = cli("freeseg.client", image, "--url", url, timeout=60)
+        result = cli("freeseg.app.client", image, "--url", url, timeout=60)
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -241,7 +240,7 @@ def test_cli_names_missing_node_types_and_unreachable_server(image):
     assert url in line and "FreeSegCaption" in line and "FreeSegRefineMasks" in line and "freeseg-diff" in line
 
     dead = f"http://127.0.0.1:{httpd.server_address[1]}"  # closed now
-    for args in (("freeseg.client", image, "--url", dead), ("freeseg", "segment", image, "--out", "/nonexistent",
+    for args in (("freeseg.app.client", image, "--url", dead), ("freeseg", "segment", image, "--out", "/nonexistent",
                                                             "--url", dead)):
         result = cli(*args, timeout=60)
         assert result.returncode != 0
@@ -254,7 +253,7 @@ def test_cli_names_missing_node_types_and_unreachable_server(image):
 
 def test_client_cli_runs_the_full_workflow(server, tmp_path, image):
     out = tmp_path / "out"
-    result = cli("freeseg.client", image, "--url", server.url, "--out", str(out), "--class-names", CLASS_NAMES,
+    result = cli("freeseg.app.client", image, "--url", server.url, "--out", str(out), "--class-names", CLASS_NAMES,
                  "--clusters", "3", "--seed", "1", "--checkpoint", MODEL_LINKS["sd15_ckpt"][1],
                  "--blip2", MODEL_LINKS["blip2_dir"][1], "--clip", MODEL_LINKS["open_clip_dir"][1], *FAST)
     assert result.returncode == 0, result.stderr
@@ -302,7 +301,7 @@ def test_rejected_prompt_prints_node_errors(server, tmp_path, image):
     # and reports the rest; the client takes such a prompt back and fails like a rejected one.
     # With max_new_tokens wrong too, no output validates and ComfyUI answers HTTP 400.
     for extra in ([], ["--set", "FreeSegCaption.max_new_tokens=0"]):
-        result = cli("freeseg.client", image, "--url", server.url, "--out", str(tmp_path / "o"), "--class-names",
+        result = cli("freeseg.app.client", image, "--url", server.url, "--out", str(tmp_path / "o"), "--class-names",
                      CLASS_NAMES, "--clusters", "999", *FAST, *extra)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from comfy_harness import MODEL_LINKS, Graph, probed
-from freeseg.client import ComfyError
+from freeseg.app.client import ComfyError
 
 CLASSES = "dog, cat, tree, sky"
 

@@ -1,4 +1,4 @@
-"""The diffusers backend (`freeseg.pipeline`) against the ComfyUI node, on the random fixtures (CPU).
+"""The diffusers backend (`freeseg.backends.diffusers`) against the ComfyUI node, on the random fixtures (CPU).
 
 * Parity: the random SD1.5 fixture checkpoint is loaded both ways: ComfyUI in a subprocess
   (`tests/helpers/comfy_unet_features.py` runs the node's own `extract` on a given latent)
@@ -32,7 +32,8 @@ from PIL import Image
 import model_fixtures as fx
 from freeseg.features import SOURCE_DECODER, SOURCE_QUERIES, DiffusionFeatures
 from freeseg.nouns import extract_nouns
-from freeseg.pipeline import DEFAULT_SD_CONFIG, FreeSegPipeline, FreeSegResult, load_sd, segment_to_folder
+from freeseg.app.output import segment_to_folder
+from freeseg.backends.diffusers import DEFAULT_SD_CONFIG, FreeSegPipeline, FreeSegResult, load_sd
 from freeseg.stages import PAPER, captured_to_features, select_blocks
 
 pytestmark = pytest.mark.skipif(
@@ -190,7 +191,7 @@ def test_segment_without_captioner_uses_only_given_names(pipe: FreeSegPipeline) 
 
 
 def test_segmenter_interface_and_cache_key(pipe: FreeSegPipeline) -> None:
-    from freeseg.evaluate import Segmenter
+    from freeseg.eval.evaluate import Segmenter
 
     assert isinstance(pipe, Segmenter)
     image = _image().astype(np.float32) / 255.0

@@ -1,4 +1,4 @@
-"""End-to-end tests of `python -m freeseg eval` (freeseg.evaluate / datasets / metrics).
+"""End-to-end tests of `python -m freeseg eval` (freeseg.eval.evaluate / datasets / metrics).
 
 A tiny synthetic Pascal VOC split (three 32x48 images) is generated: rectangles of known
 classes, palette-PNG ground truth with 1-pixel rings of 255 (boundary) around two of them.
@@ -26,19 +26,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import freeseg.evaluate as ev
-from freeseg.datasets import (
+import freeseg.eval.evaluate as ev
+from freeseg.eval.datasets import (
     COCO_OBJECT_CLASSES, VOC_CLASSES, load_coco_object, load_voc, read_label_png,
 )
-from freeseg.evaluate import (
+from freeseg.eval.evaluate import (
     PredictionFolder, SegmenterSource, evaluate, labels_to_prediction, main, map_label,
 )
-from freeseg.metrics import confusion_matrix, dataset_miou, per_image_miou
+from freeseg.eval.metrics import confusion_matrix, dataset_miou, per_image_miou
 
 H, W = 32, 48
 STEMS = ["2007_000001", "2007_000002", "2007_000003"]
 BG, CAT, DOG, PERSON = 0, 8, 12, 15
-# VOC colours written out by hand (independent of freeseg.datasets.color_palette).
+# VOC colours written out by hand (independent of freeseg.eval.datasets.color_palette).
 VOC_RGB = {0: (0, 0, 0), 8: (64, 0, 0), 12: (64, 0, 128), 15: (192, 128, 128), 255: (224, 224, 192)}
 
 

@@ -7,7 +7,7 @@ It never imports ComfyUI: it talks to any ComfyUI server by URL.
     result = client.run(prompt)            # queue, follow the websocket, return the history entry
     data = client.view(result["outputs"]["9"]["images"][0])
 
-As a command (`python -m freeseg.client IMAGE --out DIR`) it uploads an image, fills an
+As a command (`python -m freeseg.app.client IMAGE --out DIR`) it uploads an image, fills an
 API-format workflow (default `workflows/api/freeseg_full.json`) by node class type, runs it
 with a progress bar on stderr, downloads every output file into DIR and prints the labels
 JSON (the FreeSegRefineMasks `json` output) on stdout.
@@ -213,7 +213,7 @@ def _summarise(details: dict) -> str:
 
 # -- workflow automation ------------------------------------------------------------------------
 
-PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_URL = "http://127.0.0.1:8188"
 DEFAULT_WORKFLOW = os.path.join(PACK_DIR, "workflows", "api", "freeseg_full.json")
 NONE_FOUND = "(none found)"  # the pack's loaders list this when their folder is empty
@@ -669,7 +669,7 @@ def report_error(err: ComfyError, prompt: Optional[dict] = None, stream: Optiona
 
 
 def add_workflow_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options `python -m freeseg.client` and `python -m freeseg segment` share."""
+    """The options `python -m freeseg.app.client` and `python -m freeseg segment` share."""
     parser.add_argument("--workflow", default=DEFAULT_WORKFLOW,
                         help="API-format workflow JSON (default: workflows/api/freeseg_full.json)")
     parser.add_argument("--class-names", default=None, metavar="NAMES",
@@ -697,9 +697,9 @@ def workflow_settings(args: argparse.Namespace) -> tuple[dict, list]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m freeseg.client IMAGE [--url URL] [--out DIR] ...`: run a workflow on a server."""
+    """`python -m freeseg.app.client IMAGE [--url URL] [--out DIR] ...`: run a workflow on a server."""
     parser = argparse.ArgumentParser(
-        prog="python -m freeseg.client",
+        prog="python -m freeseg.app.client",
         description="Run a FreeSeg-Diff workflow on a ComfyUI server: upload IMAGE, fill the workflow, queue it, "
                     "download its output files into --out and print the labels JSON.")
     parser.add_argument("image", metavar="IMAGE", help="the picture to segment")

@@ -1,6 +1,6 @@
 """Score semantic segmentations on Pascal VOC 2012 / COCO-Object: ``python -m freeseg eval``.
 
-Two metrics are reported side by side (definitions in ``freeseg.metrics``):
+Two metrics are reported side by side (definitions in ``freeseg.eval.metrics``):
 
 * ``miou``: the standard dataset-level mIoU: one confusion matrix over the whole split,
   ground-truth 255 ignored, IoU_c = TP / (TP + FP + FN), mean over the classes that occur in
@@ -71,7 +71,7 @@ from .datasets import (
     DATASETS, IGNORE_INDEX, DatasetError, Sample, SegDataset, colorize, file_signature,
     load_dataset, read_class_names, read_label_png, save_label_png,
 )
-from .nouns import singular
+from ..nouns import singular
 from .metrics import confusion_matrix, image_miou as _image_miou, iou_per_class, pixel_accuracy
 
 __all__ = [
@@ -491,7 +491,7 @@ def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
     """Score a prediction source on a dataset split.
 
     Args:
-        dataset: from ``freeseg.datasets.load_dataset``.
+        dataset: from ``freeseg.eval.datasets.load_dataset``.
         source: a PredictionSource, or a Segmenter (wrapped in ``SegmenterSource(source,
             mode, synonyms)``).
         official_boundary: score GT/prediction 255 as background (official code) instead of
@@ -786,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--predictions", type=Path, metavar="DIR",
                      help="folder of <stem>.png label maps (class indices or VOC palette colours)")
     src.add_argument("--backend", choices=("diffusers",),
-                     help="run FreeSeg-Diff itself (freeseg.pipeline, diffusers backend) on every image")
+                     help="run FreeSeg-Diff itself (freeseg.backends.diffusers, diffusers backend) on every image")
     model = parser.add_argument_group("model (with --backend diffusers)")
     model.add_argument("--sd", type=Path, metavar="FILE_OR_DIR",
                        help="Stable Diffusion checkpoint (.safetensors, LDM layout) or diffusers folder")
@@ -830,7 +830,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         names = read_class_names(args.class_names) if args.class_names is not None else None
         dataset = load_dataset(args.dataset, args.root, args.split, names)
         if args.backend is not None:
-            from .pipeline import FreeSegPipeline
+            from ..backends.diffusers import FreeSegPipeline
 
             source = FreeSegPipeline.from_pretrained(str(args.sd), clip=str(args.clip),
                                                      blip2=str(args.blip2) if args.blip2 else None,

@@ -23,7 +23,7 @@ from typing import IO, Optional, Sequence
 
 from .client import ComfyClient
 
-PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_NAME = "freeseg-diff"
 
 

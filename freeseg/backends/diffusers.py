@@ -4,7 +4,8 @@ ComfyUI nodes through ``freeseg.stages``.
 
 Quick start::
 
-    from .pipeline import FreeSegPipeline, segment_to_folder
+    from freeseg.backends.diffusers import FreeSegPipeline
+    from freeseg.app.output import segment_to_folder
 
     pipe = FreeSegPipeline.from_pretrained(
         sd="models/checkpoints/v1-5-pruned-emaonly.safetensors",  # LDM single file
@@ -73,19 +74,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .features import SOURCE_QUERIES, DiffusionFeatures
-from .output import write_segmentation
-from .segments import Segments, draw_overlay
-from .stages import (PAPER, FreeSegSettings, caption_images, captured_to_features, cluster_segments,
+from ..features import SOURCE_QUERIES, DiffusionFeatures
+from ..segments import Segments, draw_overlay
+from ..stages import (PAPER, FreeSegSettings, caption_images, captured_to_features, cluster_segments,
                             label_segments, parse_names, refine_segments, resize_square, seeded_noise,
                             to_rgb)
 
 __all__ = ["FreeSegPipeline", "FreeSegResult", "FreeSegSettings", "PAPER", "SDModels",
-           "DEFAULT_SD_CONFIG", "load_sd", "load_image", "segment_to_folder"]
+           "DEFAULT_SD_CONFIG", "load_sd", "load_image"]
 
 log = logging.getLogger("freeseg-diff")
 
-DEFAULT_SD_CONFIG = Path(__file__).resolve().parent / "data" / "sd15"
+DEFAULT_SD_CONFIG = Path(__file__).resolve().parent.parent / "data" / "sd15"
 """Standard SD1.5 component configs (diffusers layout, no weights)."""
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -492,7 +492,7 @@ class FreeSegPipeline:
     """FreeSeg-Diff with diffusers Stable Diffusion: caption -> diffusion features -> k-means
     masks -> CLIP names -> CRF. Build it with ``from_pretrained``.
 
-    Usable as a ``freeseg.evaluate.Segmenter``: ``pipe(image, vocabulary) -> (masks, labels)``,
+    Usable as a ``freeseg.eval.evaluate.Segmenter``: ``pipe(image, vocabulary) -> (masks, labels)``,
     with ``pipe.cache_key`` naming the models and settings.
     """
 
@@ -538,8 +538,8 @@ class FreeSegPipeline:
                 float32).
             settings: default settings (``PAPER``); ``**overrides`` change some of them.
         """
-        from .caption import load_captioner
-        from .clip_label import load_open_clip
+        from ..caption import load_captioner
+        from ..clip_label import load_open_clip
 
         dev = torch.device(device) if device is not None else _default_device()
         dt = dtype if dtype is not None else _default_dtype(dev)
@@ -566,7 +566,7 @@ class FreeSegPipeline:
     @property
     def cache_key(self) -> str:
         """Identifies models (paths, sizes, mtimes), dtype, device type and settings:
-        ``"freeseg-diffusers-<16 hex>"``, for ``freeseg.evaluate``'s resume cache."""
+        ``"freeseg-diffusers-<16 hex>"``, for ``freeseg.eval.evaluate``'s resume cache."""
         payload = {"version": PIPELINE_VERSION, "sd": self.sd.description, "models": self.description,
                    "device": self.device.type, "settings": self.settings.to_dict()}
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -757,7 +757,7 @@ class FreeSegPipeline:
 
     def __call__(self, image: np.ndarray,
                  vocabulary: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, list[Optional[str]]]:
-        """``freeseg.evaluate.Segmenter``: ``image`` ``[H,W,3]`` float32 0..1, ``vocabulary``
+        """``freeseg.eval.evaluate.Segmenter``: ``image`` ``[H,W,3]`` float32 0..1, ``vocabulary``
         None (closed mode: names from the caption, needs a captioner) or the dataset's class
         names (added after the caption nouns, as ``segment``). Returns (masks ``[K,H,W]``
         float32, K labels)."""
@@ -766,33 +766,3 @@ class FreeSegPipeline:
                              "without one the masks have no names to choose from")
         result = self.segment(image, list(vocabulary) if vocabulary is not None else None)
         return result.masks, result.labels
-
-
-# ------------------------------------------------------------------------------------------
-# Folder output (the main job of `python -m freeseg segment --backend diffusers`)
-# ------------------------------------------------------------------------------------------
-
-def segment_to_folder(pipeline: FreeSegPipeline, image_path: PathLike, out_dir: PathLike,
-                      class_names: Union[str, Sequence[str], None] = None) -> dict[str, Any]:
-    """Segment one image file and write the results into ``out_dir`` (created if needed):
-
-    * ``mask_<i>_<label>.png``: one 8-bit greyscale PNG (0 / 255, mask > 0.5) per NAMED mask,
-      i = 0.. in mask order, label made file-name safe;
-    * ``overlay.png``: coloured masks with their names over the image;
-    * ``labels.json``: the returned dict.
-
-    Returns:
-        ``{"image": path, "width", "height", "caption", "class_names", "backend": "diffusers",
-        "settings": {...}, "overlay": "overlay.png", "masks": [{"index": i, "file",
-        "label", "score", "area", "bbox": [x0, y0, x1, y1] (exclusive ends) or None}, ...],
-        "timings": {...}}``.
-    """
-    pixels = load_image(image_path)
-    result = pipeline.segment(pixels[0], class_names)
-    masks = [(result.masks[rec["mask"]] > 0.5).numpy() for rec in result.records()]
-    overlay = draw_overlay(pixels[0], result.masks, result.labels)
-    overlay_image = Image.fromarray((overlay.numpy() * 255).round().astype(np.uint8))
-    return write_segmentation(str(out_dir), str(image_path), masks, result.records(), overlay_image,
-                              result.caption, list(result.class_names), backend="diffusers",
-                              settings=result.settings.to_dict(),
-                              timings={k: round(v, 4) for k, v in result.timings.items()})

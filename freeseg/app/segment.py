@@ -7,7 +7,7 @@ Writes into DIR, whichever backend ran:
 * ``labels.json``: ``{"image", "width", "height", "caption", "class_names", "backend",
   "settings", "overlay": "overlay.png", "masks": [{"index", "file", "label", "score", "area",
   "bbox"}, ...], "timings"}`` (bbox ``[x0, y0, x1, y1]`` with exclusive ends or null, area in
-  pixels; the layout of ``freeseg.pipeline.segment_to_folder``).
+  pixels; the layout of ``freeseg.app.output.segment_to_folder``).
 
 Backends:
 
@@ -15,7 +15,7 @@ Backends:
   (``--url``) or on an embedded ComfyUI that this command starts from the project's
   environment (``.venv/ComfyUI``, or ``--comfyui DIR``), with ``--models DIR`` as its models
   folder (checkpoints/, blip2/, open_clip/; a ComfyUI ``models/`` folder works as is).
-* ``diffusers`` calls ``freeseg.pipeline`` (no ComfyUI), when that module is installed.
+* ``diffusers`` calls ``freeseg.backends.diffusers`` (no ComfyUI).
 
 ``--random-weights`` runs the embedded path on tiny random-weight models (built by
 ``tests/helpers/model_fixtures.py``): a smoke test of the install, the masks mean nothing.
@@ -24,9 +24,6 @@ Backends:
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import inspect
 import io
 import json
 import os
@@ -42,8 +39,8 @@ from PIL import Image
 
 from .client import (DEFAULT_WORKFLOW, ComfyClient, ComfyError, add_workflow_arguments, execute, load_workflow,
                      missing_node_types, one_line, output_text, prepare, report_error, workflow_settings)
-from .model_files import model_entries
-from .output import SegmentError, write_segmentation
+from ..model_files import model_entries
+from .output import SegmentError, segment_to_folder, write_segmentation
 from .server import PACK_DIR, ComfyServer, default_comfy_dir, link
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
@@ -269,21 +266,14 @@ def segment_embedded(args: argparse.Namespace, models: dict, overrides: list, cl
 # -- the diffusers backend ------------------------------------------------------------------------
 
 def segment_diffusers(args: argparse.Namespace, models: dict, class_names: Optional[str]) -> dict:
-    """Run ``freeseg.pipeline`` (diffusers, no ComfyUI): ``FreeSegPipeline.from_pretrained`` on
+    """Run ``freeseg.backends.diffusers`` (diffusers, no ComfyUI): ``FreeSegPipeline.from_pretrained`` on
     the models of ``--models`` (or the random fixtures), then ``segment_to_folder``."""
     if args.url:
         raise SegmentError("--url runs the ComfyUI backend; leave it out with --backend diffusers")
     if args.workflow != DEFAULT_WORKFLOW or args.overrides:
         raise SegmentError("--workflow and --set apply to the ComfyUI backend only")
-    if importlib.util.find_spec("freeseg.pipeline") is None:
-        raise SegmentError("--backend diffusers needs freeseg/pipeline.py, which this install lacks; use "
-                           "--backend comfyui")
-    module = importlib.import_module("freeseg.pipeline")
-    pipeline_cls = getattr(module, "FreeSegPipeline", None)
-    run = getattr(module, "segment_to_folder", None)
-    if run is None or not hasattr(pipeline_cls, "from_pretrained"):
-        raise SegmentError("freeseg.pipeline has no FreeSegPipeline.from_pretrained() and segment_to_folder(): "
-                           "the diffusers backend is not available in this version")
+    from ..backends.diffusers import FreeSegPipeline
+
     if args.random_weights:
         fixtures = build_random_models(args.python or sys.executable,
                                        os.path.abspath(args.comfyui or default_comfy_dir()))
@@ -295,7 +285,6 @@ def segment_diffusers(args: argparse.Namespace, models: dict, class_names: Optio
     else:
         models_dir = os.path.abspath(args.models or os.path.join(default_comfy_dir(), "models"))
         paths = model_paths(models_dir, pick_models(models_dir, models, class_names))
-    accepted = inspect.signature(pipeline_cls.from_pretrained).parameters
     kwargs: dict[str, Any] = {"sd": paths["checkpoint"], "clip": paths.get("clip"), "blip2": paths.get("blip2")}
     kwargs.update({role: paths[role] for role in ("sd_config", "vae") if paths.get(role)})
     for key, value in (("n_clusters", args.clusters), ("seed", args.seed), ("resolution", args.resolution)):
@@ -303,12 +292,10 @@ def segment_diffusers(args: argparse.Namespace, models: dict, class_names: Optio
             kwargs[key] = value
     if args.cpu:
         kwargs["device"] = "cpu"
-    has_var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    kwargs = {k: v for k, v in kwargs.items() if k in accepted or has_var_kw}
     print("loading the models (diffusers backend) ...", file=sys.stderr, flush=True)
     try:
-        pipeline = pipeline_cls.from_pretrained(**kwargs)
-        return run(pipeline, args.image, args.out, class_names=class_names)
+        pipeline = FreeSegPipeline.from_pretrained(**kwargs)
+        return segment_to_folder(pipeline, args.image, args.out, class_names=class_names)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SegmentError(f"the diffusers backend failed: {one_line(str(e))}") from None
 
@@ -323,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("image", metavar="IMAGE", help="the picture to segment")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     parser.add_argument("--backend", choices=("comfyui", "diffusers"), default="comfyui",
-                        help="comfyui (default): the freeseg_full workflow; diffusers: freeseg.pipeline")
+                        help="comfyui (default): the freeseg_full workflow; diffusers: freeseg.backends.diffusers")
     parser.add_argument("--url", default=None, help="a running ComfyUI server (default: start an embedded one)")
     parser.add_argument("--comfyui", default=None, metavar="DIR",
                         help="the ComfyUI install (folder of main.py) the embedded server runs "

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Optional
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .segments import mask_bbox
+from ..segments import draw_overlay, mask_bbox
 
 
 class SegmentError(RuntimeError):
@@ -37,7 +37,7 @@ def write_segmentation(out_dir: str, image_path: str, masks: list[np.ndarray], r
                        backend: str = "comfyui", settings: Optional[dict] = None,
                        timings: Optional[dict] = None) -> dict:
     """Write the masks, overlay.png and labels.json into `out_dir`; returns the labels document,
-    in the layout ``freeseg.pipeline.segment_to_folder`` (the diffusers backend) writes.
+    in the layout ``segment_to_folder`` (the diffusers backend) writes.
 
     Args:
         masks: one HxW mask per named segment (bool, or float/uint8 where >= 0.5 / 128 is in).
@@ -74,3 +74,32 @@ def write_segmentation(out_dir: str, image_path: str, masks: list[np.ndarray], r
 
 
 # -- models ---------------------------------------------------------------------------------------
+
+
+def segment_to_folder(pipeline: Any, image_path: str, out_dir: str,
+                      class_names: Union[str, Sequence[str], None] = None) -> dict[str, Any]:
+    """Segment one image file with a ``freeseg.backends.diffusers.FreeSegPipeline`` and write
+    the results into ``out_dir`` (created if needed), through ``write_segmentation``:
+
+    * ``mask_<i>_<label>.png``: one 8-bit greyscale PNG (0 / 255, mask > 0.5) per NAMED mask,
+      i = 0.. in mask order, label made file-name safe;
+    * ``overlay.png``: coloured masks with their names over the image;
+    * ``labels.json``: the returned dict.
+
+    Returns:
+        ``{"image": path, "width", "height", "caption", "class_names", "backend": "diffusers",
+        "settings": {...}, "overlay": "overlay.png", "masks": [{"index": i, "file",
+        "label", "score", "area", "bbox": [x0, y0, x1, y1] (exclusive ends) or None}, ...],
+        "timings": {...}}``.
+    """
+    from ..backends.diffusers import load_image
+
+    pixels = load_image(image_path)
+    result = pipeline.segment(pixels[0], class_names)
+    masks = [(result.masks[rec["mask"]] > 0.5).numpy() for rec in result.records()]
+    overlay = draw_overlay(pixels[0], result.masks, result.labels)
+    overlay_image = Image.fromarray((overlay.numpy() * 255).round().astype(np.uint8))
+    return write_segmentation(str(out_dir), str(image_path), masks, result.records(), overlay_image,
+                              result.caption, list(result.class_names), backend="diffusers",
+                              settings=result.settings.to_dict(),
+                              timings={k: round(v, 4) for k, v in result.timings.items()})

@@ -1,0 +1,1 @@
+"""Backends that run the FreeSeg-Diff stages outside ComfyUI (`diffusers`: Stable Diffusion through diffusers)."""
