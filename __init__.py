@@ -6,9 +6,8 @@ ComfyUI-free library in `freeseg/`) can be imported without ComfyUI."""
 
 
 async def comfy_entrypoint():
-    from comfy_api.latest import ComfyExtension
-
     from .nodes import NODES, register_folders
+    from .nodes.common import ComfyExtension
 
     register_folders()
 

@@ -51,9 +51,11 @@ class Segments:
                         [list(c) for c in self.class_names])
 
     def named(self) -> list[tuple[int, int]]:
-        """`(image_index, mask_index)` of every named mask, in batch then mask order."""
+        """`(image_index, mask_index)` of every named, non-empty mask (some pixel above 0.5), in
+        batch then mask order: an empty mask gives no record, mask or SEGS entry."""
+        filled = (self.masks > 0.5).flatten(2).any(dim=2)
         return [(b, k) for b in range(self.batch_size) for k, name in enumerate(self.labels[b])
-                if name is not None]
+                if name is not None and bool(filled[b, k])]
 
     def named_masks(self) -> torch.Tensor:
         """`[N,H,W]` float32, one mask per named segment (N may be 0)."""
@@ -81,8 +83,8 @@ class Segments:
         return out
 
     def records(self) -> list[dict]:
-        """One dict per named mask: image index, mask index, label, score, area (pixels above
-        0.5) and bbox `[x0, y0, x1, y1]` (exclusive ends; None for an empty mask)."""
+        """One dict per named, non-empty mask: image index, mask index, label, score, area
+        (pixels above 0.5, at least 1) and bbox `[x0, y0, x1, y1]` (exclusive ends)."""
         out = []
         for b, k in self.named():
             m = self.masks[b, k] > 0.5
@@ -114,8 +116,6 @@ def to_segs(segments: Segments, images: torch.Tensor) -> tuple:
     no image index, so for a batch it lists the segments of every image in batch order."""
     segs = []
     for rec in segments.records():
-        if rec["bbox"] is None:
-            continue
         x0, y0, x1, y1 = rec["bbox"]
         b, k = rec["image"], rec["mask"]
         crop = images[b:b + 1, y0:y1, x0:x1, :3].float().cpu()

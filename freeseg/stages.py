@@ -180,11 +180,13 @@ def _step(progress: Optional[ProgressLike]) -> None:
 def to_rgb(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     """IMAGE ``[B,H,W,C]`` with C in {1, 3, 4} (grey, RGB, RGBA) -> ``[B,H,W,3]`` float32 0..1.
 
-    Raises ValueError (naming ``name``) for another shape or an empty batch."""
+    Raises ValueError (naming ``name``) for another shape, an empty batch or NaN / infinite values."""
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"{name} must be an IMAGE [B,H,W,C] with 1, 3 or 4 channels, got {tuple(image.shape)}")
     if image.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch")
+    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+        raise ValueError(f"{name} holds NaN or infinite pixel values")
     if image.shape[-1] == 1:
         image = image.expand(-1, -1, -1, 3)
     return image[..., :3].float().clamp(0, 1)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..freeseg.stages import caption_images
-from .common import CATEGORY, Captioner, Progress, load_to_device, parse_names, to_rgb
+from .common import CATEGORY, Captioner, Progress, io, load_to_device, parse_names, to_rgb
 
 
 def caption(images, captioner=None, class_names: str = "", max_new_tokens: int = 30) -> tuple[list[str], list[list[str]]]:

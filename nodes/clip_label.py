@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..freeseg.clip_label import CROP_MODES, PROMPTS
 from ..freeseg.stages import label_segments
 from ..freeseg.segments import Segments as SegmentsData
-from .common import CATEGORY, ClipModel, Progress, Segments, class_lists_for_batch, load_to_device, log, to_rgb
+from .common import (CATEGORY, ClipModel, Progress, Segments, check_choice, check_number, class_lists_for_batch,
+                     first_problem, io, load_to_device, log, to_rgb)
 
 def label(segments: SegmentsData, images, clip, class_names: str, crop_mode: str = "masked",
           prompt: str = "bare", threshold: float = 0.0) -> SegmentsData:
@@ -44,6 +43,13 @@ class FreeSegCLIPLabel(io.ComfyNode):
             ],
             outputs=[Segments.Output(display_name="segments")],
         )
+
+    @classmethod
+    def validate_inputs(cls, crop_mode=None, prompt=None, threshold=None) -> bool | str:
+        # Declaring threshold here makes ComfyUI skip its own min/max check of it (and NaN
+        # passes any comparison), so the range is checked here.
+        return first_problem(check_choice("crop_mode", crop_mode, CROP_MODES), check_choice("prompt", prompt, PROMPTS),
+                             check_number("threshold", threshold, 0.0, 1.0))
 
     @classmethod
     def execute(cls, segments, image, clip_model, class_names, crop_mode, prompt, threshold) -> io.NodeOutput:

@@ -4,13 +4,12 @@ class-agnostic masks at the image's own resolution."""
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
 
 from ..freeseg.cluster import METHODS
 from ..freeseg.features import DiffusionFeatures
 from ..freeseg.stages import cluster_segments
 from ..freeseg.segments import Segments as SegmentsData
-from .common import CATEGORY, Features, Progress, Segments
+from .common import CATEGORY, Features, Progress, Segments, check_choice, first_problem, io
 
 def cluster(features: DiffusionFeatures, n_clusters: int, method: str = "kmeans", seed: int = 0) -> SegmentsData:
     """Cluster each image's feature grid into `n_clusters` masks `[B,K,H,W]` at the image size."""
@@ -43,6 +42,10 @@ class FreeSegClusterMasks(io.ComfyNode):
             outputs=[Segments.Output(display_name="segments"),
                      io.Mask.Output(display_name="cluster_map", tooltip="[B,H,W] mask index / (K-1).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, method=None) -> bool | str:
+        return first_problem(check_choice("method", method, METHODS))
 
     @classmethod
     def execute(cls, features, n_clusters, method, seed) -> io.NodeOutput:

@@ -1,12 +1,21 @@
-"""Shared pieces of the FreeSeg-Diff nodes: custom socket types, image conversion, model
-management of third-party (transformers / open_clip) models, progress and interruption."""
+"""Shared pieces of the FreeSeg-Diff nodes: the pinned node API, custom socket types, image
+conversion, queue-time input checks, model management of third-party (transformers /
+open_clip) models, progress and interruption."""
 
 from __future__ import annotations
 
 import logging
+import math
+from typing import Iterable, Optional
 
 import torch
-from comfy_api.latest import io
+
+# The pinned V3 node API; `latest` only on a ComfyUI that does not ship v0_0_2. Every node
+# module (and the extension in __init__.py) imports `io` / `ComfyExtension` from here.
+try:
+    from comfy_api.v0_0_2 import ComfyExtension, io
+except ImportError:  # pragma: no cover - older or newer cores without the pinned version
+    from comfy_api.latest import ComfyExtension, io
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -21,6 +30,32 @@ Features = io.Custom("FREESEG_FEATURES")
 Segments = io.Custom("FREESEG_SEGMENTS")
 Captioner = io.Custom("FREESEG_BLIP2")
 ClipModel = io.Custom("FREESEG_CLIP")
+
+
+def check_choice(name: str, value, options: Iterable[str]) -> Optional[str]:
+    """Queue-time check of a combo input (ComfyUI 0.3.75 does not check V3 combos itself):
+    None when `value` is one of `options` or not known yet (None: linked), else the message."""
+    options = list(options)
+    if value is None or value in options:
+        return None
+    return f"{name}: {value!r} is not one of {', '.join(map(str, options))}"
+
+
+def check_number(name: str, value, low: float, high: float) -> Optional[str]:
+    """Queue-time check of a FLOAT input that validate_inputs declares (ComfyUI then skips its
+    own min/max check): finite and within [low, high]; None when fine or linked."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{name}: {value!r} is not a finite number"
+    if not low <= value <= high:
+        return f"{name}: {value} is outside {low}..{high}"
+    return None
+
+
+def first_problem(*problems: Optional[str]):
+    """What a V3 `validate_inputs` returns: True, or the first problem found."""
+    return next((p for p in problems if p), True)
 
 
 class ModuleHolder(torch.nn.Module):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from comfy_api.latest import io
 
 import comfy.model_management as mm
 import comfy.model_sampling
@@ -15,7 +14,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..freeseg.features import SOURCE_QUERIES, SOURCES, DiffusionFeatures
 from ..freeseg.stages import captured_to_features, resize_square, seeded_noise
-from .common import CATEGORY, Features, Progress, log, to_rgb
+from .common import CATEGORY, Features, Progress, check_choice, first_problem, io, log, to_rgb
 
 SUPPORTED = "SD1.x, SD2.x and SDXL (UNet) checkpoints"
 
@@ -169,6 +168,10 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
             ],
             outputs=[Features.Output(display_name="features")],
         )
+
+    @classmethod
+    def validate_inputs(cls, source=None) -> bool | str:
+        return first_problem(check_choice("source", source, SOURCES))
 
     @classmethod
     def execute(cls, model, vae, image, timestep, resolution, source, seed, clip=None) -> io.NodeOutput:

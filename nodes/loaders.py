@@ -2,33 +2,29 @@
 (`models/blip2/<folder>`) and an open_clip CLIP (`models/open_clip/<folder or file>`).
 
 Both folders are registered with `folder_paths.add_model_folder_path`, so entries in
-`extra_model_paths.yaml` (keys `blip2:` and `open_clip:`) are searched too. Nothing is
-downloaded unless the `download` input is switched on."""
+`extra_model_paths.yaml` (keys `blip2:` and `open_clip:`) are searched too. A model name is
+accepted only when the folders list it (`freeseg.model_files.find_entry`), and its weights
+are checked at queue time. Nothing is downloaded unless the `download` input is switched on,
+and never when the operator set `FREESEG_DISABLE_DOWNLOADS=1`."""
 
 from __future__ import annotations
 
 import os
 
 import folder_paths
-from comfy_api.latest import io
 
 import comfy.model_management as mm
 
 from ..freeseg.caption import load_captioner
 from ..freeseg.clip_label import load_open_clip
-from ..freeseg.model_files import is_model_entry, model_entries
-from .common import CATEGORY, Captioner, ClipModel, make_patcher, model_dtype
+from ..freeseg.model_files import (check_download_target, check_repo_id, check_weights, download_entry,
+                                   find_entry, load_error, model_entries)
+from .common import CATEGORY, Captioner, ClipModel, io, make_patcher, model_dtype
 
 NONE_FOUND = "(none found)"
-WHAT_GOES_THERE = {
-    "blip2": "a BLIP-2 (or BLIP) model folder as saved by transformers: config.json, the weights "
-             "(model.safetensors or shards), and the processor/tokenizer files, e.g. the contents of "
-             "Salesforce/blip2-opt-2.7b in models/blip2/blip2-opt-2.7b/",
-    "open_clip": "an open_clip model: a folder with open_clip_config.json and open_clip_model.safetensors "
-                 "(e.g. timm/vit_base_patch32_clip_224.openai in models/open_clip/vit_base_patch32_clip_224.openai/), "
-                 "or a weights file named after a built-in open_clip architecture (e.g. ViT-B-32.safetensors)",
-}
 DEFAULT_REPOS = {"blip2": "Salesforce/blip2-opt-2.7b", "open_clip": "timm/vit_base_patch32_clip_224.openai"}
+# Operator switch: any of these values turns the `download` input off for every client.
+DISABLE_DOWNLOADS = "FREESEG_DISABLE_DOWNLOADS"
 
 
 def register_folders() -> None:
@@ -51,35 +47,68 @@ def list_models(kind: str) -> list[str]:
 
 
 def resolve(kind: str, name: str) -> str:
-    """The full path of entry `name`, or FileNotFoundError naming the folders searched."""
-    for root in search_paths(kind):
-        path = os.path.join(root, name)
-        if name != NONE_FOUND and is_model_entry(kind, path):
-            return path
-    raise FileNotFoundError(f"model_name: no {kind} model {name!r} in {search_paths(kind)}. Put "
-                            f"{WHAT_GOES_THERE[kind]}.")
+    """The full path of listed entry `name`, or FileNotFoundError naming the folders searched."""
+    return find_entry(kind, search_paths(kind), name)
+
+
+def downloads_disabled() -> bool:
+    return os.environ.get(DISABLE_DOWNLOADS, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def check_download(kind: str, repo_id: str) -> str:
+    """The folder `repo_id` would download into; ValueError when downloads are off, the id is
+    not a repository id, or the folder holds something else."""
+    check_repo_id(repo_id)
+    if downloads_disabled():
+        raise ValueError(f"download: downloads are turned off on this server ({DISABLE_DOWNLOADS} is set); "
+                         f"switch download off and pick a model the {kind} folders hold")
+    return check_download_target(kind, search_paths(kind)[0], repo_id)
 
 
 def download(kind: str, repo_id: str) -> str:
     """Downloads `repo_id` from the Hugging Face hub into the first `kind` folder (opt-in)."""
     from huggingface_hub import snapshot_download
 
-    target = os.path.join(search_paths(kind)[0], repo_id.split("/")[-1])
-    if not is_model_entry(kind, target):
-        snapshot_download(repo_id, local_dir=target)
-    return target
+    check_download(kind, repo_id)
+    return download_entry(kind, search_paths(kind)[0], repo_id, snapshot_download)
 
 
 def download_inputs(kind: str) -> list:
     return [
         io.Boolean.Input("download", default=False, tooltip="Off: load from your models folder only. On: "
-                         "download `repo_id` from the Hugging Face hub first (if not already there)."),
-        io.String.Input("repo_id", default=DEFAULT_REPOS[kind], tooltip="Hub repository used when download is on."),
+                         "download `repo_id` from the Hugging Face hub first (if not already there), into "
+                         f"models/{kind}/<repo name>. The server's operator can turn downloads off."),
+        io.String.Input("repo_id", default=DEFAULT_REPOS[kind], tooltip="Hub repository (owner/name) used "
+                        "when download is on."),
     ]
 
 
 def pick_path(kind: str, model_name: str, allow_download: bool, repo_id: str) -> str:
-    return download(kind, repo_id.strip()) if allow_download and repo_id.strip() else resolve(kind, model_name)
+    return download(kind, repo_id) if allow_download else resolve(kind, model_name)
+
+
+def validate(kind: str, model_name, download, repo_id) -> bool | str:
+    """Queue-time check of a loader's inputs (None: linked, known only at run time)."""
+    try:
+        if download:
+            if repo_id is not None:
+                check_download(kind, repo_id)
+        elif model_name is not None and download is not None:
+            check_weights(kind, resolve(kind, model_name))
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return True
+
+
+def load(kind: str, path: str, loader, *args, **kwargs):
+    """`loader(path, ...)` after checking the weights; any failure names the model."""
+    check_weights(kind, path)
+    try:
+        return loader(path, *args, **kwargs)
+    except mm.InterruptProcessingException:
+        raise
+    except Exception as exc:
+        raise load_error(kind, path, exc) from exc
 
 
 class FreeSegBLIP2Loader(io.ComfyNode):
@@ -97,10 +126,14 @@ class FreeSegBLIP2Loader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name=None, download=None, repo_id=None) -> bool | str:
+        return validate("blip2", model_name, download, repo_id)
+
+    @classmethod
     def execute(cls, model_name, download, repo_id) -> io.NodeOutput:
         path = pick_path("blip2", model_name, download, repo_id)
         dtype = model_dtype(mm.get_torch_device())
-        model, processor = load_captioner(path, device=mm.unet_offload_device(), dtype=dtype)
+        model, processor = load("blip2", path, load_captioner, device=mm.unet_offload_device(), dtype=dtype)
         return io.NodeOutput({"patcher": make_patcher(model), "processor": processor, "path": path})
 
 
@@ -120,8 +153,12 @@ class FreeSegCLIPLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name=None, download=None, repo_id=None) -> bool | str:
+        return validate("open_clip", model_name, download, repo_id)
+
+    @classmethod
     def execute(cls, model_name, download, repo_id) -> io.NodeOutput:
         path = pick_path("open_clip", model_name, download, repo_id)
-        model, preprocess, tokenizer = load_open_clip(path, device=mm.unet_offload_device())
+        model, preprocess, tokenizer = load("open_clip", path, load_open_clip, device=mm.unet_offload_device())
         return io.NodeOutput({"patcher": make_patcher(model), "preprocess": preprocess,
                               "tokenizer": tokenizer, "path": path})

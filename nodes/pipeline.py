@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..freeseg.stages import PAPER
 from .caption import caption
 from .cluster_masks import cluster
 from .clip_label import label
-from .common import CATEGORY, Captioner, ClipModel, Segments
+from .common import CATEGORY, Captioner, ClipModel, Segments, io
 from .diffusion_features import extract
 from .refine_masks import OUTPUTS, outputs, refine
 

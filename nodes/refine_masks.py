@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import torch
-from comfy_api.latest import io
 
 from ..freeseg.refine import REFINE_METHODS
 from ..freeseg.stages import refine_segments
 from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.segments import draw_overlay, to_segs
-from .common import CATEGORY, Progress, Segments, to_rgb
+from .common import CATEGORY, Progress, Segments, check_choice, first_problem, io, to_rgb
 
 
 
@@ -64,6 +63,10 @@ class FreeSegRefineMasks(io.ComfyNode):
             ],
             outputs=[Segments.Output(display_name="segments"), *OUTPUTS],
         )
+
+    @classmethod
+    def validate_inputs(cls, method=None) -> bool | str:
+        return first_problem(check_choice("method", method, REFINE_METHODS))
 
     @classmethod
     def execute(cls, segments, image, method) -> io.NodeOutput:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..freeseg.segments import Segments as SegmentsData
-from .common import CATEGORY, Segments, log, parse_names
+from .common import CATEGORY, Segments, io, log, parse_names
 
 
 class FreeSegSelectMask(io.ComfyNode):
