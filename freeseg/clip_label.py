@@ -95,7 +95,7 @@ def _create_from_folder(folder: Path, device: str | torch.device) -> tuple[torch
     if hasattr(factory, "LOCAL_DIR_PREFIX"):
         name = f"local-dir:{folder}"
         return open_clip.create_model(name, device=device), open_clip.get_tokenizer(name)
-    # Older open_clip (2.24 - 2.31, no local-dir schema; not exercised by the tests, which
+    # Older open_clip (2.27 - 2.31, no local-dir schema; not exercised by the tests, which
     # run open_clip 3.x): register the folder's model_cfg under a private name.
     config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     name = "freeseg-local-" + hashlib.sha1(str(folder).encode()).hexdigest()[:12]

@@ -41,8 +41,17 @@ DEFAULT_OBJECT_INFO = os.path.join(REPO, ".cache", "object_info.json")
 # User-facing default model names (the tests swap in their random-weight fixtures).
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 BLIP2 = "blip2-opt-2.7b"
-OPEN_CLIP = "vit_base_patch32_clip_224.openai"
+OPEN_CLIP = "ViT-B-32-openai.safetensors"  # one file: the frontend can report it missing and fetch it
 IMAGE = "example.png"  # ComfyUI's own input/example.png
+# `properties.models` of the loader nodes: the frontend's missing-model dialog lists a model when
+# a node's widget holds its name and `/experiment/models/<directory>` lists no file of that name,
+# and offers the download. It compares file names only, so a folder model (BLIP-2) can never be
+# found there and is left out rather than reported missing when it is present.
+MODEL_FILES = {
+    ("FreeSegCLIPLoader", OPEN_CLIP): {
+        "name": OPEN_CLIP, "directory": "open_clip",
+        "url": "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_model.safetensors"},
+}
 
 # Inputs the frontend shows as widgets (anything else is a socket).
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -301,6 +310,9 @@ class Graph:
                 entry["title"] = node.title
             entry["properties"] = {"Node name for S&R": node.type}
             entry["widgets_values"] = self.widgets_values(node)
+            models = [m for (kind, name), m in MODEL_FILES.items() if kind == node.type and name in entry["widgets_values"]]
+            if models:
+                entry["properties"]["models"] = models
             nodes.append(entry)
         return {
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"freeseg-diff/workflows/{self.name}")),
@@ -365,7 +377,8 @@ MODELS_NOTE = (
     "**Models** (nothing is downloaded unless you switch `download` on in a loader):\n"
     f"* `models/checkpoints/{CHECKPOINT}`: any SD1.x, SD2.x or SDXL checkpoint works;\n"
     f"* `models/blip2/{BLIP2}/`: a BLIP-2 folder saved by transformers (Salesforce/blip2-opt-2.7b);\n"
-    f"* `models/open_clip/{OPEN_CLIP}/`: an open_clip folder (timm/vit_base_patch32_clip_224.openai).\n")
+    f"* `models/open_clip/{OPEN_CLIP}`: the `open_clip_model.safetensors` of timm/vit_base_patch32_clip_224.openai "
+    "under this name (the frontend offers the download when it is missing), or an open_clip folder.\n")
 
 
 def segment(g: Graph, image: Out, ckpt: Node, class_names: str = "", captioner: bool = True,

@@ -227,3 +227,18 @@ def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_
     dialogs = page.evaluate("() => [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent !== null)"
                             ".map(d => d.innerText.slice(0, 300))")
     assert dialogs == []
+
+
+def test_missing_clip_model_is_reported_with_its_download(page):
+    """With the published model names (absent on the test server), the frontend's missing-model
+    dialog lists our CLIP weights file from the loader's `properties.models`, in open_clip/,
+    with its hub URL (BLIP-2 is a folder, which the frontend's file-name check cannot see)."""
+    with open(os.path.join(wt.WORKFLOW_DIR, "freeseg_full.json")) as f:
+        ui = json.load(f)
+    state = page.evaluate(LOAD_JS, ui)
+    missing = [m for batch in state["missingModels"] for m in batch]
+    clip = [m for m in missing if m.get("directory") == "open_clip"]
+    assert [m["name"] for m in clip] == ["ViT-B-32-openai.safetensors"], missing
+    assert clip[0]["url"].startswith("https://huggingface.co/timm/vit_base_patch32_clip_224.openai/")
+    assert any("ViT-B-32-openai.safetensors" in d for d in state["dialogs"]), state["dialogs"]
+    page.keyboard.press("Escape")

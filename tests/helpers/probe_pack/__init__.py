@@ -44,4 +44,24 @@ class FreeSegTestProbe:
         return {"ui": {"probe": [json.dumps(describe(value))]}}
 
 
-NODE_CLASS_MAPPINGS = {"FreeSegTestProbe": FreeSegTestProbe}
+class FreeSegTestBadImage:
+    """An IMAGE no loader can produce: `fill` (nan, inf or -inf) in a corner of a grey picture."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"fill": (["nan", "inf", "-inf"], {}), "width": ("INT", {"default": 32, "min": 1}),
+                             "height": ("INT", {"default": 32, "min": 1})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, fill, width, height):
+        import torch
+
+        image = torch.full((1, height, width, 3), 0.5)
+        image[:, : max(height // 4, 1), : max(width // 4, 1)] = float(fill)
+        return (image,)
+
+
+NODE_CLASS_MAPPINGS = {"FreeSegTestProbe": FreeSegTestProbe, "FreeSegTestBadImage": FreeSegTestBadImage}
