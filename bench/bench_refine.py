@@ -170,6 +170,7 @@ def against_pydensecrf(args) -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     methods = ("pydensecrf", "crf", "crf_joint")
     times = {m: [] for m in methods}
+    cpu_times = {m: [] for m in methods}
     scores = {m: [] for m in methods}
     agree = {m: [] for m in methods}
     print(f"torch {torch.__version__}, device {args.device}, torch threads {torch.get_num_threads()}, "
@@ -189,29 +190,37 @@ def against_pydensecrf(args) -> None:
         sync()
         preds = {}
         per_scene = {m: [] for m in methods}
+        per_scene_cpu = {m: [] for m in methods}
         for _ in range(args.repeats):
             for m in methods:  # interleaved, so load changes hit every method alike
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 preds[m] = runs[m]()
                 sync()
                 per_scene[m].append(time.perf_counter() - start)
+                per_scene_cpu[m].append(time.process_time() - start_cpu)
         for m in methods:
             times[m].append(statistics.median(per_scene[m]))
+            cpu_times[m].append(statistics.median(per_scene_cpu[m]))
             pred = to_classes(preds[m], mask_class)
             scores[m].append(miou(pred, gt_np, 4))
             agree[m].append(miou(pred, to_classes(preds["pydensecrf"], mask_class), 4))
         before = miou(to_classes(masks.argmax(0).numpy() + 1, mask_class), gt_np, 4)
         print(f"scene {seed}: blocky masks mIoU {before:.4f}; " + ", ".join(
-            f"{m} {times[m][-1]:.3f} s mIoU {scores[m][-1]:.4f}" for m in methods))
+            f"{m} {times[m][-1]:.3f} s ({cpu_times[m][-1]:.3f} cpu) mIoU {scores[m][-1]:.4f}" for m in methods))
     base = statistics.mean(times["pydensecrf"])
-    print(f"{'method':11s} {'s/image':>8s} {'speed-up':>9s} {'mIoU vs GT':>11s} {'IoU vs pydensecrf':>18s}")
+    base_cpu = statistics.mean(cpu_times["pydensecrf"])
+    print("wall: seconds per image; cpu: CPU seconds of this process per image (all its threads;")
+    print("with --threads 1 the figure a busy shared machine does not distort)")
+    print(f"{'method':11s} {'wall s':>7s} {'speed-up':>9s} {'cpu s':>7s} {'speed-up':>9s} "
+          f"{'mIoU vs GT':>11s} {'IoU vs pydensecrf':>18s}")
     summary = {"size": args.size, "scenes": args.scenes, "torch_threads": torch.get_num_threads(),
                "device": args.device}
     for m in methods:
-        t = statistics.mean(times[m])
-        print(f"{m:11s} {t:8.3f} {base / t:8.2f}x {statistics.mean(scores[m]):11.4f} "
-              f"{statistics.mean(agree[m]):18.4f}")
+        t, c = statistics.mean(times[m]), statistics.mean(cpu_times[m])
+        print(f"{m:11s} {t:7.3f} {base / t:8.2f}x {c:7.3f} {base_cpu / c:8.2f}x "
+              f"{statistics.mean(scores[m]):11.4f} {statistics.mean(agree[m]):18.4f}")
         summary[m] = {"s_per_image": round(t, 4), "speedup": round(base / t, 2),
+                      "cpu_s_per_image": round(c, 4), "cpu_speedup": round(base_cpu / c, 2),
                       "miou": round(statistics.mean(scores[m]), 4),
                       "iou_vs_pydensecrf": round(statistics.mean(agree[m]), 4)}
     print(json.dumps(summary))

@@ -450,12 +450,19 @@ def _binary_mean_field(unary_gap: torch.Tensor, filters: List[Tuple[float, _Gaus
     Returns:
         ``[N,M]`` float32 logits ``log(q_mask / q_rest)`` after the last update.
     """
-    n = unary_gap.shape[0]
+    n, m = unary_gap.shape
+    if iterations == 0:
+        return unary_gap
     ones = torch.ones((n, 1), dtype=torch.float32, device=unary_gap.device)
     norms = [torch.rsqrt(f.apply(ones).clamp_min(1e-20)) for _, f in filters]
-    base = unary_gap - sum(weight * norm * f.apply(norm) for (weight, f), norm in zip(filters, norms))
-    logit = unary_gap
-    for _ in range(iterations):
+    # the first update filters q and the constant Kn 1 term together (one call per filter)
+    q = torch.sigmoid(unary_gap)
+    base, logit = unary_gap, unary_gap
+    for (weight, filt), norm in zip(filters, norms):
+        out = filt.apply(torch.cat([q, ones], dim=1) * norm)            # [N,M+1]
+        base = torch.addcmul(base, norm, out[:, m:], value=-weight)
+        logit = torch.addcmul(logit, norm, 2.0 * out[:, :m] - out[:, m:], value=weight)
+    for _ in range(iterations - 1):
         q = torch.sigmoid(logit)
         logit = base
         for (weight, filt), norm in zip(filters, norms):
@@ -577,8 +584,7 @@ class _PermutohedralLattice:
         uniq = codes[first]
         self.m = m = int(uniq.numel())
         vertex_of_sorted = torch.cumsum(first, dim=0) - 1                   # vertex of each sorted entry
-        inverse = torch.empty_like(vertex_of_sorted)
-        inverse[order] = vertex_of_sorted                                   # [N*(d+1)] vertex of each entry
+        inverse = torch.empty_like(vertex_of_sorted).scatter_(0, order, vertex_of_sorted)  # vertex of each entry
         weights = bary.reshape(-1)                                          # [N*(d+1)] float32
         if keys is None:
             self.neighbours = _radix_neighbours(uniq, radix)
@@ -590,27 +596,31 @@ class _PermutohedralLattice:
         crow = torch.zeros(m + 2, dtype=torch.long, device=dev)             # row m (dummy) stays empty
         crow[1:m + 1] = torch.cumsum(counts, dim=0)
         crow[m + 1] = crow[m]
-        self.splat = _csr(crow, order // (d + 1), weights[order], (m + 1, n))
+        self.splat = _csr(crow, order // (d + 1), torch.index_select(weights, 0, order), (m + 1, n))
+        self.neighbours = [(a.to(torch.int32), b.to(torch.int32)) for a, b in self.neighbours]
         pixel_crow = torch.arange(0, n * (d + 1) + 1, d + 1, dtype=torch.long, device=dev)
         inverse, within = torch.sort(inverse.view(n, d + 1).to(torch.int32), dim=1)  # columns in order
         weights = weights.view(n, d + 1).gather(1, within.long())
-        self.slice = _csr(pixel_crow, inverse.reshape(-1).long(), weights.reshape(-1), (n, m + 1))
+        self.slice = _csr(pixel_crow, inverse.reshape(-1), weights.reshape(-1), (n, m + 1))
 
     def apply(self, values_nc: torch.Tensor) -> torch.Tensor:
         """Filter ``[N,C]`` float32 values; returns ``[N,C]`` float32."""
-        lattice = (self.splat @ values_nc.contiguous()).t().contiguous()    # [C,M+1]; column M is 0
+        lattice = self.splat @ values_nc.contiguous()                       # [M+1,C]; row M is 0
+        both = torch.empty_like(lattice)
         for n1, n2 in self.neighbours:
-            both = torch.index_select(lattice, 1, n1)
-            both.add_(torch.index_select(lattice, 1, n2))
-            lattice = torch.add(lattice, both, alpha=0.5)
-        return self.slice @ lattice.t().contiguous()
+            torch.index_select(lattice, 0, n1, out=both)
+            both.add_(torch.index_select(lattice, 0, n2))
+            lattice.add_(both, alpha=0.5)                                   # row M stays 0
+        return self.slice @ lattice
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """A float32 sparse CSR matrix (torch marks CSR as beta; its warning is silenced here)."""
+    """A float32 sparse CSR matrix with int32 indices (less memory traffic than int64; sizes here
+    stay far below 2^31 entries). torch marks CSR as beta; its warning is silenced here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
-        return torch.sparse_csr_tensor(crow, col, values, size=size, dtype=torch.float32)
+        return torch.sparse_csr_tensor(crow.to(torch.int32), col.to(torch.int32), values, size=size,
+                                       dtype=torch.float32)
 
 
 def _elevation_matrix(d: int, device: torch.device) -> torch.Tensor:
@@ -645,17 +655,19 @@ def _simplex_vertices(elevated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     """
     n, d1 = elevated.shape
     d = d1 - 1
-    dev = elevated.device
-    scaled = elevated * (1.0 / d1)
-    up, down = torch.ceil(scaled), torch.floor(scaled)
-    rem0 = torch.where(up - scaled < scaled - down, up, down) * d1
+    # nearest multiple of d+1, ties down (pydensecrf: up if up - x < x - down, else down)
+    rem0 = torch.ceil(elevated * (1.0 / d1) - 0.5) * d1
     total = torch.round(rem0.sum(dim=1) * (1.0 / d1)).to(torch.int32)
-    # pydensecrf's rank: coordinate i counts the j > i with a larger and the j < i with a larger
-    # or equal remainder, i.e. its position in a stable descending sort.
-    order = torch.argsort(elevated - rem0, dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(d1, device=dev).expand(n, d1))
-    rank = rank.to(torch.int32) + total.unsqueeze(1)
+    # pydensecrf's rank: for each pair i < j the coordinate with the smaller remainder moves one
+    # place down (i on ties), counted column by column
+    diff = (elevated - rem0).t().contiguous()                             # [d+1,N]
+    rank_t = torch.zeros((d1, n), dtype=torch.int32, device=elevated.device)
+    for i in range(d1):
+        for j in range(i + 1, d1):
+            lower = diff[i] < diff[j]
+            rank_t[i] += lower
+            rank_t[j] += ~lower
+    rank = rank_t.t() + total.unsqueeze(1)
     wrap = (rank < 0).to(torch.int32) - (rank > d).to(torch.int32)
     rank += d1 * wrap
     rem0 = rem0.to(torch.int32) + d1 * wrap
@@ -696,7 +708,8 @@ def _radix_codes(rem0: torch.Tensor, rank: torch.Tensor, radix: Tuple[List[int],
     Vertex r has coordinates ``rem0_i + r - (d+1) [rank_i > d - r]`` (as in
     ``_vertex_coordinate``), so its code is ``base + r T - (d+1) S_r`` with
     ``base = sum_i stride_i (rem0_i - low_i)``, ``T = sum_i stride_i`` and
-    ``S_r`` the summed strides of the coordinates of the r highest ranks.
+    ``S_r`` the summed strides of the coordinates with ``d - rank_i < r``
+    (an exclusive cumulative sum of the strides placed at slot ``d - rank_i``).
     """
     lows, strides = radix
     n, d1 = rem0.shape
@@ -705,12 +718,11 @@ def _radix_codes(rem0: torch.Tensor, rank: torch.Tensor, radix: Tuple[List[int],
     stride = torch.tensor(strides + [0], dtype=torch.long, device=dev)  # coordinate d is implied
     low = torch.tensor(lows + [0], dtype=torch.long, device=dev)
     base = ((rem0.long() - low) * stride).sum(dim=1, keepdim=True)        # [N,1]
-    by_rank = torch.zeros((n, d1), dtype=torch.long, device=dev)
-    by_rank.scatter_(1, rank.long(), stride.expand(n, d1))
-    high = torch.cumsum(by_rank.flip(1), dim=1)                           # [:, r-1] = S_r
-    s_r = torch.cat([torch.zeros((n, 1), dtype=torch.long, device=dev), high[:, :d]], dim=1)
-    r = torch.arange(d1, dtype=torch.long, device=dev).view(1, d1)
-    return (base + r * int(sum(strides)) - d1 * s_r).reshape(-1)
+    by_slot = torch.zeros((n, d1), dtype=torch.long, device=dev)
+    by_slot.scatter_(1, (d - rank).long(), stride.expand(n, d1))
+    s_r = torch.cumsum(by_slot, dim=1).sub_(by_slot)                      # exclusive: S_r
+    step = torch.arange(d1, dtype=torch.long, device=dev).view(1, d1) * int(sum(strides))
+    return (base + step).sub_(s_r.mul_(d1)).reshape(-1)
 
 
 def _radix_neighbours(sorted_codes: torch.Tensor,
@@ -731,7 +743,7 @@ def _radix_neighbours(sorted_codes: torch.Tensor,
         offset = (d + 1) * (strides[j] if j < d else 0) - sum(strides)
         code = sorted_codes + offset
         pos = torch.searchsorted(sorted_codes, code).clamp_max(m - 1)
-        hit = sorted_codes[pos] == code
+        hit = torch.index_select(sorted_codes, 0, pos) == code
         pairs.append(_neighbour_pair(pos, hit, own, m))
     return pairs
 
@@ -742,7 +754,7 @@ def _neighbour_pair(pos: torch.Tensor, hit: torch.Tensor, own: torch.Tensor,
     first = torch.full((m + 1,), m, dtype=torch.long, device=pos.device)
     second = torch.full((m + 1,), m, dtype=torch.long, device=pos.device)
     first[:m] = torch.where(hit, pos, m)
-    second[pos[hit]] = own[hit]
+    second.scatter_(0, first[:m], torch.where(hit, own, m))  # misses write M into the dummy row M
     return first, second
 
 
