@@ -11,7 +11,11 @@ Public API:
     labels_to_masks(labels, size, n_clusters)
         [B,h,w] int64 -> [B,K,H,W] float32 masks in {0,1}
 
-k-means runs in torch on the features' device. Its k-means++ initialisation
+k-means runs in torch on the features' device, its n_init restarts batched
+together. With no more points than channels (the paper's 1024 x 6400) it
+works on the Gram matrix of the centred points, computed once, which keeps
+every distance exact while an iteration costs N*N instead of N*C per centre.
+Its k-means++ initialisation
 draws its random numbers from a CPU `torch.Generator` seeded with `seed`, so a
 given seed picks the same initial points on CPU and GPU. Each image of a batch
 gets a fresh generator seeded with `seed`, so an image's labels do not depend
@@ -70,121 +74,158 @@ def _check_positive_int(name: str, value: int) -> None:
 # k-means (torch)
 # ----------------------------------------------------------------------------
 
-def _sq_dists(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances via ||x||^2 - 2 x.c + ||c||^2.
+class _Points:
+    """One image's centred points and their inner products.
 
-    x: [N,C] float32, x_sq: [N] float32 (row norms squared), centers: [K,C] float32.
-    Returns [N,K] float32, clamped at 0.
+    A centre is held as a weight vector over the points (c = sum_j w_j x_j: a
+    mean has weights 1/count on its members, a k-means++ seed weight 1 on one
+    point), so Lloyd only needs inner products x_i . c. When there are no more
+    points than dimensions (the paper's 1024 points x 6400 channels) these
+    come from the Gram matrix G = X X^T, computed once: every iteration then
+    costs N*N*M instead of N*C*M, and distances are exactly those of the
+    original space (the Gram matrix loses nothing). Otherwise the features
+    are used directly.
+
+    x: [N,C] float32, centred. sq: [N] float32 squared norms.
     """
-    c_sq = (centers * centers).sum(dim=1)
-    d = x_sq[:, None] - 2.0 * (x @ centers.T) + c_sq[None, :]
-    return d.clamp_min_(0.0)
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.n = x.shape[0]
+        self.gram = x @ x.T if x.shape[0] <= x.shape[1] else None  # [N,N] float32
+        self.sq = self.gram.diagonal().clone() if self.gram is not None else (x * x).sum(dim=1)
+
+    def dots(self, weights: torch.Tensor) -> torch.Tensor:
+        """x_i . c_m for centres given as weights [N,M] float32; returns [N,M] float32."""
+        if self.gram is not None:
+            return self.gram @ weights
+        return self.x @ (weights.T @ self.x).T
+
+    def columns(self, idx: torch.Tensor) -> torch.Tensor:
+        """x_i . x_j for the points idx [M] int64; returns [N,M] float32."""
+        if self.gram is not None:
+            return self.gram[:, idx]
+        return self.x @ self.x[idx].T
+
+    def sq_dists(self, weights: torch.Tensor) -> torch.Tensor:
+        """Squared distances ||x_i - c_m||^2 [N,M] float32 (clamped at 0) to centres weights [N,M]."""
+        d = self.dots(weights)
+        c_sq = (weights * d).sum(dim=0)
+        return (self.sq[:, None] - 2.0 * d + c_sq[None, :]).clamp_min_(0.0)
 
 
 def _sample_by_weight(weights: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Draw n indices with probability proportional to weights (uniform if all are 0).
+    """Draw n indices per row with probability proportional to that row's weights.
 
-    weights: [N] float (>= 0), on any device. The uniform numbers come from the
-    CPU generator and are moved to weights' device. Returns [n] int64 on that device.
+    weights: [R,N] float (>= 0), on any device; a row of zeros samples
+    uniformly. The uniform numbers come from the CPU generator (R*n of them,
+    row-major) and are moved to weights' device. Returns [R,n] int64 there.
     """
-    u = torch.rand(n, generator=generator, dtype=torch.float64).to(weights.device)
-    cdf = torch.cumsum(weights.double(), dim=0)
-    total = cdf[-1]
-    if float(total) <= 0.0:
-        idx = (u * weights.numel()).long()
-    else:
-        idx = torch.searchsorted(cdf, u * total, right=True)
-    return idx.clamp_(0, weights.numel() - 1)
+    r, size = weights.shape
+    u = torch.rand((r, n), generator=generator, dtype=torch.float64).to(weights.device)
+    cdf = torch.cumsum(weights.double(), dim=1)
+    total = cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u * total, right=True)
+    idx = torch.where(total > 0.0, idx, (u * size).long())
+    return idx.clamp_(0, size - 1)
 
 
-def _kmeans_pp(x: torch.Tensor, x_sq: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ seeding (as sklearn: 2 + floor(ln k) candidates per step).
+def _kmeans_pp(points: _Points, k: int, n_init: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (as sklearn: 2 + floor(ln k) candidates per step), n_init at once.
 
-    x: [N,C] float32, x_sq: [N] float32. Returns centers [K,C] float32 (copies of points).
+    Returns seed indices [n_init,K] int64 (points chosen as initial centres).
     """
-    n = x.shape[0]
+    n, dev = points.n, points.sq.device
     n_trials = 2 + int(math.log(k))
-    first = torch.randint(n, (1,), generator=generator).to(x.device)
-    centers = [x[first[0]]]
-    closest = _sq_dists(x, x_sq, x[first])[:, 0]
+    rows = torch.arange(n_init, device=dev)
+    first = torch.randint(n, (n_init,), generator=generator).to(dev)
+    seeds = [first]
+    closest = (points.sq[None, :] - 2.0 * points.columns(first).T
+               + points.sq[first][:, None]).clamp_min_(0.0)  # [R,N]
     for _ in range(1, k):
-        cand = _sample_by_weight(closest, n_trials, generator)
-        d_cand = torch.minimum(closest[:, None], _sq_dists(x, x_sq, x[cand]))  # [N,T]
-        best = torch.argmin(d_cand.sum(dim=0))
-        centers.append(x[cand[best]])
-        closest = d_cand[:, best]
-    return torch.stack(centers)
+        cand = _sample_by_weight(closest, n_trials, generator)  # [R,T]
+        cross = points.columns(cand.reshape(-1)).T.reshape(n_init, n_trials, n)
+        d_cand = (points.sq[None, None, :] - 2.0 * cross + points.sq[cand][:, :, None]).clamp_min_(0.0)
+        d_cand = torch.minimum(closest[:, None, :], d_cand)  # [R,T,N]
+        best = torch.argmin(d_cand.sum(dim=2), dim=1)  # [R]
+        seeds.append(cand[rows, best])
+        closest = d_cand[rows, best]
+    return torch.stack(seeds, dim=1)
 
 
-def _reseed_empty(x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+def _reseed_empty(points: _Points, labels: torch.Tensor, weights: torch.Tensor,
                   counts: torch.Tensor, min_dist: float) -> torch.Tensor:
     """Move each empty cluster's centre to a point far from its current centre.
 
-    x: [N,C] float32, labels: [N] int64, centers: [K,C] float32 (means; old
-    centres where empty), counts: [K] int64. Only points whose squared distance
-    to their centre exceeds min_dist are used, farthest first; clusters left
-    without such a point keep their centre. Returns centers [K,C] float32.
+    labels: [N] int64, weights: [N,K] float32 (means; old centres where
+    empty), counts: [K] int64. Distances to the centres are recomputed from
+    the points themselves (exact differences: duplicates give 0). Only points
+    whose squared distance to their centre exceeds min_dist are used,
+    farthest first; clusters left without such a point keep their centre.
+    Returns weights [N,K] float32.
     """
     empty = torch.nonzero(counts == 0).flatten()
     if empty.numel() == 0:
-        return centers
-    diff = x - centers[labels]
-    dist = (diff * diff).sum(dim=1)  # exact differences: duplicates give 0
+        return weights
+    centres = weights.T @ points.x  # [K,C]
+    diff = points.x - centres[labels]
+    dist = (diff * diff).sum(dim=1)
     order = torch.argsort(dist, descending=True, stable=True)
-    n_far = int((dist > min_dist).sum())
-    n_use = min(n_far, empty.numel())
+    n_use = min(int((dist > min_dist).sum()), empty.numel())
     if n_use > 0:
-        centers[empty[:n_use]] = x[order[:n_use]]
-    return centers
+        weights = weights.clone()
+        weights[:, empty[:n_use]] = 0.0
+        weights[order[:n_use], empty[:n_use]] = 1.0
+    return weights
 
 
-def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor,
-           max_iter: int, min_dist: float) -> tuple[torch.Tensor, float]:
-    """Lloyd iterations until labels stop changing or max_iter.
+def _lloyd(points: _Points, seeds: torch.Tensor, max_iter: int,
+           min_dist: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations of all restarts at once, each until its labels stop changing or max_iter.
 
-    x: [N,C] float32, x_sq: [N] float32, centers: [K,C] float32 (initial),
-    min_dist: squared-distance floor for re-seeding empty clusters.
-    Returns (labels [N] int64, inertia as a Python float).
+    seeds: [R,K] int64 initial centre points, min_dist: squared-distance
+    floor for re-seeding empty clusters. A restart that has converged is
+    frozen, so each restart gives what it would give alone.
+    Returns (labels [R,N] int64, inertia [R] float32).
     """
-    k = centers.shape[0]
-    labels = torch.argmin(_sq_dists(x, x_sq, centers), dim=1)
-    prev_centers = centers
+    r, k = seeds.shape
+    n, dev = points.n, points.sq.device
+    weights = torch.zeros((n, r * k), dtype=torch.float32, device=dev)
+    weights[seeds.reshape(-1), torch.arange(r * k, device=dev)] = 1.0
+    labels = points.sq_dists(weights).view(n, r, k).argmin(dim=2)  # [N,R]
+    active = torch.ones(r, dtype=torch.bool, device=dev)
     for _ in range(max_iter):
-        onehot = F.one_hot(labels, k).to(x.dtype)  # [N,K]; matmul sums are deterministic on GPU
-        counts = onehot.sum(dim=0).long()
-        sums = onehot.T @ x
-        means = sums / counts.clamp_min(1)[:, None].to(x.dtype)
-        means = torch.where((counts > 0)[:, None], means, prev_centers)
-        centers = _reseed_empty(x, labels, means, counts, min_dist)
-        new_labels = torch.argmin(_sq_dists(x, x_sq, centers), dim=1)
-        prev_centers = centers
-        if torch.equal(new_labels, labels):
+        onehot = F.one_hot(labels, k).to(torch.float32)  # [N,R,K]; matmul sums are deterministic on GPU
+        counts = onehot.sum(dim=0)  # [R,K]
+        means = onehot / counts.clamp_min(1.0)
+        new_w = torch.where(counts > 0, means, weights.view(n, r, k))
+        for i in torch.nonzero((counts == 0).any(dim=1) & active).flatten().tolist():
+            new_w[:, i] = _reseed_empty(points, labels[:, i], new_w[:, i], counts[i].long(), min_dist)
+        weights = torch.where(active[None, :, None], new_w, weights.view(n, r, k)).reshape(n, r * k)
+        new_labels = points.sq_dists(weights).view(n, r, k).argmin(dim=2)
+        changed = (new_labels != labels).any(dim=0) & active
+        labels = torch.where(changed[None, :], new_labels, labels)
+        active = changed
+        if not bool(active.any()):
             break
-        labels = new_labels
-    dists = _sq_dists(x, x_sq, centers)
-    inertia = float(dists.gather(1, labels[:, None]).sum())
-    return labels, inertia
+    dists = points.sq_dists(weights).view(n, r, k)
+    inertia = dists.gather(2, labels[:, :, None]).sum(dim=(0, 2))
+    return labels.T.contiguous(), inertia
 
 
 def _kmeans(x: torch.Tensor, k: int, seed: int, n_init: int, max_iter: int) -> torch.Tensor:
     """k-means of one image's points with n_init k-means++ restarts, lowest inertia kept.
 
     x: [N,C] float32 on any device. Returns labels [N] int64 on x's device.
-    Ties in inertia keep the earliest restart.
+    The restarts run batched; ties in inertia keep the earliest restart.
     """
     min_dist = 1e-6 * float((x * x).sum(dim=1).mean())
-    x = x - x.mean(dim=0, keepdim=True)  # centring reduces cancellation in the norm trick
-    x_sq = (x * x).sum(dim=1)
+    points = _Points(x - x.mean(dim=0, keepdim=True))  # centring reduces cancellation in the norm trick
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(seed))
-    best_labels = None
-    best_inertia = math.inf
-    for _ in range(n_init):
-        centers = _kmeans_pp(x, x_sq, k, generator)
-        labels, inertia = _lloyd(x, x_sq, centers, max_iter, min_dist)
-        if best_labels is None or inertia < best_inertia:
-            best_labels, best_inertia = labels, inertia
-    return best_labels
+    seeds = _kmeans_pp(points, k, n_init, generator)
+    labels, inertia = _lloyd(points, seeds, max_iter, min_dist)
+    return labels[int(torch.argmin(inertia))]
 
 
 # ----------------------------------------------------------------------------

@@ -7,11 +7,12 @@ CRF in torch (CPU or GPU, no C++ build) and adds a cheaper guided filter.
 
 Public API
 ----------
-``refine_masks(image, masks, method="crf", **params)``
+``refine_masks(image, masks, method="crf", named=None, **params)``
     image ``[B,H,W,3]`` float 0..1 (ComfyUI IMAGE layout), masks ``[B,K,H,W]``
-    float 0..1 -> ``[B,K,H,W]`` float32 on the masks' device.
+    float 0..1, named ``[B,K]`` bools (which masks carry a name; None: all)
+    -> ``[B,K,H,W]`` float32 on the masks' device.
 ``dense_crf(image_hw3, labels_hw, n_labels, **params)``
-    mean-field inference of the dense CRF -> Q ``[n_labels,H,W]`` float32.
+    mean-field inference of the (joint, n-label) dense CRF -> Q ``[n_labels,H,W]`` float32.
 ``guided_filter(guide, src, radius, eps)``
     He et al. guided filter with a colour guide.
 
@@ -36,12 +37,28 @@ the defaults it is small (a flat 20 px neighbourhood holds ~2500 pixels of
 kernel mass, so self is ~0.04 %; more only for pixels of a colour found
 nowhere near them).
 
-Labels for ``refine_masks(..., "crf")``: the K masks binarised at 0.5 (argmax
-where they overlap) plus, only if some pixel is covered by no mask, a "void"
-label. Void is an ordinary CRF label that is dropped from the output: a mask
-that stops short of its object grows into void pixels of the object's colour,
-one that overshoots hands foreign pixels back to void, and pixels that end as
-void have every output mask 0. Masks with no pixel >= 0.5 stay all zero.
+Two ways to use it on K masks:
+
+* ``"crf"``, the paper's procedure (official ``segment.py``): every *named*
+  mask, binarised at 0.5, gets its own 2-label CRF (mask vs rest); in mask
+  (cluster) order, each result is pasted onto the pixels no earlier mask has
+  taken. Unnamed masks come out all zero, and so do pixels no CRF claimed
+  (holes): both are background. The CRFs of one image run batched: they share
+  one lattice and one set of filters (the features are the image's), and a
+  2-label mean field needs one channel per mask (``q_rest = 1 - q_mask``, so
+  ``logit = U_rest - U_mask + sum_k w_k (2 Kn_k q_mask - Kn_k 1)``), so M
+  masks cost about one M-label CRF instead of M separate ones.
+* ``"crf_joint"``: one K-label CRF over all masks, named or not: the K masks
+  binarised at 0.5 (argmax where they overlap) plus, only if some pixel is
+  covered by no mask, a "void" label. Void is an ordinary CRF label that is
+  dropped from the output: a mask that stops short of its object grows into
+  void pixels of the object's colour, one that overshoots hands foreign
+  pixels back to void, and pixels that end as void have every output mask 0.
+  The output is a partition wherever the input is; ``named`` is not used.
+
+Either way masks with no pixel >= 0.5 stay all zero. The CRF runs on the
+masks' device when that is the CPU or CUDA, else on the CPU (the lattice uses
+sparse CSR products).
 
 Filtering:
 
@@ -54,8 +71,8 @@ Filtering:
 * the bilateral (5-D) Gaussian uses a permutohedral lattice (Adams, Baek &
   Davis 2010), the same algorithm as pydensecrf's ``permutohedral.cpp``
   (same feature scaling, simplex rounding, ``[1/2, 1, 1/2]`` blur, neighbour
-  rule), vectorised in torch with sort/unique/searchsorted instead of a hash
-  table. Its size is bounded by ``H*W*6`` vertices whatever ``srgb``/``sxy``
+  rule), vectorised in torch with sort/searchsorted instead of a hash
+  table and sparse matrices for splatting and slicing. Its size is bounded by ``H*W*6`` vertices whatever ``srgb``/``sxy``
   are, so no colour-bin clamp is needed (a bilateral grid would need one);
   small ``srgb``/``sxy`` only cost time (more distinct vertices, e.g. about
   5x slower at ``bilateral_srgb=1`` than at 20). Like pydensecrf's, the
@@ -66,15 +83,18 @@ Filtering:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Protocol, Tuple
+import warnings
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+NamedFlags = Union[torch.Tensor, Sequence[Sequence[bool]]]
+
 __all__ = ["refine_masks", "dense_crf", "guided_filter", "REFINE_METHODS",
            "CRF_DEFAULTS", "GUIDED_DEFAULTS"]
 
-REFINE_METHODS: Tuple[str, ...] = ("none", "crf", "guided")
+REFINE_METHODS: Tuple[str, ...] = ("none", "crf", "crf_joint", "guided")
 
 CRF_DEFAULTS: Dict[str, float] = {
     "gt_prob": 0.9,
@@ -98,38 +118,60 @@ _PARTITION_TOL = 1e-3
 # Public entry point
 # ----------------------------------------------------------------------------------------------
 def refine_masks(image: torch.Tensor, masks: torch.Tensor, method: str = "crf",
-                 **params) -> torch.Tensor:
+                 named: Optional[NamedFlags] = None, **params) -> torch.Tensor:
     """Refine class-agnostic masks so that their edges follow the image.
 
     Args:
         image: ``[B,H,W,3]`` float, values 0..1 (ComfyUI IMAGE layout).
         masks: ``[B,K,H,W]`` float, values 0..1. ``K`` may be 0.
-        method: ``"none"`` (float32 copy), ``"crf"`` (dense CRF, hard one-hot
-            output) or ``"guided"`` (guided filter, soft output in 0..1).
-        **params: method parameters. crf: ``gt_prob, gauss_sxy, gauss_compat,
-            bilateral_sxy, bilateral_srgb, bilateral_compat, iterations``
-            (see ``CRF_DEFAULTS``); guided: ``radius, eps`` (see
+        method: ``"none"`` (float32 copy), ``"crf"`` (the paper's per-mask
+            2-label CRFs pasted in mask order; hard output), ``"crf_joint"``
+            (one K-label CRF; hard output) or ``"guided"`` (guided filter,
+            soft output in 0..1).
+        named: which masks carry a name, ``[B,K]`` bools (a bool tensor or B
+            sequences of K bools); None means every mask. Only ``"crf"``
+            uses it: unnamed masks come out all zero (background).
+        **params: method parameters. crf, crf_joint: ``gt_prob, gauss_sxy,
+            gauss_compat, bilateral_sxy, bilateral_srgb, bilateral_compat,
+            iterations`` (see ``CRF_DEFAULTS``); guided: ``radius, eps`` (see
             ``GUIDED_DEFAULTS``); none: no parameters.
 
     Returns:
-        ``[B,K,H,W]`` float32 on ``masks.device``. crf: one-hot per pixel (or
-        all zero on pixels left "void", see the module docstring); where the
-        inputs partition the image, so do the outputs. guided: soft, in
-        [0,1], summing to 1 per pixel where the inputs do.
+        ``[B,K,H,W]`` float32 on ``masks.device``. crf: 0/1, no pixel in two
+        masks, unnamed masks and unclaimed pixels 0. crf_joint: one-hot per
+        pixel (or all zero on pixels left "void", see the module docstring);
+        where the inputs partition the image, so do the outputs. guided:
+        soft, in [0,1], summing to 1 per pixel where the inputs do.
 
     Raises:
-        ValueError: unknown method, or ``image``/``masks`` shapes that do not match.
+        ValueError: unknown method, ``image``/``masks`` shapes that do not
+            match, or ``named`` not of shape ``[B,K]``.
         TypeError: unknown parameter names for the method.
     """
     if method not in REFINE_METHODS:
         raise ValueError(f"unknown refine method {method!r}; valid methods: {', '.join(REFINE_METHODS)}")
     _check_shapes(image, masks)
+    flags = _named_flags(named, masks.shape[0], masks.shape[1])
     if method == "none":
         _merge_params(method, params, {})
         return masks.detach().to(torch.float32).clone()
     if method == "crf":
-        return _refine_crf(image, masks, _merge_params(method, params, CRF_DEFAULTS))
+        return _refine_crf(image, masks, flags, _merge_params(method, params, CRF_DEFAULTS))
+    if method == "crf_joint":
+        return _refine_crf_joint(image, masks, _merge_params(method, params, CRF_DEFAULTS))
     return _refine_guided(image, masks, _merge_params(method, params, GUIDED_DEFAULTS))
+
+
+def _named_flags(named: Optional[NamedFlags], b: int, k: int) -> torch.Tensor:
+    """``named`` as a ``[B,K]`` bool CPU tensor (all True for None); ValueError on another shape."""
+    if named is None:
+        return torch.ones((b, k), dtype=torch.bool)
+    flags = named.detach().cpu() if isinstance(named, torch.Tensor) else \
+        torch.tensor([[bool(v) for v in row] for row in named], dtype=torch.bool).reshape(len(named), -1)
+    if tuple(flags.shape) != (b, k) or (isinstance(named, torch.Tensor) and named.dtype != torch.bool):
+        raise ValueError(f"named must be [B,K]=[{b},{k}] bools (one per mask), "
+                         f"got {getattr(named, 'dtype', '')} shape {tuple(flags.shape)}")
+    return flags
 
 
 def _check_shapes(image: torch.Tensor, masks: torch.Tensor) -> None:
@@ -163,8 +205,62 @@ def _merge_params(method: str, params: dict, defaults: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # CRF
 # ----------------------------------------------------------------------------------------------
-def _refine_crf(image: torch.Tensor, masks: torch.Tensor, params: dict) -> torch.Tensor:
-    """Run the dense CRF on each image of the batch; returns hard ``[B,K,H,W]`` float32 masks.
+def _crf_device(device: torch.device) -> torch.device:
+    """Where the CRF runs: ``device`` if it is the CPU or CUDA (sparse CSR products), else the CPU."""
+    return device if device.type in ("cpu", "cuda") else torch.device("cpu")
+
+
+def _refine_crf(image: torch.Tensor, masks: torch.Tensor, named: torch.Tensor, params: dict) -> torch.Tensor:
+    """The paper's refinement of each image; returns 0/1 ``[B,K,H,W]`` float32 masks.
+
+    Every named mask with a pixel >= 0.5 gets a 2-label CRF (mask vs rest),
+    all of an image's at once (``_binary_crfs``); the results are pasted in
+    mask order onto pixels not yet taken. Unnamed masks and pixels no CRF
+    claimed stay 0.
+    """
+    _check_crf_params(params)
+    b, k, h, w = masks.shape
+    dev = _crf_device(masks.device)
+    out = torch.zeros((b, k, h, w), dtype=torch.float32, device=dev)
+    for i in range(b):
+        fg = masks[i].to(dev) >= 0.5                                     # [K,H,W]
+        chosen = [j for j in range(k) if bool(named[i, j]) and bool(fg[j].any())]
+        if not chosen:
+            continue
+        img = image[i].to(device=dev, dtype=torch.float32)
+        won = _binary_crfs(img, fg[chosen], params)                      # [M,H,W] bool
+        taken = torch.zeros((h, w), dtype=torch.bool, device=dev)
+        for j, mask_index in enumerate(chosen):
+            region = won[j] & ~taken
+            out[i, mask_index] = region.to(torch.float32)
+            taken |= region
+    return out.to(masks.device)
+
+
+def _binary_crfs(image_hw3: torch.Tensor, fg_mhw: torch.Tensor, params: dict) -> torch.Tensor:
+    """M independent 2-label CRFs (mask vs rest) on one image, batched.
+
+    Args:
+        image_hw3: ``[H,W,3]`` float32 0..1.
+        fg_mhw: ``[M,H,W]`` bool, the masks (label "mask" where True, "rest" elsewhere).
+        params: full CRF parameters (``CRF_DEFAULTS`` keys).
+
+    Returns:
+        ``[M,H,W]`` bool: where "mask" wins (``q_mask > q_rest``; a tie goes
+        to "rest", as pydensecrf's argmax picks label 0).
+    """
+    m, h, w = fg_mhw.shape
+    gt_prob = float(params["gt_prob"])
+    # U_rest - U_mask: +log(p/(1-p)) on mask pixels, -log(p/(1-p)) elsewhere (unary_from_labels, 2 labels)
+    fg = fg_mhw.reshape(m, h * w).t().to(torch.float32)                  # [N,M]
+    unary_gap = math.log(gt_prob / (1.0 - gt_prob)) * (2.0 * fg - 1.0)
+    filters = _crf_filters(image_hw3, params)
+    logit = _binary_mean_field(unary_gap, filters, int(params["iterations"]))
+    return (logit > 0).t().reshape(m, h, w)
+
+
+def _refine_crf_joint(image: torch.Tensor, masks: torch.Tensor, params: dict) -> torch.Tensor:
+    """Run one joint dense CRF on each image of the batch; returns hard ``[B,K,H,W]`` float32 masks.
 
     Labels are the K masks binarised at 0.5 (argmax where they overlap) plus,
     only if some pixel is covered by no mask, one extra "void" label. Void
@@ -175,18 +271,19 @@ def _refine_crf(image: torch.Tensor, masks: torch.Tensor, params: dict) -> torch
     """
     _check_crf_params(params)
     b, k, h, w = masks.shape
-    out = torch.zeros((b, k, h, w), dtype=torch.float32, device=masks.device)
+    dev = _crf_device(masks.device)
+    out = torch.zeros((b, k, h, w), dtype=torch.float32, device=dev)
     for i in range(b):
-        labels, present, has_void = _masks_to_labels(masks[i])
+        labels, present, has_void = _masks_to_labels(masks[i].to(dev))
         if present.numel() == 0:
             continue
         n_labels = int(present.numel()) + int(has_void)
-        img = image[i].to(device=masks.device, dtype=torch.float32)
+        img = image[i].to(device=dev, dtype=torch.float32)
         q = dense_crf(img, labels, n_labels, **params)
         winner = q.argmax(dim=0)
         for j, mask_index in enumerate(present.tolist()):
             out[i, mask_index] = (winner == j).to(torch.float32)
-    return out
+    return out.to(masks.device)
 
 
 def _masks_to_labels(masks_khw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
@@ -244,15 +341,22 @@ def dense_crf(image_hw3: torch.Tensor, labels_hw: torch.Tensor, n_labels: int,
     if n_labels == 1:
         return torch.ones((1, h, w), dtype=torch.float32, device=device)
     unary = _unary_from_labels(labels_hw.long(), n_labels, float(p["gt_prob"]))
-    image = image_hw3.to(device=device, dtype=torch.float32)
-    filters = []
+    filters = _crf_filters(image_hw3.to(device=device, dtype=torch.float32), p)
+    q = _mean_field(unary.reshape(n_labels, h * w).t(), filters, int(p["iterations"]))
+    return q.t().reshape(n_labels, h, w)
+
+
+def _crf_filters(image_hw3: torch.Tensor, p: dict) -> List[Tuple[float, "_GaussianFilter"]]:
+    """The CRF's ``(compat weight, filter)`` pairs for one ``[H,W,3]`` float32 image (zero weights left out)."""
+    h, w, _ = image_hw3.shape
+    filters: List[Tuple[float, _GaussianFilter]] = []
     if p["gauss_compat"] != 0:
-        filters.append((float(p["gauss_compat"]), _SpatialGaussian(h, w, float(p["gauss_sxy"]), device)))
+        filters.append((float(p["gauss_compat"]),
+                        _SpatialGaussian(h, w, float(p["gauss_sxy"]), image_hw3.device)))
     if p["bilateral_compat"] != 0:
-        feats = _bilateral_features(image, float(p["bilateral_sxy"]), float(p["bilateral_srgb"]))
+        feats = _bilateral_features(image_hw3, float(p["bilateral_sxy"]), float(p["bilateral_srgb"]))
         filters.append((float(p["bilateral_compat"]), _PermutohedralLattice(feats)))
-    q = _mean_field(unary.reshape(n_labels, h * w), filters, int(p["iterations"]))
-    return q.reshape(n_labels, h, w)
+    return filters
 
 
 def _check_labels(labels_hw: torch.Tensor, n_labels: int) -> None:
@@ -298,46 +402,83 @@ def _unary_from_labels(labels_hw: torch.Tensor, n_labels: int, gt_prob: float) -
 
 
 class _GaussianFilter(Protocol):
-    """Anything that blurs ``[C,N]`` float32 values with a fixed (unnormalised) Gaussian kernel."""
+    """Anything that blurs ``[N,C]`` float32 values with a fixed (unnormalised) Gaussian kernel."""
 
-    def apply(self, values_cn: torch.Tensor) -> torch.Tensor:
-        """``[C,N]`` float32 -> ``[C,N]`` float32."""
+    def apply(self, values_nc: torch.Tensor) -> torch.Tensor:
+        """``[N,C]`` float32 -> ``[N,C]`` float32 (N pixels, C channels)."""
         ...
 
 
-def _mean_field(unary_ln: torch.Tensor, filters: List[Tuple[float, _GaussianFilter]],
+def _mean_field(unary_nl: torch.Tensor, filters: List[Tuple[float, _GaussianFilter]],
                 iterations: int) -> torch.Tensor:
     """Mean-field updates ``Q = softmax(-U + sum_k w_k D_k^-1/2 K_k D_k^-1/2 Q)`` (Potts).
 
     Args:
-        unary_ln: ``[L,N]`` float32 unary energies (L labels, N pixels).
+        unary_nl: ``[N,L]`` float32 unary energies (N pixels, L labels).
         filters: ``(compat weight, filter)`` pairs; ``filter.apply`` maps
-            ``[C,N]`` -> ``[C,N]`` (unnormalised Gaussian filtering).
+            ``[N,C]`` -> ``[N,C]`` (unnormalised Gaussian filtering).
         iterations: number of updates.
 
     Returns:
-        Q ``[L,N]`` float32 marginals.
+        Q ``[N,L]`` float32 marginals.
     """
-    n = unary_ln.shape[1]
-    ones = torch.ones((1, n), dtype=torch.float32, device=unary_ln.device)
+    n = unary_nl.shape[0]
+    ones = torch.ones((n, 1), dtype=torch.float32, device=unary_nl.device)
     norms = [torch.rsqrt(f.apply(ones).clamp_min(1e-20)) for _, f in filters]
-    q = torch.softmax(-unary_ln, dim=0)
+    q = torch.softmax(-unary_nl, dim=1)
     for _ in range(iterations):
-        logits = -unary_ln
+        logits = -unary_nl
         for (weight, filt), norm in zip(filters, norms):
             logits = logits + weight * norm * filt.apply(q * norm)
-        q = torch.softmax(logits, dim=0)
+        q = torch.softmax(logits, dim=1)
     return q
+
+
+def _binary_mean_field(unary_gap: torch.Tensor, filters: List[Tuple[float, _GaussianFilter]],
+                       iterations: int) -> torch.Tensor:
+    """Mean field of M independent 2-label Potts CRFs sharing their kernels, one channel each.
+
+    With ``q_rest = 1 - q_mask`` the 2-label update ``softmax(-U + sum_k w_k Kn_k Q)``
+    is ``q_mask = sigmoid(U_rest - U_mask + sum_k w_k (2 Kn_k q_mask - Kn_k 1))``
+    (``Kn = D^-1/2 K D^-1/2`` as in ``_mean_field``), exactly.
+
+    Args:
+        unary_gap: ``[N,M]`` float32, ``U_rest - U_mask`` per pixel and mask.
+        filters: ``(compat weight, filter)`` pairs.
+        iterations: number of updates.
+
+    Returns:
+        ``[N,M]`` float32 logits ``log(q_mask / q_rest)`` after the last update.
+    """
+    n, m = unary_gap.shape
+    if iterations == 0:
+        return unary_gap
+    ones = torch.ones((n, 1), dtype=torch.float32, device=unary_gap.device)
+    norms = [torch.rsqrt(f.apply(ones).clamp_min(1e-20)) for _, f in filters]
+    # the first update filters q and the constant Kn 1 term together (one call per filter)
+    q = torch.sigmoid(unary_gap)
+    base, logit = unary_gap, unary_gap
+    for (weight, filt), norm in zip(filters, norms):
+        out = filt.apply(torch.cat([q, ones], dim=1) * norm)            # [N,M+1]
+        base = torch.addcmul(base, norm, out[:, m:], value=-weight)
+        logit = torch.addcmul(logit, norm, 2.0 * out[:, :m] - out[:, m:], value=weight)
+    for _ in range(iterations - 1):
+        q = torch.sigmoid(logit)
+        logit = base
+        for (weight, filt), norm in zip(filters, norms):
+            logit = torch.addcmul(logit, norm, filt.apply(q * norm), value=2.0 * weight)
+    return logit
 
 
 class _SpatialGaussian:
     """Unnormalised Gaussian blur over pixel positions (the CRF's appearance-free kernel).
 
-    ``apply`` maps values ``[C,N]`` (N = H*W, row-major) to ``[C,N]``:
+    ``apply`` maps values ``[N,C]`` (N = H*W, row-major) to ``[N,C]``:
     ``out_i = sum_j exp(-|p_i - p_j|^2 / (2 sxy^2)) v_j`` (zero outside the
     image), truncated at 3 standard deviations. For ``sxy >= 8`` it runs on
     an average-pooled image (factor ``floor(sxy/4)``) and upsamples
     bilinearly, shrinking the Gaussian so the total spread stays ``sxy``.
+    The ``[N,C]`` values are viewed as a channels-last image (no copy).
     """
 
     def __init__(self, h: int, w: int, sxy: float, device: torch.device):
@@ -348,10 +489,10 @@ class _SpatialGaussian:
         self.kernel_h = _gaussian_kernel_1d(sigma, math.ceil(h / f), device)
         self.kernel_w = _gaussian_kernel_1d(sigma, math.ceil(w / f), device)
 
-    def apply(self, values_cn: torch.Tensor) -> torch.Tensor:
-        """Blur ``[C,N]`` float32 values; returns ``[C,N]`` float32."""
-        c = values_cn.shape[0]
-        x = values_cn.reshape(1, c, self.h, self.w)
+    def apply(self, values_nc: torch.Tensor) -> torch.Tensor:
+        """Blur ``[N,C]`` float32 values; returns ``[N,C]`` float32."""
+        c = values_nc.shape[1]
+        x = values_nc.reshape(1, self.h, self.w, c).permute(0, 3, 1, 2)   # channels-last [1,C,H,W]
         f = self.factor
         if f > 1:  # exact cell sums over a zero-padded image
             x = F.pad(x, (0, (-self.w) % f, 0, (-self.h) % f))
@@ -360,8 +501,8 @@ class _SpatialGaussian:
         if f > 1:
             x = F.interpolate(x, size=(x.shape[2] * f, x.shape[3] * f), mode="bilinear",
                               align_corners=False)
-            x = x[:, :, : self.h, : self.w].contiguous()
-        return x.reshape(c, self.h * self.w)
+            x = x[:, :, : self.h, : self.w]
+        return x.permute(0, 2, 3, 1).reshape(self.h * self.w, c)
 
 
 def _gaussian_kernel_1d(sigma: float, size: int, device: torch.device) -> torch.Tensor:
@@ -405,49 +546,81 @@ class _PermutohedralLattice:
     """Gaussian filtering in a d-dimensional feature space (Adams, Baek & Davis 2010).
 
     Built once from features ``[N,d]`` (already divided by the standard
-    deviations). ``apply`` maps ``[C,N]`` float32 values to
+    deviations). ``apply`` maps ``[N,C]`` float32 values to
     ``out_i ~ sum_j exp(-|f_i - f_j|^2 / 2) v_j`` up to a constant factor
     (irrelevant after the CRF's normalisation): splat each pixel onto the
     d+1 vertices of its enclosing simplex with barycentric weights, blur with
     ``[1/2, 1, 1/2]`` along each of the d+1 lattice directions, slice back
     with the same weights. This is the algorithm of pydensecrf's
-    ``permutohedral.cpp`` (same scaling, rounding, blur and neighbour rule),
-    vectorised: vertices are found with ``torch.unique`` on integer-encoded
-    keys instead of a hash table, so it runs unchanged on any device.
-    Memory: ``O(N (d+1))`` for the pixel-to-vertex map, at most
-    ``N (d+1)`` vertices, whatever the feature scales.
+    ``permutohedral.cpp`` (same scaling, float32 rounding, blur and neighbour
+    rule), vectorised: vertices are found by sorting integer-encoded keys
+    instead of a hash table, and splat and slice are two sparse (CSR)
+    matrices built once, ``[M,N]`` and ``[N,M]`` with d+1 entries per pixel,
+    so every filter call is two sparse products and the blur's gathers. CSR
+    products need the CPU or CUDA (``_crf_device``). Memory: ``O(N (d+1))``,
+    at most ``N (d+1)`` vertices, whatever the feature scales.
     """
 
     def __init__(self, features_nd: torch.Tensor):
-        feats = features_nd.to(torch.float64)
+        feats = features_nd.to(torch.float32)
         n, d = feats.shape
+        dev = feats.device
         self.n, self.d = n, d
-        elevated = feats @ _elevation_matrix(d, feats.device)
+        elevated = feats @ _elevation_matrix(d, dev).to(torch.float32)
         rem0, rank, bary = _simplex_vertices(elevated)
         del elevated
-        columns = [_vertex_coordinate(rem0, rank, i) for i in range(d)]   # d x [N*(d+1)] int32
+        radix = _radix_strides(rem0)
+        if radix is not None:     # every key and blur neighbour fits one mixed-radix int64 code
+            codes = _radix_codes(rem0, rank, radix)
+            keys, columns = None, []
+        else:                     # huge coordinate ranges (tiny srgb/sxy): rank-compressed keys
+            columns = [_vertex_coordinate(rem0, rank, i) for i in range(d)]   # d x [N*(d+1)] int32
+            keys = _LatticeKeys(columns)
+            codes = keys.codes
         del rem0, rank
-        keys = _LatticeKeys(columns)
-        uniq, inverse = torch.unique(keys.codes, sorted=True, return_inverse=True)
-        self.m = int(uniq.numel())
-        self.index = inverse                                             # [N*(d+1)] int64
-        self.weights = bary.to(torch.float32)                            # [N,d+1]
-        rep = torch.empty(self.m, dtype=torch.long, device=feats.device)
-        rep.scatter_(0, inverse, torch.arange(inverse.numel(), device=feats.device))
-        vertex_columns = [c[rep] for c in columns]
+        codes, order = torch.sort(codes, stable=True)
+        first = torch.ones_like(codes, dtype=torch.bool)
+        first[1:] = codes[1:] != codes[:-1]
+        uniq = codes[first]
+        self.m = m = int(uniq.numel())
+        vertex_of_sorted = torch.cumsum(first, dim=0) - 1                   # vertex of each sorted entry
+        inverse = torch.empty_like(vertex_of_sorted).scatter_(0, order, vertex_of_sorted)  # vertex of each entry
+        weights = bary.reshape(-1)                                          # [N*(d+1)] float32
+        if keys is None:
+            self.neighbours = _radix_neighbours(uniq, radix)
+        else:
+            rep = order[first]                                              # one entry per vertex
+            self.neighbours = _blur_neighbours([c[rep] for c in columns], uniq, keys)
         del columns
-        self.neighbours = _blur_neighbours(vertex_columns, uniq, keys)
+        counts = torch.bincount(vertex_of_sorted, minlength=m)
+        crow = torch.zeros(m + 2, dtype=torch.long, device=dev)             # row m (dummy) stays empty
+        crow[1:m + 1] = torch.cumsum(counts, dim=0)
+        crow[m + 1] = crow[m]
+        self.splat = _csr(crow, order // (d + 1), torch.index_select(weights, 0, order), (m + 1, n))
+        self.neighbours = [(a.to(torch.int32), b.to(torch.int32)) for a, b in self.neighbours]
+        pixel_crow = torch.arange(0, n * (d + 1) + 1, d + 1, dtype=torch.long, device=dev)
+        inverse, within = torch.sort(inverse.view(n, d + 1).to(torch.int32), dim=1)  # columns in order
+        weights = weights.view(n, d + 1).gather(1, within.long())
+        self.slice = _csr(pixel_crow, inverse.reshape(-1), weights.reshape(-1), (n, m + 1))
 
-    def apply(self, values_cn: torch.Tensor) -> torch.Tensor:
-        """Filter ``[C,N]`` float32 values; returns ``[C,N]`` float32."""
-        c = values_cn.shape[0]
-        lattice = torch.zeros((self.m + 1, c), dtype=torch.float32, device=values_cn.device)
-        contrib = self.weights.unsqueeze(-1) * values_cn.t().unsqueeze(1)   # [N,d+1,C]
-        lattice.index_add_(0, self.index, contrib.reshape(-1, c))
+    def apply(self, values_nc: torch.Tensor) -> torch.Tensor:
+        """Filter ``[N,C]`` float32 values; returns ``[N,C]`` float32."""
+        lattice = self.splat @ values_nc.contiguous()                       # [M+1,C]; row M is 0
+        both = torch.empty_like(lattice)
         for n1, n2 in self.neighbours:
-            lattice = lattice + 0.5 * (lattice[n1] + lattice[n2])
-        sliced = lattice[self.index].reshape(self.n, self.d + 1, c)
-        return (sliced * self.weights.unsqueeze(-1)).sum(dim=1).t()
+            torch.index_select(lattice, 0, n1, out=both)
+            both.add_(torch.index_select(lattice, 0, n2))
+            lattice.add_(both, alpha=0.5)                                   # row M stays 0
+        return self.slice @ lattice
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """A float32 sparse CSR matrix with int32 indices (less memory traffic than int64; sizes here
+    stay far below 2^31 entries). torch marks CSR as beta; its warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+        return torch.sparse_csr_tensor(crow.to(torch.int32), col.to(torch.int32), values, size=size,
+                                       dtype=torch.float32)
 
 
 def _elevation_matrix(d: int, device: torch.device) -> torch.Tensor:
@@ -470,38 +643,119 @@ def _elevation_matrix(d: int, device: torch.device) -> torch.Tensor:
 
 
 def _simplex_vertices(elevated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Enclosing simplex of each elevated point.
+    """Enclosing simplex of each elevated point (pydensecrf's float32 arithmetic).
 
     Args:
-        elevated: ``[N,d+1]`` float64 points on the plane ``sum = 0``.
+        elevated: ``[N,d+1]`` float32 points on the plane ``sum = 0``.
 
     Returns:
-        rem0 ``[N,d+1]`` int64 (nearest remainder-0 lattice point),
-        rank ``[N,d+1]`` int64 (simplex permutation) and barycentric
-        weights ``[N,d+1]`` float64 of the d+1 vertices.
+        rem0 ``[N,d+1]`` int32 (nearest remainder-0 lattice point),
+        rank ``[N,d+1]`` int32 (simplex permutation) and barycentric
+        weights ``[N,d+1]`` float32 of the d+1 vertices.
     """
     n, d1 = elevated.shape
     d = d1 - 1
-    dev = elevated.device
-    up = torch.ceil(elevated / d1) * d1
-    down = torch.floor(elevated / d1) * d1
-    rem0 = torch.where(up - elevated < elevated - down, up, down)
-    total = torch.round(rem0.sum(dim=1) / d1).long()
-    diff = elevated - rem0
-    idx = torch.arange(d1, device=dev)
-    after = idx.view(1, -1) > idx.view(-1, 1)                              # [i, j]: j after i
-    di, dj = diff.unsqueeze(2), diff.unsqueeze(1)
-    beats = torch.where(after, dj > di, dj >= di) & (idx.view(1, -1) != idx.view(-1, 1))
-    rank = beats.sum(dim=2) + total.unsqueeze(1)
-    low, high = rank < 0, rank > d
-    rank = rank + d1 * low.long() - d1 * high.long()
-    rem0 = rem0.round().long() + d1 * low.long() - d1 * high.long()
-    delta = (elevated - rem0.double()) / d1
-    bary = torch.zeros((n, d1 + 1), dtype=torch.float64, device=dev)
-    bary.scatter_add_(1, d - rank, delta)
-    bary.scatter_add_(1, d - rank + 1, -delta)
-    bary[:, 0] += 1.0 + bary[:, d1]
-    return rem0, rank, bary[:, :d1]
+    # nearest multiple of d+1, ties down (pydensecrf: up if up - x < x - down, else down)
+    rem0 = torch.ceil(elevated * (1.0 / d1) - 0.5) * d1
+    total = torch.round(rem0.sum(dim=1) * (1.0 / d1)).to(torch.int32)
+    # pydensecrf's rank: for each pair i < j the coordinate with the smaller remainder moves one
+    # place down (i on ties), counted column by column
+    diff = (elevated - rem0).t().contiguous()                             # [d+1,N]
+    rank_t = torch.zeros((d1, n), dtype=torch.int32, device=elevated.device)
+    for i in range(d1):
+        for j in range(i + 1, d1):
+            lower = diff[i] < diff[j]
+            rank_t[i] += lower
+            rank_t[j] += ~lower
+    rank = rank_t.t() + total.unsqueeze(1)
+    wrap = (rank < 0).to(torch.int32) - (rank > d).to(torch.int32)
+    rank += d1 * wrap
+    rem0 = rem0.to(torch.int32) + d1 * wrap
+    # vertex r's weight is delta at slot d - rank minus delta at slot d - rank + 1 (slot d+1 wraps to 0)
+    slot = torch.empty_like(elevated)
+    slot.scatter_(1, (d - rank).long(), (elevated - rem0) * (1.0 / d1))
+    bary = slot - torch.roll(slot, 1, dims=1)
+    bary[:, 0] += 1.0
+    return rem0, rank, bary
+
+
+def _radix_strides(rem0: torch.Tensor) -> Optional[Tuple[List[int], List[int]]]:
+    """Mixed-radix (lows, strides) of the first d lattice coordinates, or None if codes could overflow.
+
+    Vertex coordinates lie within ``[rem0 - d, rem0 + d]`` and their blur
+    neighbours one more step out (``-1`` or ``+d``), so coordinate i ranges
+    over ``[min rem0_i - d - 1, max rem0_i + 2d]``; codes
+    ``sum_i stride_i (c_i - low_i)`` over these ranges are distinct for
+    distinct keys and lie in ``[0, prod spans)``. None when that product
+    reaches ``_LatticeKeys._LIMIT``.
+    """
+    d = rem0.shape[1] - 1
+    lows, strides, bound = [], [], 1
+    for i in range(d):
+        low = int(rem0[:, i].min()) - d - 1
+        span = int(rem0[:, i].max()) + 2 * d - low + 1
+        lows.append(low)
+        strides.append(bound)
+        bound *= span
+        if bound >= _LatticeKeys._LIMIT:
+            return None
+    return lows, strides
+
+
+def _radix_codes(rem0: torch.Tensor, rank: torch.Tensor, radix: Tuple[List[int], List[int]]) -> torch.Tensor:
+    """Mixed-radix codes ``[N*(d+1)]`` int64 of the d+1 simplex vertices of every point (point-major).
+
+    Vertex r has coordinates ``rem0_i + r - (d+1) [rank_i > d - r]`` (as in
+    ``_vertex_coordinate``), so its code is ``base + r T - (d+1) S_r`` with
+    ``base = sum_i stride_i (rem0_i - low_i)``, ``T = sum_i stride_i`` and
+    ``S_r`` the summed strides of the coordinates with ``d - rank_i < r``
+    (an exclusive cumulative sum of the strides placed at slot ``d - rank_i``).
+    """
+    lows, strides = radix
+    n, d1 = rem0.shape
+    d = d1 - 1
+    dev = rem0.device
+    stride = torch.tensor(strides + [0], dtype=torch.long, device=dev)  # coordinate d is implied
+    low = torch.tensor(lows + [0], dtype=torch.long, device=dev)
+    base = ((rem0.long() - low) * stride).sum(dim=1, keepdim=True)        # [N,1]
+    by_slot = torch.zeros((n, d1), dtype=torch.long, device=dev)
+    by_slot.scatter_(1, (d - rank).long(), stride.expand(n, d1))
+    s_r = torch.cumsum(by_slot, dim=1).sub_(by_slot)                      # exclusive: S_r
+    step = torch.arange(d1, dtype=torch.long, device=dev).view(1, d1) * int(sum(strides))
+    return (base + step).sub_(s_r.mul_(d1)).reshape(-1)
+
+
+def _radix_neighbours(sorted_codes: torch.Tensor,
+                      radix: Tuple[List[int], List[int]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``_blur_neighbours`` for mixed-radix codes: a neighbour's code is the vertex's plus a constant.
+
+    The first neighbour along direction j shifts coordinate j by ``+d`` and
+    the others by ``-1`` (for j = d all by ``-1``): code offset
+    ``(d+1) stride_j - sum_i stride_i``. Same return value as ``_blur_neighbours``.
+    """
+    strides = radix[1]
+    d = len(strides)
+    m = int(sorted_codes.numel())
+    dev = sorted_codes.device
+    own = torch.arange(m, device=dev)
+    pairs = []
+    for j in range(d + 1):
+        offset = (d + 1) * (strides[j] if j < d else 0) - sum(strides)
+        code = sorted_codes + offset
+        pos = torch.searchsorted(sorted_codes, code).clamp_max(m - 1)
+        hit = torch.index_select(sorted_codes, 0, pos) == code
+        pairs.append(_neighbour_pair(pos, hit, own, m))
+    return pairs
+
+
+def _neighbour_pair(pos: torch.Tensor, hit: torch.Tensor, own: torch.Tensor,
+                    m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and second neighbour indices ``[M+1]`` from the first neighbours' lookup (missing -> M)."""
+    first = torch.full((m + 1,), m, dtype=torch.long, device=pos.device)
+    second = torch.full((m + 1,), m, dtype=torch.long, device=pos.device)
+    first[:m] = torch.where(hit, pos, m)
+    second.scatter_(0, first[:m], torch.where(hit, own, m))  # misses write M into the dummy row M
+    return first, second
 
 
 def _vertex_coordinate(rem0: torch.Tensor, rank: torch.Tensor, i: int) -> torch.Tensor:
@@ -514,7 +768,7 @@ def _vertex_coordinate(rem0: torch.Tensor, rank: torch.Tensor, i: int) -> torch.
     d1 = rem0.shape[1]
     d = d1 - 1
     r = torch.arange(d1, device=rem0.device).view(1, d1)
-    coord = rem0[:, i:i + 1] + r - d1 * (rank[:, i:i + 1] > d - r).long()
+    coord = rem0[:, i:i + 1] + r - d1 * (rank[:, i:i + 1] > d - r).to(torch.int32)
     return coord.reshape(-1).to(torch.int32)
 
 
@@ -572,6 +826,8 @@ def _blur_neighbours(vertex_columns: List[torch.Tensor], sorted_codes: torch.Ten
 
     Along direction j the neighbours of key k are ``k - 1 + (d+1) e_j`` and
     ``k + 1 - (d+1) e_j`` (for j = d: ``k - 1`` and ``k + 1``), as in pydensecrf.
+    The second is the inverse shift of the first, so only the first is looked
+    up: if B is A's first neighbour, A is B's second.
 
     Args:
         vertex_columns: d arrays ``[M]`` int32, the keys of the vertices in code order.
@@ -584,17 +840,15 @@ def _blur_neighbours(vertex_columns: List[torch.Tensor], sorted_codes: torch.Ten
     """
     d = len(vertex_columns)
     m = int(sorted_codes.numel())
-    dummy = torch.full((1,), m, dtype=torch.long, device=sorted_codes.device)
+    dev = sorted_codes.device
+    own = torch.arange(m, device=dev)
     pairs = []
     for j in range(d + 1):
-        found = []
-        for sign in (-1, 1):
-            shifted = [c + sign * (-d if i == j else 1) for i, c in enumerate(vertex_columns)]
-            code = keys.encode(shifted)
-            pos = torch.searchsorted(sorted_codes, code).clamp_max(m - 1)
-            hit = (code >= 0) & (sorted_codes[pos] == code)
-            found.append(torch.cat([torch.where(hit, pos, torch.full_like(pos, m)), dummy]))
-        pairs.append((found[0], found[1]))
+        shifted = [c + (d if i == j else -1) for i, c in enumerate(vertex_columns)]
+        code = keys.encode(shifted)
+        pos = torch.searchsorted(sorted_codes, code).clamp_max(m - 1)
+        hit = (code >= 0) & (sorted_codes[pos] == code)
+        pairs.append(_neighbour_pair(pos, hit, own, m))
     return pairs
 
 

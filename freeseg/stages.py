@@ -434,7 +434,8 @@ def refine_segments(segments: Segments, images: torch.Tensor, method: str = "crf
 
     Args:
         images: ``[B,H,W,3]`` float 0..1, the images the segments came from.
-        method: "crf", "guided" or "none" (``freeseg.refine.refine_masks``).
+        method: "crf" (the paper's per-named-mask CRFs: unnamed masks become empty),
+            "crf_joint", "guided" or "none" (``freeseg.refine.refine_masks``).
         device: where the refinement runs (None: the masks' device, i.e. the CPU).
     Returns:
         ``Segments`` with the same names over the refined ``[B,K,H,W]`` float32 CPU masks.
@@ -449,6 +450,7 @@ def refine_segments(segments: Segments, images: torch.Tensor, method: str = "crf
         image, masks = images[i:i + 1], segments.masks[i:i + 1]
         if device is not None:
             image, masks = image.to(device), masks.to(device)
-        out.append(refine_masks(image, masks, method=method).cpu())
+        named = [[name is not None for name in segments.labels[i]]]
+        out.append(refine_masks(image, masks, method=method, named=named).cpu())
         _step(progress)
     return segments.with_masks(torch.cat(out))

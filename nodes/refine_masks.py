@@ -58,8 +58,10 @@ class FreeSegRefineMasks(io.ComfyNode):
             inputs=[
                 Segments.Input("segments", tooltip="Output of FreeSeg-Diff CLIP Label."),
                 io.Image.Input("image", tooltip="The same images the segments came from."),
-                io.Combo.Input("method", options=list(REFINE_METHODS), default="crf", tooltip="crf: fully connected "
-                               "CRF with the paper's settings. guided: edge-aware guided filter. none: as is."),
+                io.Combo.Input("method", options=list(REFINE_METHODS), default="crf", tooltip="crf: the paper's "
+                               "refinement, one fully connected CRF per named mask (unnamed masks become "
+                               "empty). crf_joint: one CRF over all masks, named or not. guided: edge-aware "
+                               "guided filter. none: as is."),
             ],
             outputs=[Segments.Output(display_name="segments"), *OUTPUTS],
         )

@@ -164,6 +164,52 @@ def test_kmeans_small_n_init_and_max_iter() -> None:
     assert int(labels.max()) < 3
 
 
+def test_kmeans_batched_restarts_equal_each_restart_alone() -> None:
+    from freeseg.cluster import _kmeans_pp, _lloyd, _Points
+
+    x = torch.randn(200, 300, generator=torch.Generator().manual_seed(8))
+    points = _Points(x - x.mean(dim=0, keepdim=True))
+    seeds = _kmeans_pp(points, 5, 6, torch.Generator().manual_seed(0))
+    labels, inertia = _lloyd(points, seeds, 300, 1e-6)
+    for i in range(6):
+        alone, alone_inertia = _lloyd(points, seeds[i:i + 1], 300, 1e-6)
+        assert torch.equal(alone[0], labels[i])
+        assert torch.allclose(alone_inertia[0], inertia[i], rtol=1e-5)
+
+
+def test_kmeans_gram_and_feature_paths_agree() -> None:
+    from freeseg.cluster import _kmeans_pp, _lloyd, _Points
+
+    reg = _layout_b()
+    x = _blobs(reg, channels=2048).reshape(2048, -1).T  # 1024 points <= 2048 dims: Gram path
+    x = x - x.mean(dim=0, keepdim=True)
+    gram = _Points(x)
+    plain = _Points(x)
+    plain.gram, plain.sq = None, (x * x).sum(dim=1)
+    assert gram.gram is not None
+    seeds = _kmeans_pp(gram, 3, 4, torch.Generator().manual_seed(1))
+    assert torch.equal(seeds, _kmeans_pp(plain, 3, 4, torch.Generator().manual_seed(1)))
+    lab_g, in_g = _lloyd(gram, seeds, 300, 1e-6)
+    lab_p, in_p = _lloyd(plain, seeds, 300, 1e-6)
+    assert torch.equal(lab_g, lab_p)
+    assert torch.allclose(in_g, in_p, rtol=1e-4)
+    assert _same_partition(lab_g[int(in_g.argmin())], reg.flatten())
+
+
+def test_kmeans_inertia_matches_sklearn() -> None:
+    from sklearn.cluster import KMeans
+
+    x = torch.randn(1, 512, 16, 16, generator=torch.Generator().manual_seed(9)).cumsum(dim=2)
+    pts = x[0].reshape(512, -1).T.double()
+    ours = cluster_features(x, 4, seed=0)[0].flatten()
+    theirs = torch.from_numpy(KMeans(4, n_init=10, random_state=0).fit(pts.numpy()).labels_).long()
+
+    def inertia(lab: torch.Tensor) -> float:
+        return sum(float(((pts[lab == k] - pts[lab == k].mean(0)) ** 2).sum()) for k in lab.unique())
+
+    assert inertia(ours) <= inertia(theirs) * 1.001
+
+
 def test_error_bad_shape() -> None:
     with pytest.raises(ValueError, match=r"features must be \[B,C,h,w\], got shape \(8, 4, 4\)"):
         cluster_features(torch.randn(8, 4, 4), 2)
