@@ -98,6 +98,19 @@ class FreeSegSaveSegments(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix) -> bool | str:
+        """Refuses, at queue time, a prefix that names no file or leaves the output folder."""
+        if not isinstance(filename_prefix, str):  # linked: checked when it runs
+            return True
+        output_dir = os.path.abspath(folder_paths.get_output_directory())
+        target = os.path.abspath(os.path.join(output_dir, os.path.normpath(filename_prefix)))
+        if not os.path.basename(os.path.normpath(filename_prefix)).strip(". ") or target == output_dir:
+            return f"filename_prefix {filename_prefix!r} names no file (e.g. freeseg/segments)"
+        if os.path.isabs(filename_prefix) or os.path.commonpath((output_dir, target)) != output_dir:
+            return f"filename_prefix {filename_prefix!r} leaves ComfyUI's output folder; give a relative prefix"
+        return True
+
+    @classmethod
     def execute(cls, segments, image, filename_prefix) -> io.NodeOutput:
         if not isinstance(segments, SegmentsData):
             raise TypeError("segments: expected FreeSeg-Diff segments")

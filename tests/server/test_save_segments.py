@@ -11,7 +11,10 @@ import urllib.request
 import numpy as np
 from PIL import Image
 
+import pytest
+
 from comfy_harness import MODEL_LINKS, Graph, probed
+from freeseg.app.client import ComfyError
 
 CLASSES = "dog, cat, tree, sky"
 
@@ -107,3 +110,16 @@ def test_save_segments_is_listed_as_an_output_node(client):
     assert node["output_node"] is True and node["output"] == []
     assert node["display_name"] == "FreeSeg-Diff Save Segments"
     assert node["input"]["required"]["filename_prefix"][1]["default"] == "freeseg/segments"
+
+
+@pytest.mark.parametrize("prefix", ["../outside", "/tmp/absolute", "", "."])
+def test_a_prefix_outside_the_output_folder_is_refused_at_queue_time(client, upload, prefix):
+    g = Graph()
+    image = g.node("LoadImage", image=upload(64, 64, seed=43))
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=MODEL_LINKS["sd15_ckpt"][1])
+    feats = g.node("FreeSegDiffusionFeatures", model=ckpt[0], vae=ckpt[2], image=image[0], timestep=0,
+                   resolution=128, source="cross_attn_queries", seed=0)
+    clusters = g.node("FreeSegClusterMasks", features=feats[0], n_clusters=2, method="kmeans", seed=0)
+    g.node("FreeSegSaveSegments", segments=clusters[0], image=image[0], filename_prefix=prefix)
+    with pytest.raises(ComfyError, match="filename_prefix"):
+        client.queue(g.prompt)
