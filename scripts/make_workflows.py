@@ -399,7 +399,7 @@ def save_masks(g: Graph, mask: Out, prefix: str, what: str = "masks") -> Node:
 def save_segments(g: Graph, refined: Node, image: Out, prefix: str) -> Node:
     """Every named mask, the overlay and labels.json as files in the output folder (for API clients
     that download through /view)."""
-    return g.add("FreeSegSaveSegments", title="Save segments (mask PNGs, overlay, labels.json)",
+    return g.add("FreeSegSaveSegments", title="Save segments (PNG + JSON)",
                  segments=refined["segments"], image=image, filename_prefix=prefix)
 
 
