@@ -7,11 +7,12 @@ from .diffusion_features import FreeSegDiffusionFeatures
 from .loaders import FreeSegBLIP2Loader, FreeSegCLIPLoader, register_folders
 from .pipeline import FreeSegPipeline
 from .refine_masks import FreeSegRefineMasks
+from .save_segments import FreeSegSaveSegments
 from .select_mask import FreeSegSelectMask
 
 NODES = [
     FreeSegBLIP2Loader, FreeSegCLIPLoader, FreeSegCaption, FreeSegDiffusionFeatures, FreeSegClusterMasks,
-    FreeSegCLIPLabel, FreeSegRefineMasks, FreeSegSelectMask, FreeSegPipeline,
+    FreeSegCLIPLabel, FreeSegRefineMasks, FreeSegSelectMask, FreeSegPipeline, FreeSegSaveSegments,
 ]
 
 __all__ = ["NODES", "register_folders"]

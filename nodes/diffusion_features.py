@@ -3,12 +3,13 @@ capturing the features FreeSeg-Diff clusters."""
 
 from __future__ import annotations
 
-import copy
+import uuid
 
 import torch
 
 import comfy.model_management as mm
 import comfy.model_sampling
+import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -73,6 +74,22 @@ def timestep_sigma(model_sampling, timestep: int, device: torch.device) -> torch
     return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - timestep / 999.0))], device=device)
 
 
+def pass_options(unet, sigma: torch.Tensor, cond_uuid: uuid.UUID) -> dict:
+    """The `transformer_options` of one UNet pass at `sigma` `[1]`, built as ComfyUI's sampler
+    builds them (comfy/samplers.py: CFGGuider.inner_sample and _calc_cond_batch): the MODEL's
+    own options copied with core's nested-dict copy (the dicts and lists are new, the patches
+    and objects in them are shared: `copy.deepcopy` would duplicate modules and GPU tensors a
+    patch holds, or fail on objects that cannot be copied), then what the sampler sets for the
+    patches that read it: the schedule (`sample_sigmas`: this one step, then 0), the current
+    `sigmas`, and per batch entry whether it is the cond (0) and the uuid of its conditioning."""
+    options = comfy.patcher_extension.copy_nested_dicts(unet.model_options.get("transformer_options", {}))
+    options["sample_sigmas"] = torch.cat([sigma, sigma.new_zeros(1)])
+    options["sigmas"] = sigma
+    options["cond_or_uncond"] = [0]
+    options["uuids"] = [cond_uuid]
+    return options
+
+
 def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, resolution: int = 512,
             source: str = SOURCE_QUERIES, seed: int = 0) -> DiffusionFeatures:
     """Features of each image of `images` `[B,H,W,C]` from one UNet forward pass per image.
@@ -94,6 +111,7 @@ def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, reso
     model_sampling = unet.get_model_object("model_sampling")
     latent_format = unet.get_model_object("latent_format")
     grid = (resolution // 16, resolution // 16)
+    cond_uuid = uuid.uuid4()  # the sampler gives each conditioning one uuid for the whole run
 
     layers = unet_layers(dm, source)
     captured: dict[str, torch.Tensor] = {}
@@ -120,9 +138,7 @@ def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, reso
                                  target_width=resolution, target_height=resolution,
                                  device=device, noise=x, latent_image=x0)
         kwargs = {k: v.cond.to(device) for k, v in conds.items()}
-        options = copy.deepcopy(unet.model_options.get("transformer_options", {}))
-        options["sigmas"] = s
-        options["cond_or_uncond"] = [0]
+        options = pass_options(unet, s, cond_uuid)
         handles = [module.register_forward_hook(hook(name)) for name, module in layers]
         captured.clear()
         try:

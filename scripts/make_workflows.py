@@ -344,6 +344,10 @@ class Graph:
                     inputs[name] = [str(value.node.id), value.slot]
             prompt[str(node.id)] = {"inputs": inputs, "class_type": node.type,
                                     "_meta": {"title": node.title or node_def["display_name"]}}
+        titles = [n["_meta"]["title"] for n in prompt.values()]
+        shared = sorted({t for t in titles if titles.count(t) > 1})
+        if shared:  # clients find nodes by title: give every node of a graph its own
+            raise ValueError(f"{self.name}: several nodes have the title(s) {shared}; give them titles")
         return prompt
 
 
@@ -399,8 +403,17 @@ def segment(g: Graph, image: Out, ckpt: Node, class_names: str = "", captioner: 
     return caption, refined
 
 
-def save_masks(g: Graph, mask: Out, prefix: str, title: str = "Save masks") -> Node:
-    return g.add("SaveImage", title=title, images=g.add("MaskToImage", mask=mask)["IMAGE"], filename_prefix=prefix)
+def save_masks(g: Graph, mask: Out, prefix: str, what: str = "masks") -> Node:
+    """MASK -> image -> Save Image, titled "Save <what>"."""
+    image = g.add("MaskToImage", title=f"{what[0].upper()}{what[1:]} as image", mask=mask)["IMAGE"]
+    return g.add("SaveImage", title=f"Save {what}", images=image, filename_prefix=prefix)
+
+
+def save_segments(g: Graph, refined: Node, image: Out, prefix: str) -> Node:
+    """Every named mask, the overlay and labels.json as files in the output folder (for API clients
+    that download through /view)."""
+    return g.add("FreeSegSaveSegments", title="Save segments (PNG + JSON)",
+                 segments=refined["segments"], image=image, filename_prefix=prefix)
 
 
 def freeseg_full(g: Graph) -> None:
@@ -408,8 +421,9 @@ def freeseg_full(g: Graph) -> None:
            "BLIP-2 captions the image; the nouns of the caption (plus any names you add in *Caption*) "
            "are the class names. One pass of the checkpoint's UNet gives features that k-means splits "
            "into masks; CLIP names each mask; a CRF sharpens the edges.\n\n"
-           "Outputs: the coloured preview, one mask per named segment (same order as *Labels*), and "
-           "the segments as JSON.\n\n" + MODELS_NOTE)
+           "Outputs: the coloured preview, one mask per named segment (same order as *Labels*), "
+           "the segments as JSON, and *Save segments* writes all of it as files (a PNG per mask, the "
+           "overlay, labels.json) into the output folder for API clients.\n\n" + MODELS_NOTE)
     image = g.add("LoadImage", image=IMAGE)["IMAGE"]
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     caption, refined = segment(g, image, ckpt)
@@ -418,6 +432,7 @@ def freeseg_full(g: Graph) -> None:
     save_masks(g, refined["masks"], "freeseg/full_mask")
     g.add("PreviewAny", title="Labels (one per mask)", source=refined["labels"])
     g.add("PreviewAny", title="Segments (JSON)", source=refined["json"])
+    save_segments(g, refined, image, "freeseg/full_segments")
 
 
 def freeseg_inpaint(g: Graph) -> None:
@@ -429,6 +444,7 @@ def freeseg_inpaint(g: Graph) -> None:
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     _, refined = segment(g, image, ckpt, class_names="dog")
     g.add("PreviewAny", title="Labels", source=refined["labels"])
+    save_segments(g, refined, image, "freeseg/inpaint_segments")
     g.band()
     picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="dog")
     grown = g.add("GrowMask", mask=picked["mask"], expand=8, tapered_corners=True)
@@ -457,11 +473,12 @@ def freeseg_cutout(g: Graph) -> None:
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     _, refined = segment(g, image, ckpt, class_names="dog")
     g.add("PreviewAny", title="Labels", source=refined["labels"])
+    save_segments(g, refined, image, "freeseg/cutout_segments")
     g.band()
     picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="dog")
     alpha = g.add("InvertMask", mask=picked["mask"])
     rgba = g.add("JoinImageWithAlpha", image=image, alpha=alpha["MASK"])
-    save_masks(g, picked["mask"], "freeseg/cutout_mask", title="Save selected mask")
+    save_masks(g, picked["mask"], "freeseg/cutout_mask", what="selected mask")
     g.add("SaveImage", title="Save cut-out (RGBA PNG)", images=rgba["IMAGE"], filename_prefix="freeseg/cutout")
 
 
@@ -477,6 +494,7 @@ def freeseg_vocabulary(g: Graph) -> None:
     save_masks(g, refined["masks"], "freeseg/vocabulary_mask")
     g.add("PreviewAny", title="Labels (one per mask)", source=refined["labels"])
     g.add("PreviewAny", title="Segments (JSON)", source=refined["json"])
+    save_segments(g, refined, image, "freeseg/vocabulary_segments")
 
 
 def freeseg_batch(g: Graph) -> None:
@@ -487,16 +505,17 @@ def freeseg_batch(g: Graph) -> None:
            "segments); *masks* has one per named segment, and the JSON's `image` field tells which "
            "image each belongs to.\n\n" + MODELS_NOTE)
     images = [g.add("LoadImage", title=f"Load image {i}", image=IMAGE)["IMAGE"] for i in (1, 2, 3)]
-    pair = g.add("ImageBatch", image1=images[0], image2=images[1])
-    batch = g.add("ImageBatch", image1=pair["IMAGE"], image2=images[2])["IMAGE"]
+    pair = g.add("ImageBatch", title="Batch images 1 and 2", image1=images[0], image2=images[1])
+    batch = g.add("ImageBatch", title="Batch images 1, 2 and 3", image1=pair["IMAGE"], image2=images[2])["IMAGE"]
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     caption, refined = segment(g, batch, ckpt)
     g.add("PreviewAny", title="Captions (one per image)", source=caption["captions"])
     g.add("SaveImage", title="Save previews", images=refined["preview"], filename_prefix="freeseg/batch_preview")
-    save_masks(g, refined["union"], "freeseg/batch_union", title="Save one mask per image")
-    save_masks(g, refined["masks"], "freeseg/batch_mask", title="Save every named mask")
+    save_masks(g, refined["union"], "freeseg/batch_union", what="one mask per image")
+    save_masks(g, refined["masks"], "freeseg/batch_mask", what="every named mask")
     g.add("PreviewAny", title="Labels (one per mask)", source=refined["labels"])
     g.add("PreviewAny", title="Segments (JSON, with image index)", source=refined["json"])
+    save_segments(g, refined, batch, "freeseg/batch_segments")
 
 
 WORKFLOWS_DEFS = {f.__name__: f for f in (freeseg_full, freeseg_inpaint, freeseg_cutout, freeseg_vocabulary,

@@ -7,4 +7,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
 bash scripts/setup_browser.sh
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
-exec .venv/bin/python -m pytest "$@"
+exec "${FREESEG_VENV:-.venv}/bin/python" -m pytest "$@"

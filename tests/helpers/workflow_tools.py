@@ -14,6 +14,9 @@ from comfy_harness import MODEL_LINKS, REPO
 
 WORKFLOW_DIR = os.path.join(REPO, "workflows")
 API_DIR = os.path.join(WORKFLOW_DIR, "api")
+# The ComfyUI the workflow files are generated from (scripts/make_workflows.py reads its
+# /object_info); newer cores are checked for structure only.
+PINNED_COMFYUI = "0.3.75"
 NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabulary", "freeseg_batch")
 
 SOCKETLESS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # types the frontend draws as widgets
@@ -103,6 +106,17 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     return prompt
 
 
+def without_default_titles(prompt: dict, ui: dict) -> dict:
+    """`prompt` without the `_meta.title` of the nodes the UI workflow gives no title (those carry
+    the node's display name, which cores rename: "GrowMask" became "Grow Mask")."""
+    titled = {str(n["id"]) for n in ui["nodes"] if n.get("title")}
+    out = copy.deepcopy(prompt)
+    for node_id, node in out.items():
+        if node_id not in titled:
+            node.get("_meta", {}).pop("title", None)
+    return out
+
+
 def check_value(kind: str, opts: dict, value, options: list | None) -> str | None:
     """Why `value` does not suit a widget of this kind, or None."""
     if kind == "INT":
@@ -182,11 +196,12 @@ def validate_ui(ui: dict, object_info: dict, check_files: bool = True) -> list[s
         for name, (kind, opts, optional) in declared.items():
             if not optional and (kind not in SOCKETLESS or opts.get("forceInput")) and name not in linked:
                 problems.append(f"{where}: required input {name} is not connected")
-        # output slots
-        outputs = node.get("outputs", [])
+        # output slots: the saved ones as declared; outputs a newer core added after them (Save
+        # Image's IMAGE, Preview Any's STRING) are absent from the file, so nothing links to them
+        saved = [(o["name"], o["type"]) for o in node.get("outputs", [])]
         declared_out = list(zip(node_def["output_name"], node_def["output"]))
-        if [(o["name"], o["type"]) for o in outputs] != declared_out:
-            problems.append(f"{where}: outputs {[(o['name'], o['type']) for o in outputs]} != declared {declared_out}")
+        if saved != declared_out[:len(saved)]:
+            problems.append(f"{where}: outputs {saved} != declared {declared_out}")
 
     for link_id, origin, origin_slot, target, target_slot, kind in ui["links"]:
         where = f"link {link_id} ({origin}:{origin_slot} -> {target}:{target_slot})"
@@ -203,7 +218,9 @@ def validate_ui(ui: dict, object_info: dict, check_files: bool = True) -> list[s
         if kind != out_types[origin_slot]:
             problems.append(f"{where}: link type {kind} but {src['type']} output {origin_slot} is "
                             f"{out_types[origin_slot]}")
-        if link_id not in (src["outputs"][origin_slot].get("links") or []):
+        if origin_slot >= len(src.get("outputs", [])):
+            problems.append(f"{where}: the origin node saves no output {origin_slot}")
+        elif link_id not in (src["outputs"][origin_slot].get("links") or []):
             problems.append(f"{where}: missing from the origin's output links")
         if target_slot >= len(dst.get("inputs", [])):
             problems.append(f"{where}: {dst['type']} has no input slot {target_slot}")

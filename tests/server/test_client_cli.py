@@ -69,7 +69,8 @@ def test_missing_node_types_are_named():
     info = {t: {} for t in ("LoadImage", "CheckpointLoaderSimple", "PreviewAny", "SaveImage", "MaskToImage")}
     missing = fc.missing_node_types(workflow, info)
     assert missing == ["FreeSegBLIP2Loader", "FreeSegCLIPLabel", "FreeSegCLIPLoader", "FreeSegCaption",
-                       "FreeSegClusterMasks", "FreeSegDiffusionFeatures", "FreeSegRefineMasks"]
+                       "FreeSegClusterMasks", "FreeSegDiffusionFeatures", "FreeSegRefineMasks",
+                       "FreeSegSaveSegments"]
     message = fc.missing_nodes_message(missing, "http://h:1")
     assert "http://h:1" in message and "FreeSegRefineMasks" in message and "freeseg-diff" in message
     assert fc.missing_node_types(workflow, {t: {} for t in {n["class_type"] for n in workflow.values()}}) == []
@@ -264,7 +265,10 @@ def test_client_cli_runs_the_full_workflow(server, tmp_path, image):
     files = sorted(os.listdir(out))
     masks = [f for f in files if "full_mask" in f]
     assert len(masks) == len(records) and len([f for f in files if "full_preview" in f]) == 1, files
-    assert all(Image.open(out / f).size == (WIDTH, HEIGHT) for f in files)
+    # Save Segments' files come too: its labels.json lists the same labels as the JSON output.
+    (labels_json,) = [f for f in files if f.endswith("_labels.json")]
+    assert [m["label"] for m in json.loads((out / labels_json).read_text())["masks"]] == [r["label"] for r in records]
+    assert all(Image.open(out / f).size == (WIDTH, HEIGHT) for f in files if f != labels_json)
 
 
 def test_segment_cli_on_a_server_writes_the_output_folder(server, tmp_path, image):

@@ -1,10 +1,13 @@
 """The example workflows in workflows/ (UI format) and workflows/api/ (API format).
 
-* They are exactly what scripts/make_workflows.py generates from the live server's
-  /object_info (which this module saves to .cache/object_info.json for that script).
-* Every UI workflow agrees with /object_info: node types exist, slot names and types, link
-  types, widget count and order (with the frontend's control_after_generate entries), and it
-  converts to its API twin.
+* On the pinned ComfyUI (workflow_tools.PINNED_COMFYUI) they are exactly what
+  scripts/make_workflows.py generates from the live server's /object_info (which this module
+  saves to .cache/object_info.json for that script).
+* On any ComfyUI, every UI workflow agrees with /object_info: node types exist, slot names and
+  types, link types, widget count, order and values (with the frontend's control_after_generate
+  entries), and it converts to its API twin. What newer cores add is tolerated: outputs after
+  the saved ones (never linked), new display names of untitled nodes (API titles).
+* Every node of every API twin has its own title (clients find nodes by title).
 * ComfyUI serves them as templates (/workflow_templates) with their .jpg thumbnails.
 * Every API twin runs to completion on the random-weight fixtures (model names swapped for
   the fixtures, small uploaded images, 128 px features, 2 sampler steps), and its outputs are
@@ -51,6 +54,25 @@ def make_workflows_module():
 
 
 @pytest.fixture(scope="module")
+def comfyui_version(client) -> str:
+    return client.get_json("/system_stats")["system"]["comfyui_version"]
+
+
+@pytest.fixture(scope="module")
+def pinned(comfyui_version) -> bool:
+    """Whether the server is the ComfyUI the workflow files are generated from."""
+    return comfyui_version == wt.PINNED_COMFYUI
+
+
+def assert_converts(ui: dict, object_info: dict, api: dict, pinned: bool) -> None:
+    """The UI workflow converts to `api`; on another core, titles it does not set are not compared."""
+    converted = wt.ui_to_api(ui, object_info)
+    if not pinned:
+        converted, api = wt.without_default_titles(converted, ui), wt.without_default_titles(api, ui)
+    assert converted == api
+
+
+@pytest.fixture(scope="module")
 def object_info(client) -> dict:
     """The live server's /object_info, also saved for scripts/make_workflows.py."""
     info = client.object_info()
@@ -62,7 +84,10 @@ def object_info(client) -> dict:
     return info
 
 
-def test_files_are_what_make_workflows_generates(object_info):
+def test_files_are_what_make_workflows_generates(object_info, pinned, comfyui_version):
+    if not pinned:
+        pytest.skip(f"the server is ComfyUI {comfyui_version}; the files are generated from "
+                    f"{wt.PINNED_COMFYUI} (the other tests check their structure against this server)")
     wanted = make_workflows_module().files(object_info)
     assert sorted(wanted) == sorted([f"workflows/{n}.json" for n in wt.NAMES] + [f"workflows/api/{n}.json" for n in wt.NAMES])
     stale = []
@@ -87,10 +112,12 @@ def test_templates_are_listed_and_served_with_thumbnails(client):
 
 
 @pytest.mark.parametrize("name", wt.NAMES)
-def test_ui_workflow_agrees_with_object_info_and_converts_to_api_twin(name, object_info):
+def test_ui_workflow_agrees_with_object_info_and_converts_to_api_twin(name, object_info, pinned):
     ui, api = load(name)
     assert wt.validate_ui(ui, object_info, check_files=False) == []
-    assert wt.ui_to_api(ui, object_info) == api
+    assert_converts(ui, object_info, api, pinned)
+    titles = [n["_meta"]["title"] for n in api.values()]
+    assert len(titles) == len(set(titles)), sorted(t for t in titles if titles.count(t) > 1)
     # The published workflows name the user's usual model files, not the test fixtures.
     names = {n["inputs"].get(i) for n in api.values() for (ct, i) in wt.TEST_MODELS if n["class_type"] == ct}
     assert not names & set(wt.TEST_MODELS.values())
@@ -104,16 +131,20 @@ def uploaded_images(client, upload, api: dict) -> dict:
     return {node_id: upload(WIDTH, HEIGHT, seed=10 + i) for i, node_id in enumerate(wt.load_image_ids(api))}
 
 
-def prepare(name: str, client, upload) -> tuple[dict, dict]:
-    """The API twin adapted to the fixtures; also checks the adapted UI file converts to it."""
-    ui, api = load(name)
-    images = uploaded_images(client, upload, api)
-    prompt = wt.adapt_api(api, images)
-    info = client.object_info()  # again: it now lists the uploads and the fixtures as choices
-    adapted_ui = wt.adapt_ui(ui, info, images)
-    assert wt.validate_ui(adapted_ui, info) == []
-    assert wt.ui_to_api(adapted_ui, info) == prompt
-    return prompt, images
+@pytest.fixture
+def prepare(client, upload, pinned):
+    def _prepare(name: str) -> tuple[dict, dict]:
+        """The API twin adapted to the fixtures; also checks the adapted UI file converts to it."""
+        ui, api = load(name)
+        images = uploaded_images(client, upload, api)
+        prompt = wt.adapt_api(api, images)
+        info = client.object_info()  # again: it now lists the uploads and the fixtures as choices
+        adapted_ui = wt.adapt_ui(ui, info, images)
+        assert wt.validate_ui(adapted_ui, info) == []
+        assert_converts(adapted_ui, info, prompt, pinned)
+        return prompt, images
+
+    return _prepare
 
 
 def node_id(prompt: dict, class_type: str, title: str | None = None) -> str:
@@ -138,9 +169,23 @@ def input_pixels(client, images_by_node: dict, node: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
 
 
+def saved_segments(client, result: dict, prompt: dict, batch: int = 1) -> dict:
+    """labels.json of the workflow's Save Segments node, checked against the PNGs it lists (all
+    fetched through /view): an overlay per image, a mask per entry, all at the image size."""
+    out = result["outputs"][node_id(prompt, "FreeSegSaveSegments")]
+    (labels_file,) = out["files"]
+    doc = json.loads(client.view(labels_file))
+    assert len(doc["images"]) == batch
+    listed = [f["filename"] for f in out["images"]]
+    assert listed == [i["overlay"] for i in doc["images"]] + [m["file"] for m in doc["masks"]]
+    for f in out["images"]:
+        assert Image.open(io.BytesIO(client.view(f))).size == (WIDTH, HEIGHT)
+    return doc
+
+
 def check_named_masks(client, result, prompt, labels_title, masks_title, allowed, batch=1):
     """One saved mask per label line, each at the image size; labels from the class list; the
-    JSON records list the same labels, each with its image index."""
+    JSON records and Save Segments' labels.json list the same labels, each with its image index."""
     labels = [l for l in text(result, prompt, labels_title).splitlines() if l]
     masks = images(client, result, prompt, masks_title)
     assert labels and len(masks) == len(labels)
@@ -148,6 +193,9 @@ def check_named_masks(client, result, prompt, labels_title, masks_title, allowed
     records = json.loads(text(result, prompt, next(n["_meta"]["title"] for n in prompt.values()
                                                    if n["_meta"]["title"].startswith("Segments (JSON"))))
     assert [r["label"] for r in records] == labels
+    saved = saved_segments(client, result, prompt, batch)
+    assert [{k: m[k] for k in r} for m, r in zip(saved["masks"], records)] == records
+    assert len(saved["masks"]) == len(records)
     for r in records:
         assert 0 <= r["image"] < batch
         assert r["label"].lower() in allowed[r["image"]], (r, allowed)
@@ -158,8 +206,8 @@ def names(line: str) -> set[str]:
     return {n.strip().lower() for n in line.split(",") if n.strip()}
 
 
-def test_freeseg_full_runs(client, upload):
-    prompt, _ = prepare("freeseg_full", client, upload)
+def test_freeseg_full_runs(client, prepare):
+    prompt, _ = prepare("freeseg_full")
     result = client.run(prompt)
     assert result["status"]["status_str"] == "success"
     class_names = names(text(result, prompt, "Class names (from the caption)"))
@@ -169,8 +217,8 @@ def test_freeseg_full_runs(client, upload):
     check_named_masks(client, result, prompt, "Labels (one per mask)", "Save masks", [class_names])
 
 
-def test_freeseg_vocabulary_runs(client, upload):
-    prompt, _ = prepare("freeseg_vocabulary", client, upload)
+def test_freeseg_vocabulary_runs(client, prepare):
+    prompt, _ = prepare("freeseg_vocabulary")
     assert "FreeSegCaption" not in {n["class_type"] for n in prompt.values()}
     typed = names(prompt[node_id(prompt, "FreeSegCLIPLabel")]["inputs"]["class_names"])
     result = client.run(prompt)
@@ -180,8 +228,8 @@ def test_freeseg_vocabulary_runs(client, upload):
     assert len(labels) == len(set(labels))  # each typed name goes to at most one mask
 
 
-def test_freeseg_batch_runs(client, upload):
-    prompt, _ = prepare("freeseg_batch", client, upload)
+def test_freeseg_batch_runs(client, prepare):
+    prompt, _ = prepare("freeseg_batch")
     assert len(wt.load_image_ids(prompt)) == 3
     result = client.run(prompt)
     assert len(text(result, prompt, "Captions (one per image)").splitlines()) == 3
@@ -198,14 +246,15 @@ def test_freeseg_batch_runs(client, upload):
         assert len(per_image) == len(set(per_image))
 
 
-def test_freeseg_inpaint_runs_and_changes_only_the_masked_region(client, upload):
-    prompt, uploaded = prepare("freeseg_inpaint", client, upload)
+def test_freeseg_inpaint_runs_and_changes_only_the_masked_region(client, prepare):
+    prompt, uploaded = prepare("freeseg_inpaint")
     ckpt = node_id(prompt, "CheckpointLoaderSimple")
     for class_type in ("KSampler", "InpaintModelConditioning", "VAEDecode", "FreeSegDiffusionFeatures"):
         node = prompt[node_id(prompt, class_type)]["inputs"]
         assert all(v[0] == ckpt for k, v in node.items() if k in ("model", "vae", "clip")), class_type
     result = client.run(prompt)
-    assert text(result, prompt, "Labels").splitlines()
+    labels = text(result, prompt, "Labels").splitlines()
+    assert labels and [m["label"] for m in saved_segments(client, result, prompt)["masks"]] == labels
     (out,) = images(client, result, prompt, "Save inpainted image")
     assert out.size == (WIDTH, HEIGHT)
     (mask,) = images(client, result, prompt, "Inpaint mask", "PreviewImage")
@@ -217,10 +266,12 @@ def test_freeseg_inpaint_runs_and_changes_only_the_masked_region(client, upload)
     assert diff[outside].max() <= 1  # untouched outside the (grown, feathered) mask
 
 
-def test_freeseg_cutout_is_rgba_and_opaque_only_where_selected(client, upload):
-    prompt, uploaded = prepare("freeseg_cutout", client, upload)
+def test_freeseg_cutout_is_rgba_and_opaque_only_where_selected(client, prepare):
+    prompt, uploaded = prepare("freeseg_cutout")
     result = client.run(prompt)
-    assert "dog" in text(result, prompt, "Labels").splitlines()  # the only user name always wins a mask
+    labels = text(result, prompt, "Labels").splitlines()
+    assert "dog" in labels  # the only user name always wins a mask
+    assert [m["label"] for m in saved_segments(client, result, prompt)["masks"]] == labels
     (cut,) = images(client, result, prompt, "Save cut-out (RGBA PNG)")
     (mask,) = images(client, result, prompt, "Save selected mask")
     assert cut.mode == "RGBA" and cut.size == (WIDTH, HEIGHT)

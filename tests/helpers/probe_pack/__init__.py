@@ -64,4 +64,78 @@ class FreeSegTestBadImage:
         return (image,)
 
 
-NODE_CLASS_MAPPINGS = {"FreeSegTestProbe": FreeSegTestProbe, "FreeSegTestBadImage": FreeSegTestBadImage}
+
+# -- a model patch that relies on what the sampler puts into transformer_options ----------------
+
+PATCH_RECORDS: dict = {}
+
+
+class SharedState:
+    """Stands for what real patches hold (modules, GPU tensors): counts the deep copies made of it
+    and stays one object (as a module registry would)."""
+
+    def __init__(self):
+        self.deep_copies = 0
+
+    def __deepcopy__(self, memo):
+        self.deep_copies += 1
+        return self
+
+
+class FreeSegTestAttnPatch:
+    """Clones the MODEL and adds an attn2 patch (as IPAdapter-style packs do) that records the
+    sampler-provided `transformer_options` entries it reads, under `tag`."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "patch"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "testing"
+
+    def patch(self, model, tag):
+        state = SharedState()
+        record = PATCH_RECORDS[tag] = {"calls": [], "state": state}
+
+        def attn2(n, context, value, extra_options):
+            record["calls"].append({
+                "sigmas": [float(v) for v in extra_options["sigmas"].flatten()],
+                "sample_sigmas": [float(v) for v in extra_options["sample_sigmas"].flatten()],
+                "cond_or_uncond": list(extra_options["cond_or_uncond"]),
+                "uuids": [str(u) for u in extra_options["uuids"]],
+                "state_is_shared": extra_options.get("freeseg_test_state") is state,
+            })
+            return n, context, value
+
+        patched = model.clone()
+        patched.set_model_attn2_patch(attn2)
+        patched.model_options["transformer_options"]["freeseg_test_state"] = state
+        before = state.deep_copies
+        patched.clone()  # what one core clone costs, to tell it from copies a consumer makes
+        record["copies_per_clone"] = state.deep_copies - before
+        state.deep_copies = 0
+        return (patched,)
+
+
+class FreeSegTestPatchReport:
+    """Reports (in its UI output) what the patch of `tag` saw, once `after` has been computed."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"after": (ANY, {}), "tag": ("STRING", {"default": "patch"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def report(self, after, tag):
+        record = PATCH_RECORDS[tag]
+        out = {"calls": record["calls"], "copies_per_clone": record["copies_per_clone"],
+               "deep_copies": record["state"].deep_copies}
+        return {"ui": {"probe": [json.dumps(out)]}}
+
+
+NODE_CLASS_MAPPINGS = {"FreeSegTestProbe": FreeSegTestProbe, "FreeSegTestBadImage": FreeSegTestBadImage,
+                       "FreeSegTestAttnPatch": FreeSegTestAttnPatch, "FreeSegTestPatchReport": FreeSegTestPatchReport}
