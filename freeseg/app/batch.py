@@ -198,11 +198,13 @@ class BatchProgress:
 # -- the run ------------------------------------------------------------------------------------
 
 def run_batch(items: list[Item], segment: Callable[[Item], dict], key: str, threads: int = 1,
-              progress: bool = True, stream: Optional[TextIO] = None) -> dict[str, str]:
+              progress: bool = True, stream: Optional[TextIO] = None,
+              fatal: Callable[[BaseException], bool] = lambda e: False) -> dict[str, str]:
     """Segment every item not yet done with `key`, `threads` at a time; {image: error} of the
-    ones that failed. `segment(item)` writes ``item.folder`` and returns its labels document (any
-    exception = that image failed; KeyboardInterrupt stops queueing and is raised again once the
-    running images are over). ``done.json`` is written after `segment` returns."""
+    ones that failed. `segment(item)` writes ``item.folder`` and returns its labels document (an
+    exception = that image failed). An exception for which `fatal` is true (e.g. a workflow
+    every server refuses) and KeyboardInterrupt stop queueing: raised again once the running
+    images are over. ``done.json`` is written after `segment` returns."""
     todo = [it for it in items if not is_done(it, key)]
     bar = BatchProgress(len(items), len(items) - len(todo), stream=stream, enabled=progress)
     failures: dict[str, str] = {}
@@ -224,10 +226,13 @@ def run_batch(items: list[Item], segment: Callable[[Item], dict], key: str, thre
             for future in finished:
                 item = pending.pop(future)
                 err = future.exception()
+                if err is not None and fatal(err):
+                    queue.clear()
+                    raise err
                 if err is not None:
                     failures[item.image] = f"{type(err).__name__}: {err}" if not str(err) else str(err)
                 bar.update(item, failures.get(item.image))
-    except KeyboardInterrupt:
+    except BaseException:
         queue.clear()
         for future in pending:
             future.cancel()

@@ -312,7 +312,8 @@ def segment_batch_on_servers(items: list[Item], urls: list[str], args: argparse.
         result = pool.run(lambda client, info: job.run(client, info, item.image))
         return result.write(item.folder, item.image)
 
-    failures = run_batch(items, segment_one, key, threads=pool.capacity, progress=not args.quiet)
+    failures = run_batch(items, segment_one, key, threads=pool.capacity, progress=not args.quiet,
+                         fatal=lambda e: isinstance(e, ComfyError) and "node_errors" in e.details)
     return index_entries(items, key, failures, args.out), key, failures
 
 

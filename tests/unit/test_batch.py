@@ -206,3 +206,19 @@ def test_pool_connect_drops_unreachable_servers(monkeypatch):
         ServerPool(["http://dead"]).connect()  # one server: its own error
     with pytest.raises(NoServerLeft, match="no ComfyUI server answered"):
         ServerPool(["http://dead1", "http://dead2"]).connect()
+
+
+def test_a_fatal_error_stops_the_batch(tmp_path):
+    paths = [touch_image(tmp_path / "in" / f"{i}.png") for i in range(5)]
+    items = batch.plan(paths, str(tmp_path / "in"), str(tmp_path / "out"))
+    calls = []
+    rejected = ComfyError("POST /prompt: Prompt outputs failed validation", {"node_errors": {"8": {}}})
+
+    def segment(item):
+        calls.append(item.name)
+        raise rejected
+
+    with pytest.raises(ComfyError) as err:
+        batch.run_batch(items, segment, "key", threads=1, stream=io.StringIO(),
+                        fatal=lambda e: "node_errors" in getattr(e, "details", {}))
+    assert err.value is rejected and calls == ["0"]  # nothing more was queued
