@@ -178,6 +178,10 @@ class ComfyClient:
                 try:
                     raw = ws.recv()
                 except websocket.WebSocketTimeoutException:
+                    try:
+                        self.cancel(prompt_id)  # do not leave it running (it may be retried elsewhere)
+                    except ComfyError:
+                        pass
                     raise ComfyError(f"prompt {prompt_id} did not finish within {timeout:.0f} s") from None
                 except (OSError, websocket.WebSocketException) as e:
                     raise ComfyConnectionError(f"lost the connection to the ComfyUI server at {self.url}: {e}") from None

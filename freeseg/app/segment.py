@@ -282,15 +282,19 @@ def segment_diffusers(args: argparse.Namespace, models: dict, class_names: Optio
 # -- a folder of images -----------------------------------------------------------------------------
 
 def segment_batch(items: list[Item], args: argparse.Namespace, models: dict, overrides: list,
-                  class_names: Optional[str]) -> tuple[list[dict], str, dict]:
-    """Segment every item (resuming); (index entries, settings key, {image: error})."""
+                  class_names: Optional[str]) -> tuple[list[dict], dict]:
+    """Segment every item (resuming); (index entries, {image: error})."""
     progress = not args.quiet
     if args.backend == "diffusers":
         pipeline = load_diffusers(args, models, class_names)
         key = f"{pipeline.cache_key}-{hashlib.sha256(str(class_names).encode()).hexdigest()[:8]}"
-        failures = run_batch(items, lambda it: segment_to_folder(pipeline, it.image, it.folder, class_names), key,
-                             threads=1, progress=progress)
-        return index_entries(items, key, failures, args.out), key, failures
+
+        def segment_one(item: Item) -> dict:
+            check_image(item.image)
+            return segment_to_folder(pipeline, item.image, item.folder, class_names)
+
+        failures = run_batch(items, segment_one, key, threads=1, progress=progress)
+        return index_entries(items, key, failures, args.out), failures
     if args.url:
         return segment_batch_on_servers(items, args.url, args, models, overrides, class_names)
     with embedded_server(args, models, class_names) as (url, chosen):
@@ -298,7 +302,7 @@ def segment_batch(items: list[Item], args: argparse.Namespace, models: dict, ove
 
 
 def segment_batch_on_servers(items: list[Item], urls: list[str], args: argparse.Namespace, models: dict,
-                             overrides: list, class_names: Optional[str]) -> tuple[list[dict], str, dict]:
+                             overrides: list, class_names: Optional[str]) -> tuple[list[dict], dict]:
     """The batch on a ServerPool of `urls` (``--per-server`` prompts in flight on each)."""
     pool = ServerPool(urls, per_server=args.per_server)
     pool.connect()
@@ -314,7 +318,7 @@ def segment_batch_on_servers(items: list[Item], urls: list[str], args: argparse.
 
     failures = run_batch(items, segment_one, key, threads=pool.capacity, progress=not args.quiet,
                          fatal=lambda e: isinstance(e, ComfyError) and "node_errors" in e.details)
-    return index_entries(items, key, failures, args.out), key, failures
+    return index_entries(items, key, failures, args.out), failures
 
 
 def check_image(path: str) -> None:
@@ -394,7 +398,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         models, overrides = workflow_settings(args)
         if batch:
-            entries, _, failures = segment_batch(items, args, models, overrides, class_names)
+            entries, failures = segment_batch(items, args, models, overrides, class_names)
         elif args.backend == "diffusers":
             doc = segment_diffusers(args, models, class_names)
         elif args.url:

@@ -44,8 +44,14 @@ Command line::
     python -m freeseg eval --dataset voc --root VOCdevkit/VOC2012 --predictions PRED_DIR
     python -m freeseg eval --dataset coco-object --root COCO_OBJECT --predictions PRED_DIR \\
         --json --limit 500 --out results/coco --official-boundary
+    python -m freeseg eval --dataset voc --root VOCdevkit/VOC2012 --backend comfyui \\
+        --url http://gpu0:8188 --url http://gpu1:8188 --mode closed --out results/voc
 
-No ComfyUI import; torch is not needed either (torch masks are accepted duck-typed).
+``--backend comfyui`` runs an API workflow (default ``workflows/api/freeseg_full.json``; any
+checkpoint family the nodes support) on ComfyUI servers through
+``freeseg.app.comfy_segmenter.ComfySegmenter``, several images at once (``workers``).
+
+No ComfyUI import; scoring needs no torch either (torch masks are accepted duck-typed).
 """
 
 from __future__ import annotations

@@ -222,3 +222,50 @@ def test_a_fatal_error_stops_the_batch(tmp_path):
         batch.run_batch(items, segment, "key", threads=1, stream=io.StringIO(),
                         fatal=lambda e: "node_errors" in getattr(e, "details", {}))
     assert err.value is rejected and calls == ["0"]  # nothing more was queued
+
+
+def test_folder_with_the_diffusers_backend(tmp_path, monkeypatch, capsys):
+    """`segment DIR --backend diffusers`: the pipeline is loaded once, every image goes through
+    segment_to_folder into its own folder, the index lists them (stand-ins for the pipeline
+    and segment_to_folder: the real ones have their own tests)."""
+    import freeseg.app.segment as app_segment
+    import freeseg.backends.diffusers as backend
+
+    for sub, name in (("checkpoints", "sd.safetensors"), ("blip2", "b2/config.json"),
+                      ("open_clip", "oc/open_clip_config.json")):
+        (tmp_path / "models" / sub / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "models" / sub / name).write_text("{}")
+    for n in ("x", "y"):
+        touch_image(tmp_path / "in" / f"{n}.png")
+    loads, runs = [], []
+
+    class FakePipeline:
+        cache_key = "freeseg-diffusers-0123456789abcdef"
+
+        @classmethod
+        def from_pretrained(cls, sd, clip=None, blip2=None, **kwargs):
+            loads.append(sd)
+            return cls()
+
+    def segment_to_folder(pipeline, image_path, out_dir, class_names=None):
+        runs.append((os.path.basename(image_path), os.path.basename(out_dir), class_names))
+        os.makedirs(out_dir, exist_ok=True)
+        doc = {"caption": "", "masks": [{"index": 0, "file": "mask_0_dog.png", "label": "dog", "score": 1.0,
+                                         "area": 1, "bbox": [0, 0, 1, 1]}]}
+        (tmp_path / "out" / os.path.basename(out_dir) / "labels.json").write_text(json.dumps(doc))
+        return doc
+
+    monkeypatch.setattr(backend, "FreeSegPipeline", FakePipeline)
+    monkeypatch.setattr(app_segment, "segment_to_folder", segment_to_folder)
+    argv = [str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--backend", "diffusers", "--models",
+            str(tmp_path / "models"), "--class-names", "dog", "--quiet"]
+    assert app_segment.main(argv) == 0
+    assert len(loads) == 1 and runs == [("x.png", "x", "dog"), ("y.png", "y", "dog")]
+    assert json.loads(capsys.readouterr().out)["done"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "out" / "index.csv")))
+    assert [(r["folder"], r["label"], r["mask_file"]) for r in rows] == [("x", "dog", "x/mask_0_dog.png"),
+                                                                          ("y", "dog", "y/mask_0_dog.png")]
+    runs.clear()
+    assert app_segment.main(argv) == 0 and runs == []  # resumed: both done
+    argv[-2] = "cat"  # other class names: other settings, done again
+    assert app_segment.main(argv) == 0 and len(runs) == 2
