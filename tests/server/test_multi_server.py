@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import MODEL_LINKS, REPO, ComfyServer, link
+from comfy_harness import MODEL_LINKS, REPO, ComfyServer, free_port, link
 
 PYTHON = sys.executable
 CLASS_NAMES = "dog, cat, tree, sky"  # the random BLIP-2 writes no real nouns
@@ -145,6 +145,20 @@ def test_folder_on_two_servers_with_one_stopped_mid_run(servers, folder, tmp_pat
     assert f"{N_IMAGES + 1}/{N_IMAGES + 1} images, {N_IMAGES} already done, 1 failed" in err
     assert (history_size(a), history_size(b)) == before
 
+    # One image, the first server unreachable: done on the next (from its cache: the same prompt).
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, out, err = finish(segment(os.path.join(folder, "img0.png"), "--out", str(tmp_path / "single"),
+                                    "--url", dead, "--url", a.url, "--quiet"))
+    assert code == 0 and f"warning: dropping {dead}: cannot reach" in err, err
+    assert json.loads(out)["masks"] and folder_outputs(str(tmp_path), "single") == folder_outputs(two, "img0")
+
+    # A workflow the servers refuse stops the folder run at once, with ComfyUI's node errors.
+    code, out, err = finish(segment(folder, "--out", str(tmp_path / "refused"), "--url", a.url, "--url", b.url,
+                                    "--set", "FreeSegClusterMasks.n_clusters=999"))
+    assert code == 1 and "Traceback" not in err, err
+    assert "error: ComfyUI rejected the prompt" in err and "n_clusters" in err
+    assert not os.path.exists(tmp_path / "refused" / "index.json")
+
 
 def voc_dataset(root) -> str:
     """A 3-image Pascal-VOC-layout split: the pictures and random ground truth (0 / 8 / 12)."""
@@ -189,12 +203,14 @@ def test_eval_comfyui_backend_on_two_servers_and_sdxl(servers, tmp_path):
     a, b = servers["a"], servers["b"]
     root = voc_dataset(tmp_path)
     out = tmp_path / "eval"
+    before = history_size(a), history_size(b)
     result = evaluate_cli("--root", root, "--url", a.url, "--url", b.url, "--mode", "open", "--resolution", "128",
                           "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(result.stdout)
     assert 0.0 <= scores["miou"] <= 1.0 and 0.0 <= scores["miou_per_image"] <= 1.0
     assert "3 image(s) scored, 0 from cache" in result.stderr
+    assert history_size(a) > before[0] and history_size(b) > before[1]  # both servers took images
     (pred_dir,) = (out / "predictions").iterdir()
     preds = sorted(pred_dir.iterdir())
     assert [p.stem for p in preds] == [f"2007_00000{i}" for i in range(3)]
