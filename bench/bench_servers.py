@@ -7,7 +7,8 @@ with an image of its own (model loading is not timed), then segments `--images` 
 with ``python -m freeseg segment DIR --url A`` and another `--images` new pictures with
 ``--url A --url B`` (in-process ``freeseg.app.segment.main``; different pictures, so no run
 is served from ComfyUI's cache). On a machine with one GPU per server the speed-up approaches
-the number of servers; on a CPU-only machine the servers share the cores.
+the number of servers; on a CPU-only machine the servers share the cores ("server CPU
+s/image": CPU time the server processes spent per image, all threads).
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ def pictures(folder: str, seeds: range) -> str:
     return folder
 
 
+def cpu_seconds(servers: list[ComfyServer]) -> float:
+    """CPU time (user + system) the server processes used so far (Linux /proc; NaN elsewhere)."""
+    total = 0.0
+    for srv in servers:
+        try:
+            with open(f"/proc/{srv.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def run(folder: str, out: str, urls: list[str], args: argparse.Namespace) -> float:
     """Seconds `python -m freeseg segment folder --out out --url ...` took (in-process)."""
     argv = [folder, "--out", out, "--quiet", "--class-names", CLASS_NAMES, "--resolution", str(args.resolution),
@@ -88,17 +102,20 @@ def main() -> int:
             run(pictures(os.path.join(work, f"warm{i}"), range(1000 + i, 1001 + i)), os.path.join(work, f"w{i}"),
                 [srv.url], args)
         n = args.images
+        cpu0 = cpu_seconds(servers)
         one = run(pictures(os.path.join(work, "set1"), range(n)), os.path.join(work, "out1"), [a.url], args)
+        cpu1 = cpu_seconds(servers)
         two = run(pictures(os.path.join(work, "set2"), range(n, 2 * n)), os.path.join(work, "out2"),
                   [a.url, b.url], args)
+        cpu2 = cpu_seconds(servers)
     finally:
         for srv in servers:
             srv.stop()
     print(f"{n} images {96}x{64}, resolution {args.resolution}, {args.per_server} prompts in flight per server, "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'servers':>8} {'seconds':>9} {'s/image':>9} {'speed-up':>9}")
-    print(f"{1:>8} {one:>9.1f} {one / n:>9.2f} {1.0:>9.2f}")
-    print(f"{2:>8} {two:>9.1f} {two / n:>9.2f} {one / two:>9.2f}")
+    print(f"{'servers':>8} {'seconds':>9} {'s/image':>9} {'speed-up':>9} {'server CPU s/image':>19}")
+    print(f"{1:>8} {one:>9.1f} {one / n:>9.2f} {1.0:>9.2f} {(cpu1 - cpu0) / n:>19.2f}")
+    print(f"{2:>8} {two:>9.1f} {two / n:>9.2f} {one / two:>9.2f} {(cpu2 - cpu1) / n:>19.2f}")
     return 0
 
 
