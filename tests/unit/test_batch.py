@@ -269,3 +269,28 @@ def test_folder_with_the_diffusers_backend(tmp_path, monkeypatch, capsys):
     assert app_segment.main(argv) == 0 and runs == []  # resumed: both done
     argv[-2] = "cat"  # other class names: other settings, done again
     assert app_segment.main(argv) == 0 and len(runs) == 2
+
+
+def test_servers_with_different_models_are_refused():
+    """Outputs must not depend on the server: servers that would fill the workflow with other
+    model names are refused before anything runs; the same names give one key."""
+    from freeseg.app.client import DEFAULT_WORKFLOW, load_workflow
+    from freeseg.app.remote import WorkflowJob, check_servers
+
+    workflow = load_workflow(DEFAULT_WORKFLOW)
+
+    def info(checkpoint: str) -> dict:
+        out = {n["class_type"]: {"input": {"required": {}}} for n in workflow.values()}
+        out["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"] = [[checkpoint]]
+        return out
+
+    job = WorkflowJob(workflow, class_names="dog", seed=1)
+    pool = pool_of("http://a", "http://b")
+    pool.servers[0].info, pool.servers[1].info = info("sd15.safetensors"), info("sd15.safetensors")
+    key = check_servers(pool, job)
+    assert key.startswith("comfyui-") and key == job.key(info("sd15.safetensors"), "http://x")
+    assert key != WorkflowJob(workflow, class_names="dog", seed=2).key(info("sd15.safetensors"), "http://x")
+    pool.servers[1].info = info("other.safetensors")
+    with pytest.raises(ComfyError, match="the servers would run different prompts") as err:
+        check_servers(pool, job)
+    assert "other.safetensors" in str(err.value) and "--checkpoint" in str(err.value)
