@@ -1,7 +1,9 @@
 """`python -m freeseg <command> ...`: the command-line entry points.
 
-    segment   segment an image: masks (PNG), overlay (PNG) and labels (JSON) into a folder
-    eval      score segmentations on a dataset (Pascal VOC / COCO-Object layouts)
+    segment   segment an image (or a folder / glob of images, on one or several ComfyUI servers):
+              masks (PNG), overlay (PNG) and labels (JSON) into a folder
+    eval      score segmentations on a dataset (Pascal VOC / COCO-Object layouts): label maps,
+              or FreeSeg-Diff run by the diffusers backend or through ComfyUI servers
 """
 
 from __future__ import annotations

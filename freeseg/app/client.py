@@ -39,6 +39,11 @@ class ComfyError(RuntimeError):
         self.prompt: Optional[dict] = None  # the prompt it concerns, when known (for node titles)
 
 
+class ComfyConnectionError(ComfyError):
+    """The server could not be reached, or the connection to it broke (the server is down, not
+    the request at fault): a caller with several servers retries elsewhere."""
+
+
 class ComfyClient:
     """Talks to one ComfyUI server.
 
@@ -68,7 +73,9 @@ class ComfyClient:
             raise ComfyError(f"{method or ('POST' if data else 'GET')} {path} failed with HTTP {e.code}: "
                              f"{_summarise(details)}", details) from None
         except urllib.error.URLError as e:
-            raise ComfyError(f"cannot reach the ComfyUI server at {self.url}: {e.reason}") from None
+            raise ComfyConnectionError(f"cannot reach the ComfyUI server at {self.url}: {e.reason}") from None
+        except (ConnectionError, TimeoutError) as e:  # reset / timed out while reading the answer
+            raise ComfyConnectionError(f"lost the connection to the ComfyUI server at {self.url}: {e}") from None
 
     def get_json(self, path: str) -> Any:
         """GET `path` and decode its JSON body."""
@@ -162,7 +169,7 @@ class ComfyClient:
         try:
             ws = websocket.create_connection(ws_url, timeout=timeout)
         except (OSError, websocket.WebSocketException) as e:
-            raise ComfyError(f"cannot open the websocket of the ComfyUI server at {self.url}: {e}") from None
+            raise ComfyConnectionError(f"cannot open the websocket of the ComfyUI server at {self.url}: {e}") from None
         try:
             prompt_id = self.queue(prompt, strict=strict)
             deadline = time.monotonic() + timeout
@@ -171,9 +178,13 @@ class ComfyClient:
                 try:
                     raw = ws.recv()
                 except websocket.WebSocketTimeoutException:
+                    try:
+                        self.cancel(prompt_id)  # do not leave it running (it may be retried elsewhere)
+                    except ComfyError:
+                        pass
                     raise ComfyError(f"prompt {prompt_id} did not finish within {timeout:.0f} s") from None
                 except (OSError, websocket.WebSocketException) as e:
-                    raise ComfyError(f"lost the connection to the ComfyUI server at {self.url}: {e}") from None
+                    raise ComfyConnectionError(f"lost the connection to the ComfyUI server at {self.url}: {e}") from None
                 if not isinstance(raw, str):
                     continue  # binary preview frames
                 msg = json.loads(raw)

@@ -19,28 +19,37 @@ Backends:
 
 ``--random-weights`` runs the embedded path on tiny random-weight models (built by
 ``tests/helpers/model_fixtures.py``): a smoke test of the install, the masks mean nothing.
+
+A folder or a quoted glob instead of IMAGE segments every image into ``DIR/<name>/`` (the
+layout above plus a ``done.json`` resume marker) and writes ``DIR/index.csv`` and
+``DIR/index.json`` (``freeseg.app.batch``). ``--url`` repeated spreads the images over several
+servers, ``--per-server`` prompts in flight on each; an image whose server fails is retried on
+another (``freeseg.app.pool``).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-import numpy as np
 from PIL import Image
 
-from .client import (DEFAULT_WORKFLOW, ComfyClient, ComfyError, add_workflow_arguments, execute, load_workflow,
-                     missing_node_types, one_line, output_text, prepare, report_error, workflow_settings)
 from ..model_files import model_entries
-from .output import SegmentError, segment_to_folder, write_segmentation
+from .batch import (EXIT_SOME_FAILED, BatchError, Item, index_entries, is_batch_input, list_images, plan,
+                    run_batch, write_index)
+from .client import (DEFAULT_WORKFLOW, ComfyError, add_workflow_arguments, load_workflow,
+                     missing_node_types, one_line, report_error, workflow_settings)
+from .output import SegmentError, segment_to_folder
+from .pool import ServerPool
+from .remote import WorkflowJob, check_servers
 from .server import PACK_DIR, ComfyServer, default_comfy_dir, link
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
@@ -67,10 +76,6 @@ WHAT_GOES_WHERE = {
     "clip": ("open_clip", "put an open_clip folder in {dir}/open_clip/<name>/ (open_clip_config.json, "
                           "open_clip_model.safetensors, e.g. timm/vit_base_patch32_clip_224.openai)"),
 }
-
-def binary_mask(image: Image.Image) -> np.ndarray:
-    """A saved mask image (any mode) -> HxW bool (above half intensity)."""
-    return np.asarray(image.convert("L")) >= 128
 
 def scan_models(models_dir: str) -> dict[str, list[str]]:
     """The model names a models folder offers, as ComfyUI lists them: checkpoint files (with
@@ -159,69 +164,28 @@ def wants_gpu(python: str) -> bool:
         return False
 
 
-def collect(client: ComfyClient, entry: dict, roles: dict) -> tuple[list[np.ndarray], list[dict], Image.Image,
-                                                                    str, list[str]]:
-    """(masks, records, overlay, caption, class names) from a finished freeseg_full run."""
-    text = output_text(entry, roles["json"])
-    if text is None:
-        raise SegmentError("the run produced no labels JSON (FreeSegRefineMasks json output)")
-    records = json.loads(text)
-    outputs = entry.get("outputs", {})
-    mask_files = (outputs.get(roles["masks"]) or {}).get("images", [])
-    masks = [binary_mask(Image.open(io.BytesIO(client.view(f)))) for f in mask_files]
-    previews = (outputs.get(roles["preview"]) or {}).get("images", [])
-    if not previews:
-        raise SegmentError("the run produced no overlay image (FreeSegRefineMasks preview output)")
-    overlay = Image.open(io.BytesIO(client.view(previews[0]))).convert("RGB")
-    caption = (output_text(entry, roles.get("captions")) or "").strip().splitlines()
-    names_text = (output_text(entry, roles.get("class_names")) or "").strip().splitlines()
-    names = [n.strip() for n in names_text[0].split(",") if n.strip()] if names_text else []
-    if not names:
-        names = sorted({r["label"] for r in records})
-    return masks, records, overlay, caption[0] if caption else "", names
+def workflow_job(args: argparse.Namespace, models: dict, overrides: list, class_names: Optional[str]) -> WorkflowJob:
+    """The WorkflowJob the command-line options describe."""
+    return WorkflowJob(load_workflow(args.workflow), class_names=class_names, n_clusters=args.clusters,
+                       seed=args.seed, models=models, overrides=overrides, timeout=args.timeout)
 
 
-# FreeSegSettings fields (the diffusers backend's "settings") read from the workflow's nodes.
-SETTINGS_FROM_NODES = {
-    "FreeSegDiffusionFeatures": {"resolution": "resolution", "timestep": "timestep", "source": "source",
-                                 "seed": "seed"},
-    "FreeSegClusterMasks": {"n_clusters": "n_clusters", "method": "cluster_method", "seed": "seed"},
-    "FreeSegCLIPLabel": {"crop_mode": "crop_mode", "prompt": "prompt", "threshold": "threshold"},
-    "FreeSegRefineMasks": {"method": "refine"},
-    "FreeSegCaption": {"max_new_tokens": "max_new_tokens"},
-    "FreeSegPipeline": {"n_clusters": "n_clusters", "seed": "seed"},
-}
+def segment_on_servers(urls: list[str], args: argparse.Namespace, models: dict, overrides: list,
+                       class_names: Optional[str]) -> dict:
+    """Run the workflow for the one image on the first server that answers and can run it
+    (the others are tried when it fails) and write the output folder; the labels document."""
+    pool = ServerPool(urls, per_server=1)
+    pool.connect()
+    job = workflow_job(args, models, overrides, class_names)
+    check_servers(pool, job)
+    result = pool.run(lambda client, info: job.run(client, info, args.image, quiet=args.quiet))
+    return result.write(args.out, args.image)
 
 
-def settings_of(prompt: dict) -> dict:
-    """The FreeSeg-Diff settings a filled workflow runs with (typed-in values only)."""
-    settings: dict[str, Any] = {}
-    for node in prompt.values():
-        for input_name, key in SETTINGS_FROM_NODES.get(node["class_type"], {}).items():
-            value = node["inputs"].get(input_name)
-            if value is not None and not isinstance(value, list):
-                settings.setdefault(key, value)
-    settings["use_caption"] = any(n["class_type"] == "FreeSegBLIP2Loader" for n in prompt.values())
-    return settings
-
-
-def segment_on_server(client: ComfyClient, args: argparse.Namespace, models: dict, overrides: list,
-                      class_names: Optional[str]) -> dict:
-    """Run the workflow on `client`'s server and write the output folder; the labels document."""
-    workflow = load_workflow(args.workflow)
-    prompt, roles = prepare(client, workflow, args.image, class_names=class_names, n_clusters=args.clusters,
-                            seed=args.seed, models=models, overrides=overrides)
-    start = time.perf_counter()
-    entry = execute(client, prompt, timeout=args.timeout, quiet=args.quiet)
-    masks, records, overlay, caption, names = collect(client, entry, roles)
-    return write_segmentation(args.out, args.image, masks, records, overlay, caption, names, backend="comfyui",
-                              settings=settings_of(prompt),
-                              timings={"total": round(time.perf_counter() - start, 4)})
-
-
-def segment_embedded(args: argparse.Namespace, models: dict, overrides: list, class_names: Optional[str]) -> dict:
-    """Start a ComfyUI of our own (temporary base folder, our pack, the models linked in), run
-    the workflow on it and stop it again."""
+@contextlib.contextmanager
+def embedded_server(args: argparse.Namespace, models: dict, class_names: Optional[str]) -> Iterator[tuple[str, dict]]:
+    """Start a ComfyUI of our own (temporary base folder, our pack, the models linked in);
+    yields (its URL, the model names picked in its models folder) and stops it again."""
     comfy_dir = os.path.abspath(args.comfyui or default_comfy_dir())
     if not os.path.isfile(os.path.join(comfy_dir, "main.py")):
         if args.comfyui:
@@ -256,18 +220,24 @@ def segment_embedded(args: argparse.Namespace, models: dict, overrides: list, cl
                 errors = [ln for ln in server.log().splitlines() if "error" in ln.lower() or "freeseg" in ln.lower()]
                 raise SegmentError("the freeseg-diff pack did not load into the embedded ComfyUI (no "
                                    f"{', '.join(missing)}):\n  " + "\n  ".join(errors[-15:]))
-            return segment_on_server(server.client, args, chosen, overrides, class_names)
+            yield server.url, chosen
         finally:
             server.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def segment_embedded(args: argparse.Namespace, models: dict, overrides: list, class_names: Optional[str]) -> dict:
+    """The one image on an embedded ComfyUI (`embedded_server`)."""
+    with embedded_server(args, models, class_names) as (url, chosen):
+        return segment_on_servers([url], args, chosen, overrides, class_names)
+
+
 # -- the diffusers backend ------------------------------------------------------------------------
 
-def segment_diffusers(args: argparse.Namespace, models: dict, class_names: Optional[str]) -> dict:
-    """Run ``freeseg.backends.diffusers`` (diffusers, no ComfyUI): ``FreeSegPipeline.from_pretrained`` on
-    the models of ``--models`` (or the random fixtures), then ``segment_to_folder``."""
+def load_diffusers(args: argparse.Namespace, models: dict, class_names: Optional[str]) -> Any:
+    """``freeseg.backends.diffusers.FreeSegPipeline.from_pretrained`` on the models of ``--models``
+    (or the random fixtures), with the options' settings."""
     if args.url:
         raise SegmentError("--url runs the ComfyUI backend; leave it out with --backend diffusers")
     if args.workflow != DEFAULT_WORKFLOW or args.overrides:
@@ -294,10 +264,70 @@ def segment_diffusers(args: argparse.Namespace, models: dict, class_names: Optio
         kwargs["device"] = "cpu"
     print("loading the models (diffusers backend) ...", file=sys.stderr, flush=True)
     try:
-        pipeline = FreeSegPipeline.from_pretrained(**kwargs)
+        return FreeSegPipeline.from_pretrained(**kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SegmentError(f"the diffusers backend failed: {one_line(str(e))}") from None
+
+
+def segment_diffusers(args: argparse.Namespace, models: dict, class_names: Optional[str]) -> dict:
+    """Run ``freeseg.backends.diffusers`` (diffusers, no ComfyUI) on the one image: `load_diffusers`,
+    then ``segment_to_folder``."""
+    pipeline = load_diffusers(args, models, class_names)
+    try:
         return segment_to_folder(pipeline, args.image, args.out, class_names=class_names)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SegmentError(f"the diffusers backend failed: {one_line(str(e))}") from None
+
+
+# -- a folder of images -----------------------------------------------------------------------------
+
+def segment_batch(items: list[Item], args: argparse.Namespace, models: dict, overrides: list,
+                  class_names: Optional[str]) -> tuple[list[dict], dict]:
+    """Segment every item (resuming); (index entries, {image: error})."""
+    progress = not args.quiet
+    if args.backend == "diffusers":
+        pipeline = load_diffusers(args, models, class_names)
+        key = f"{pipeline.cache_key}-{hashlib.sha256(str(class_names).encode()).hexdigest()[:8]}"
+
+        def segment_one(item: Item) -> dict:
+            check_image(item.image)
+            return segment_to_folder(pipeline, item.image, item.folder, class_names)
+
+        failures = run_batch(items, segment_one, key, threads=1, progress=progress)
+        return index_entries(items, key, failures, args.out), failures
+    if args.url:
+        return segment_batch_on_servers(items, args.url, args, models, overrides, class_names)
+    with embedded_server(args, models, class_names) as (url, chosen):
+        return segment_batch_on_servers(items, [url], args, chosen, overrides, class_names)
+
+
+def segment_batch_on_servers(items: list[Item], urls: list[str], args: argparse.Namespace, models: dict,
+                             overrides: list, class_names: Optional[str]) -> tuple[list[dict], dict]:
+    """The batch on a ServerPool of `urls` (``--per-server`` prompts in flight on each)."""
+    pool = ServerPool(urls, per_server=args.per_server)
+    pool.connect()
+    job = workflow_job(args, models, overrides, class_names)
+    key = check_servers(pool, job)
+    print(f"segmenting {len(items)} image(s) on {len(pool.live)} server(s), {args.per_server} in flight on each",
+          file=sys.stderr, flush=True)
+
+    def segment_one(item: Item) -> dict:
+        check_image(item.image)
+        result = pool.run(lambda client, info: job.run(client, info, item.image))
+        return result.write(item.folder, item.image)
+
+    failures = run_batch(items, segment_one, key, threads=pool.capacity, progress=not args.quiet,
+                         fatal=lambda e: isinstance(e, ComfyError) and "node_errors" in e.details)
+    return index_entries(items, key, failures, args.out), failures
+
+
+def check_image(path: str) -> None:
+    """SegmentError when `path` is not a readable image (before any server sees it)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SegmentError(f"cannot read the image {path}: {one_line(str(e))}") from None
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -306,12 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m freeseg segment",
         description="Segment IMAGE and name every part: writes mask_<i>_<label>.png (one per named mask), "
-                    "overlay.png and labels.json into --out.")
-    parser.add_argument("image", metavar="IMAGE", help="the picture to segment")
+                    "overlay.png and labels.json into --out. Given a folder or a quoted glob instead, segments "
+                    "every image into --out/<name>/ and writes --out/index.csv and --out/index.json (a rerun "
+                    f"skips the images done; exit code {EXIT_SOME_FAILED} when some failed).")
+    parser.add_argument("image", metavar="IMAGE|DIR|GLOB",
+                        help="the picture to segment, or a folder of pictures, or a quoted glob ('photos/**/*.jpg')")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     parser.add_argument("--backend", choices=("comfyui", "diffusers"), default="comfyui",
                         help="comfyui (default): the freeseg_full workflow; diffusers: freeseg.backends.diffusers")
-    parser.add_argument("--url", default=None, help="a running ComfyUI server (default: start an embedded one)")
+    parser.add_argument("--url", action="append", default=None, metavar="URL",
+                        help="a running ComfyUI server (default: start an embedded one); repeat it to spread the "
+                             "images over several servers (one per GPU or machine)")
+    parser.add_argument("--per-server", type=int, default=2, metavar="N",
+                        help="prompts in flight on each server for a folder (default 2: one runs, one waits)")
     parser.add_argument("--comfyui", default=None, metavar="DIR",
                         help="the ComfyUI install (folder of main.py) the embedded server runs "
                              "(default: the project's .venv/ComfyUI)")
@@ -328,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of `python -m freeseg segment`; returns the exit code."""
+    """Entry point of `python -m freeseg segment`; returns the exit code (0 done, 1 error, 2 bad
+    options, 3 a folder run finished with failed images, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     if args.url and (args.random_weights or args.models or args.comfyui):
         print("error: --random-weights, --models and --comfyui start an embedded ComfyUI; leave out --url (the "
@@ -337,9 +375,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.random_weights and args.models:
         print("error: --random-weights and --models exclude each other", file=sys.stderr)
         return 2
-    if not os.path.isfile(args.image):
+    if args.per_server < 1:
+        print("error: --per-server must be >= 1", file=sys.stderr)
+        return 2
+    batch = not os.path.isfile(args.image) and is_batch_input(args.image)
+    if not batch and not os.path.isfile(args.image):
         print(f"error: no image file {args.image}", file=sys.stderr)
         return 1
+    items: list[Item] = []
+    if batch:
+        try:
+            paths, root = list_images(args.image, exclude=args.out)
+        except BatchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        items = plan(paths, root, args.out)
     class_names = args.class_names
     if args.random_weights:
         if not class_names:
@@ -347,10 +397,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print_notice(RANDOM_NOTICE + (f"Class names: {class_names}",))
     try:
         models, overrides = workflow_settings(args)
-        if args.backend == "diffusers":
+        if batch:
+            entries, failures = segment_batch(items, args, models, overrides, class_names)
+        elif args.backend == "diffusers":
             doc = segment_diffusers(args, models, class_names)
         elif args.url:
-            doc = segment_on_server(ComfyClient(args.url), args, models, overrides, class_names)
+            doc = segment_on_servers(args.url, args, models, overrides, class_names)
         else:
             doc = segment_embedded(args, models, overrides, class_names)
     except ComfyError as e:
@@ -360,10 +412,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted" + (" (rerun the same command to resume)" if batch else ""), file=sys.stderr)
         return 130
     if args.random_weights:
         print_notice(RANDOM_NOTICE)
+    if batch:
+        summary = write_index(args.out, entries)
+        print(f"{summary['done']} of {summary['images']} image(s) done, {summary['failed']} failed; index: "
+              f"{summary['index_csv']}, {summary['index_json']}", file=sys.stderr)
+        print(json.dumps(summary))
+        return EXIT_SOME_FAILED if failures or summary["done"] < summary["images"] else 0
     print(f"wrote {len(doc.get('masks', []))} mask(s), overlay.png and labels.json to {args.out}",
           file=sys.stderr)
     print(json.dumps(doc, indent=2))

@@ -44,8 +44,14 @@ Command line::
     python -m freeseg eval --dataset voc --root VOCdevkit/VOC2012 --predictions PRED_DIR
     python -m freeseg eval --dataset coco-object --root COCO_OBJECT --predictions PRED_DIR \\
         --json --limit 500 --out results/coco --official-boundary
+    python -m freeseg eval --dataset voc --root VOCdevkit/VOC2012 --backend comfyui \\
+        --url http://gpu0:8188 --url http://gpu1:8188 --mode closed --out results/voc
 
-No ComfyUI import; torch is not needed either (torch masks are accepted duck-typed).
+``--backend comfyui`` runs an API workflow (default ``workflows/api/freeseg_full.json``; any
+checkpoint family the nodes support) on ComfyUI servers through
+``freeseg.app.comfy_segmenter.ComfySegmenter``, several images at once (``workers``).
+
+No ComfyUI import; scoring needs no torch either (torch masks are accepted duck-typed).
 """
 
 from __future__ import annotations
@@ -59,9 +65,11 @@ import os
 import re
 import sys
 import zipfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Union, \
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence, Union, \
     runtime_checkable
 
 import numpy as np
@@ -471,7 +479,7 @@ def _score_sample(dataset: SegDataset, source: PredictionSource, sample: Sample,
     return confusion_matrix(gt, pred, dataset.num_classes, IGNORE_INDEX)
 
 
-def _progress(items: Sequence[Sample], enabled: Optional[bool]) -> Iterable[Sample]:
+def _progress(items: Iterable[Any], enabled: Optional[bool], total: int) -> Iterable[Any]:
     """tqdm bar on stderr (None: only on a terminal); plain iteration without tqdm."""
     if enabled is False:
         return items
@@ -479,15 +487,36 @@ def _progress(items: Sequence[Sample], enabled: Optional[bool]) -> Iterable[Samp
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, total=len(items), desc="eval", unit="img", file=sys.stderr,
+    return tqdm(items, total=total, desc="eval", unit="img", file=sys.stderr,
                 disable=None if enabled is None else False)
+
+
+def _ordered_map(fn: Callable[[Sample], Any], items: Sequence[Sample], workers: int) -> Iterator[Any]:
+    """``fn`` over `items`, results in order; with `workers` > 1 that many threads, at most
+    2 x workers items ahead of the consumer (so an interruption loses little)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="freeseg-eval") as pool:
+        ahead: deque = deque()
+        try:
+            for item in items:
+                ahead.append(pool.submit(fn, item))
+                if len(ahead) >= 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
              official_boundary: bool = False, limit: Optional[int] = None,
              out_dir: Optional[Path | str] = None, examples: int = 4,
              progress: Optional[bool] = None, use_cache: bool = True, mode: str = "closed",
-             synonyms: Optional[Mapping[str, Union[str, Sequence[str]]]] = None) -> EvalResult:
+             synonyms: Optional[Mapping[str, Union[str, Sequence[str]]]] = None,
+             workers: int = 1) -> EvalResult:
     """Score a prediction source on a dataset split.
 
     Args:
@@ -501,6 +530,9 @@ def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
         examples: images in ``examples.png`` (0: none).
         progress: progress bar (None: only when stderr is a terminal).
         use_cache: False recomputes every image (the cache is still rewritten).
+        workers: images predicted at once, in threads (a thread-safe source only, e.g.
+            ``freeseg.app.comfy_segmenter.ComfySegmenter`` over several servers); results are
+            accumulated in split order, so the scores do not depend on it.
 
     Returns:
         EvalResult (with ``files`` naming the reports written).
@@ -531,22 +563,27 @@ def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
     counts = np.zeros(c, dtype=np.int64)
     image_miou: dict[str, float] = {}
     n_scored = n_cached = 0
-    for sample in _progress(samples, progress):
-        cm: Optional[np.ndarray] = None
+
+    def confusion(sample: Sample) -> tuple[np.ndarray, bool]:
+        """(confusion matrix, whether it came from the cache) of one image."""
         entry = cache_dir / f"{_safe_stem(sample.stem)}.npz" if cache_dir is not None else None
         signature = ""
         if entry is not None:
             signature = source.signature(sample) + "|" + file_signature(sample.label_path)
             if use_cache and entry.is_file():
-                cm = _load_cached(entry, signature, (c, c + 1))
-        if cm is None:
-            save_to = pred_dir / f"{_safe_stem(sample.stem)}.png" if pred_dir is not None else None
-            cm = _score_sample(dataset, source, sample, official_boundary, save_to)
-            n_scored += 1
-            if entry is not None:
-                _save_cached(entry, cm, signature)
-        else:
-            n_cached += 1
+                cached = _load_cached(entry, signature, (c, c + 1))
+                if cached is not None:
+                    return cached, True
+        save_to = pred_dir / f"{_safe_stem(sample.stem)}.png" if pred_dir is not None else None
+        cm = _score_sample(dataset, source, sample, official_boundary, save_to)
+        if entry is not None:
+            _save_cached(entry, cm, signature)
+        return cm, False
+
+    scored = _ordered_map(confusion, samples, max(1, int(workers)))
+    for sample, (cm, from_cache) in zip(samples, _progress(scored, progress, len(samples))):
+        n_cached += from_cache
+        n_scored += not from_cache
         total += cm
         present = cm.sum(axis=1) > 0
         iou = iou_per_class(cm)
@@ -785,8 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--predictions", type=Path, metavar="DIR",
                      help="folder of <stem>.png label maps (class indices or VOC palette colours)")
-    src.add_argument("--backend", choices=("diffusers",),
-                     help="run FreeSeg-Diff itself (freeseg.backends.diffusers, diffusers backend) on every image")
+    src.add_argument("--backend", choices=("diffusers", "comfyui"),
+                     help="run FreeSeg-Diff itself on every image: diffusers (freeseg.backends.diffusers) or "
+                          "comfyui (an API workflow on ComfyUI servers, freeseg.app.comfy_segmenter)")
     model = parser.add_argument_group("model (with --backend diffusers)")
     model.add_argument("--sd", type=Path, metavar="FILE_OR_DIR",
                        help="Stable Diffusion checkpoint (.safetensors, LDM layout) or diffusers folder")
@@ -795,6 +833,22 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--vae", type=Path, default=None, metavar="PATH", help="VAE to use instead of the checkpoint's")
     model.add_argument("--blip2", type=Path, default=None, metavar="DIR", help="BLIP-2 model folder")
     model.add_argument("--clip", type=Path, metavar="PATH", help="open_clip model folder or weights file")
+    comfy = parser.add_argument_group("model (with --backend comfyui; --blip2 / --clip then name the models on "
+                                      "the server, default: its only one)")
+    comfy.add_argument("--url", action="append", default=None, metavar="URL",
+                       help="a ComfyUI server with this node pack (default http://127.0.0.1:8188); repeat it to "
+                            "spread the images over several servers")
+    comfy.add_argument("--per-server", type=int, default=2, metavar="N", help="prompts in flight per server (default 2)")
+    comfy.add_argument("--workflow", default=None, metavar="FILE",
+                       help="API-format workflow (default workflows/api/freeseg_full.json)")
+    comfy.add_argument("--checkpoint", default=None, metavar="NAME", help="checkpoint name on the server")
+    comfy.add_argument("--clusters", type=int, default=None, metavar="K", help="masks per image (workflow: 4)")
+    comfy.add_argument("--seed", type=int, default=None, help="seed of the noise and the k-means start")
+    comfy.add_argument("--resolution", type=int, default=None, metavar="PX",
+                       help="resolution of the diffusion features pass (workflow: 512)")
+    comfy.add_argument("--set", dest="overrides", action="append", default=[], metavar="CLASS.INPUT=VALUE",
+                       help="set any input of the workflow's nodes of a class")
+    comfy.add_argument("--timeout", type=float, default=3600.0, help="seconds one image may take (default 3600)")
     model.add_argument("--mode", choices=("closed", "open"), default="closed",
                        help="closed: the model names masks from its caption, names mapped to dataset classes; "
                             "open: the dataset's class names are the vocabulary")
@@ -822,14 +876,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry (``python -m freeseg eval ...``). Returns the exit status (0 ok, 2 error)."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.backend is not None and (args.sd is None or args.clip is None):
+    if args.backend == "diffusers" and (args.sd is None or args.clip is None):
         parser.error("--backend diffusers needs --sd and --clip (and --blip2 for --mode closed)")
+    if args.backend == "comfyui" and (args.sd is not None or args.sd_config is not None or args.vae is not None):
+        parser.error("--sd, --sd-config and --vae are for --backend diffusers; with comfyui use --checkpoint "
+                     "(a name on the server) or --workflow")
+    if args.backend != "comfyui" and args.url:
+        parser.error("--url is for --backend comfyui")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    errors: tuple = (FileNotFoundError, DatasetError, ValueError)
+    workers = 1
+    if args.backend == "comfyui":
+        from ..app.comfy_segmenter import EVAL_ERRORS
+        errors += EVAL_ERRORS
     try:
         names = read_class_names(args.class_names) if args.class_names is not None else None
         dataset = load_dataset(args.dataset, args.root, args.split, names)
-        if args.backend is not None:
+        if args.backend == "comfyui":
+            from ..app.comfy_segmenter import segmenter_from_args
+
+            source = segmenter_from_args(args)
+            workers = source.workers
+        elif args.backend == "diffusers":
             from ..backends.diffusers import FreeSegPipeline
 
             source = FreeSegPipeline.from_pretrained(str(args.sd), clip=str(args.clip),
@@ -841,8 +910,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           official_boundary=args.official_boundary, limit=args.limit,
                           out_dir=args.out, examples=max(0, args.examples),
                           progress=False if args.no_progress else None,
-                          use_cache=not args.no_cache)
-    except (FileNotFoundError, DatasetError, ValueError) as exc:
+                          use_cache=not args.no_cache, workers=workers)
+    except errors as exc:
         print(f"freeseg eval: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -1,0 +1,95 @@
+"""FreeSeg-Diff through ComfyUI as the evaluator's Segmenter: ``python -m freeseg eval --backend comfyui``.
+
+`ComfySegmenter` is a ``freeseg.eval.evaluate.Segmenter`` that runs an API workflow (default
+``workflows/api/freeseg_full.json``) on one or several ComfyUI servers, so any checkpoint family
+the nodes support (SD1.x, SD2.x, SDXL; a workflow with UNETLoader + VAELoader for a bare SDXL
+UNet) is scored the same way as the diffusers backend:
+
+    segmenter = ComfySegmenter.connect(["http://gpu0:8188", "http://gpu1:8188"], per_server=2)
+    result = evaluate(dataset, segmenter, mode="open", workers=segmenter.workers)
+
+It is thread-safe: the evaluator calls it from `workers` threads, each call taking a free slot
+of its ``freeseg.app.pool.ServerPool`` (an image whose server fails is retried on another).
+Closed mode needs a captioner in the workflow (FreeSegBLIP2Loader); open mode passes the
+dataset's class names as the workflow's class names (added to the caption's nouns, as the
+diffusers backend does).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .client import DEFAULT_WORKFLOW, ComfyError, load_workflow
+from .output import SegmentError
+from .pool import ServerPool
+from .remote import WorkflowJob, check_servers
+
+# What a comfyui evaluation may raise that is the user's to fix (printed without a traceback).
+EVAL_ERRORS = (ComfyError, SegmentError)
+
+
+class ComfySegmenter:
+    """``segmenter(image [H,W,3] float 0..1, vocabulary) -> (masks [K,H,W] bool, K labels)``
+    through `job` on the servers of `pool` (connected). ``cache_key`` names the filled workflow
+    (models and settings), ``workers`` how many calls may run at once."""
+
+    def __init__(self, pool: ServerPool, job: WorkflowJob):
+        self.pool = pool
+        self.job = job
+        self.cache_key = check_servers(pool, job)
+        self.captions = any(n["class_type"] == "FreeSegBLIP2Loader" for n in job.workflow.values())
+
+    @classmethod
+    def connect(cls, urls: Sequence[str], per_server: int = 2, workflow: str = DEFAULT_WORKFLOW,
+                **settings) -> "ComfySegmenter":
+        """Connect to the servers and check they can run the workflow; `settings` are
+        `WorkflowJob` fields (n_clusters, seed, models, overrides, timeout)."""
+        pool = ServerPool(urls, per_server=per_server)
+        pool.connect()
+        return cls(pool, WorkflowJob(load_workflow(workflow), **settings))
+
+    @property
+    def workers(self) -> int:
+        """Calls that can run at once (live servers x prompts in flight on each)."""
+        return max(1, self.pool.capacity)
+
+    def __call__(self, image: np.ndarray, vocabulary: Optional[Sequence[str]] = None) -> tuple[np.ndarray, list[str]]:
+        if vocabulary is None and not self.captions:
+            raise ValueError("closed-vocabulary mode needs a captioner: the workflow has no FreeSegBLIP2Loader "
+                             "(use --mode open, or a workflow that captions)")
+        pixels = np.clip(np.asarray(image, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        fd, path = tempfile.mkstemp(prefix="freeseg-eval-", suffix=".png")
+        os.close(fd)
+        names = ", ".join(vocabulary) if vocabulary is not None else None
+        try:
+            Image.fromarray(pixels[..., :3]).save(path)
+            result = self.pool.run(lambda client, info: self.job.run(client, info, path, class_names=names))
+        finally:
+            os.remove(path)
+        h, w = pixels.shape[:2]
+        masks = np.stack(result.masks) if result.masks else np.zeros((0, h, w), dtype=bool)
+        if masks.shape[1:] != (h, w):
+            raise SegmentError(f"the server returned {masks.shape[2]}x{masks.shape[1]} masks for a {w}x{h} image")
+        return masks, result.labels
+
+def segmenter_from_args(args) -> ComfySegmenter:
+    """The ComfySegmenter of ``python -m freeseg eval --backend comfyui`` options (argparse
+    namespace: url, per_server, workflow, checkpoint, blip2, clip, clusters, seed, resolution,
+    overrides, timeout)."""
+    from .client import DEFAULT_URL, parse_override
+
+    if args.per_server < 1:
+        raise ValueError("--per-server must be >= 1")
+    models = {role: str(getattr(args, role)) for role in ("checkpoint", "blip2", "clip")
+              if getattr(args, role) is not None}
+    overrides = [parse_override(o) for o in args.overrides]
+    if args.resolution is not None:
+        overrides.insert(0, ("FreeSegDiffusionFeatures", "resolution", args.resolution))
+    return ComfySegmenter.connect(args.url or [DEFAULT_URL], per_server=args.per_server,
+                                  workflow=args.workflow or DEFAULT_WORKFLOW, n_clusters=args.clusters,
+                                  seed=args.seed, models=models, overrides=overrides, timeout=args.timeout)
