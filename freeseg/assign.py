@@ -9,8 +9,18 @@ FreeSeg-Diff (arXiv 2403.20105, official code) names masks with this rule:
        threshold, is background (None).
 So two masks never share a name.
 
+Two protocols are built on it:
+
+* ``assign_paper``: the official closed-vocabulary protocol exactly (scores over the FULL
+  class list, softmax over all classes, non-candidate columns zeroed after the softmax, the
+  rule; no candidates -> every mask background);
+* ``assign_open``: the open-vocabulary rule for users (the nodes' default): names scored
+  beside background words, a name lands on a mask only where it beats the background.
+
 Public API:
     assign_labels(scores, candidates, threshold) -> list[int | None]
+    assign_paper(probs, candidates) -> list[int | None]
+    assign_open(scores, n_names, threshold) -> list[int | None]
     assigned_scores(scores, assignment) -> list[float]
 """
 from __future__ import annotations
@@ -108,6 +118,71 @@ def assign_labels(scores: torch.Tensor, candidates: Iterable[int] | None = None,
     return out
 
 
+def assign_paper(probs: torch.Tensor, candidates: Iterable[int]) -> list[int | None]:
+    """The official FreeSeg-Diff closed-vocabulary assignment (segment.py), exactly.
+
+    Args:
+        probs: ``[K,C]`` CLIP probabilities of K masks over the FULL class list (softmax over
+            all C classes, taken before this call).
+        candidates: indices of the candidate classes (``freeseg.vocab.infer_candidates``).
+
+    Returns:
+        K class indices or None (background). Steps: the columns of non-candidate classes are
+        zeroed (after the softmax, so the candidates' probabilities are not renormalised);
+        each class keeps only the masks at its column maximum (every tied mask keeps it, as
+        the official ``m[m < max] = 0``); each mask takes its best remaining class (ties ->
+        the lowest class index, as ``np.argmax``); a mask whose pick is 0 is background. No
+        candidates -> every mask is background.
+    """
+    s = _check_scores(probs)
+    k, n = s.shape
+    cols = _candidate_columns(candidates, n)
+    if k == 0 or n == 0 or not bool(cols.any()):
+        return [None] * k
+    m = torch.where(cols[None, :] & torch.isfinite(s), s, torch.zeros_like(s))
+    m = torch.where(m < m.max(dim=0, keepdim=True).values, torch.zeros_like(m), m)
+    choice = torch.argmax(m, dim=1)
+    return [int(j) if float(m[i, j]) > 0.0 else None for i, j in enumerate(choice)]
+
+
+def assign_open(scores: torch.Tensor, n_names: int, threshold: float = 0.0) -> list[int | None]:
+    """The open-vocabulary rule: a name goes to a mask only where it beats the background.
+
+    Args:
+        scores: ``[K, N+M]`` CLIP probabilities (softmax over all N+M texts) of K masks over
+            N names (the ones asked for: the user's and the caption's) followed by M
+            background words (``freeseg.vocab.DEFAULT_BACKGROUND`` minus the names).
+        n_names: N.
+        threshold: a mask whose winning name scores below this stays background.
+
+    Returns:
+        K name indices in [0,N) or None. Each mask is decided on its own row: it takes its
+        best name when that name's score is strictly higher than every background word's
+        (a tie goes to the background) and >= threshold; ties between names go to the name
+        listed first. So no tie is ever resolved by mask position, a name the picture does
+        not show stays unassigned, and a name may label several masks (an object split over
+        two clusters keeps its name on both). Masks with no finite name score are background.
+    """
+    s = _check_scores(scores)
+    k, total = s.shape
+    if isinstance(n_names, bool) or not isinstance(n_names, int) or not 0 <= n_names <= total:
+        raise ValueError(f"n_names must be an int in [0, {total}], got {n_names!r}")
+    if k == 0 or n_names == 0:
+        return [None] * k
+    s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("-inf")))
+    best_name, pick = s[:, :n_names].max(dim=1)  # first maximal index
+    if total > n_names:
+        best_background = s[:, n_names:].max(dim=1).values
+    else:
+        best_background = torch.full((k,), float("-inf"), dtype=s.dtype)
+    out: list[int | None] = []
+    for i in range(k):
+        value = float(best_name[i])
+        wins = value > float(best_background[i]) and value > 0.0 and value >= threshold
+        out.append(int(pick[i]) if wins else None)
+    return out
+
+
 def assigned_scores(scores: torch.Tensor, assignment: Sequence[int | None]) -> list[float]:
     """Score of each mask's assigned name.
 
@@ -134,4 +209,4 @@ def assigned_scores(scores: torch.Tensor, assignment: Sequence[int | None]) -> l
     return out
 
 
-__all__ = ["assign_labels", "assigned_scores"]
+__all__ = ["assign_labels", "assign_open", "assign_paper", "assigned_scores"]
