@@ -13,6 +13,7 @@
 Public API:
     DEFAULT_BACKGROUND, CLASS_TEMPLATE
     infer_candidates(words, classes, embed) -> list[str]
+    cached_embed(embed, max_items) -> Embed
     pooled_embeddings(texts, embed) -> Tensor [N,D]
     class_embeddings(classes, embed) -> Tensor [C,D]
     correlation_distance(a, b) -> Tensor [N,C]
@@ -20,11 +21,12 @@ Public API:
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Iterable, Sequence, Union
 
 import torch
 
-__all__ = ["CLASS_TEMPLATE", "DEFAULT_BACKGROUND", "Embed", "class_embeddings", "correlation_distance",
+__all__ = ["CLASS_TEMPLATE", "DEFAULT_BACKGROUND", "Embed", "cached_embed", "class_embeddings", "correlation_distance",
            "infer_candidates", "parse_background", "pooled_embeddings"]
 
 CLASS_TEMPLATE = "A photo of {}"
@@ -40,6 +42,29 @@ one of the names asked for) stays unnamed. Editable on the FreeSeg-Diff CLIP Lab
 Embed = Callable[[list[str]], torch.Tensor]
 """``embed(texts) -> [N,T,D]`` per-token text embeddings (ComfyUI: the checkpoint CLIP's
 ``encode_from_tokens`` conditioning; diffusers: the text encoder's ``last_hidden_state``)."""
+
+
+def cached_embed(embed: Embed, max_items: int = 256) -> Embed:
+    """``embed`` with the ``[T,D]`` float32 CPU result of each text remembered (the last
+    ``max_items`` texts), so a class list is encoded once for a whole dataset, not per image."""
+    memo: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+
+    def cached(texts: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(t for t in texts if t not in memo))
+        if missing:
+            out = embed(missing)
+            if not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[0] != len(missing):
+                return out  # pooled_embeddings names the bad shape
+            for text, row in zip(missing, out.detach().float().cpu()):
+                memo[text] = row
+        rows = []
+        for text in texts:
+            memo.move_to_end(text)
+            rows.append(memo[text])
+        while len(memo) > max_items:
+            memo.popitem(last=False)
+        return torch.stack(rows) if rows else torch.zeros(0, 0, 0)
+    return cached
 
 
 def parse_background(text: Union[str, Iterable[str], None]) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..freeseg.clip_label import CROP_MODES, PROMPTS
 from ..freeseg.stages import RULES, label_segments, paper_candidates
 from ..freeseg.segments import Segments as SegmentsData
-from ..freeseg.vocab import DEFAULT_BACKGROUND, Embed, parse_background
+from ..freeseg.vocab import DEFAULT_BACKGROUND, Embed, cached_embed, parse_background
 from .common import CATEGORY, ClipModel, Progress, Segments, class_lists_for_batch, load_to_device, log, \
     parse_names, to_rgb
 
@@ -71,7 +71,7 @@ def label(segments: SegmentsData, images, clip_model, class_names: str, crop_mod
         raise ValueError("clip: the paper rule needs the checkpoint's CLIP (text encoder) to pick the candidate "
                          "classes from the captions; connect the checkpoint loader's CLIP output")
     lines = captions_for_batch(captions, b)
-    candidates = paper_candidates(lines, full, text_embed(clip))
+    candidates = paper_candidates(lines, full, cached_embed(text_embed(clip)))
     log.info("FreeSeg-Diff CLIP Label (paper): candidates %s", candidates)
     return label_segments(segments, to_rgb(images), clip_getter, clip_model["preprocess"], clip_model["tokenizer"],
                           [full] * b, crop_mode, prompt, progress=Progress(b), warn=log.warning, rule="paper",

@@ -20,8 +20,8 @@ from freeseg.nouns import caption_words
 from freeseg.segments import Segments
 from freeseg.stages import DEFAULTS, PAPER, FreeSegSettings, label_segments, name_masks_open, \
     name_masks_paper, open_texts, paper_candidates
-from freeseg.vocab import DEFAULT_BACKGROUND, class_embeddings, correlation_distance, infer_candidates, \
-    parse_background, pooled_embeddings
+from freeseg.vocab import DEFAULT_BACKGROUND, cached_embed, class_embeddings, correlation_distance, \
+    infer_candidates, parse_background, pooled_embeddings
 from standin_clip import PREPROCESS, StandInClip, colour_embed
 
 
@@ -193,6 +193,27 @@ def test_class_embeddings_prompt_and_multiword_mean() -> None:
     pooled = pooled_embeddings(["A photo of dining", "A photo of table"], colour_embed)
     torch.testing.assert_close(emb[1], pooled.mean(0))
     assert emb.dtype == torch.float32 and emb.shape == (2, 4)
+
+
+def test_cached_embed_encodes_each_text_once() -> None:
+    calls: list[list[str]] = []
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        calls.append(list(texts))
+        return colour_embed(texts)
+
+    cached = cached_embed(embed, max_items=3)
+    classes = ["red", "green"]
+    first = paper_candidates(["a tomato", "a frog"], classes, cached, vocabulary=["tomato", "frog"])
+    assert first == paper_candidates(["a tomato", "a frog"], classes, colour_embed, vocabulary=["tomato", "frog"])
+    # the class prompts went through the encoder once for both captions
+    flat = [t for c in calls for t in c]
+    assert flat.count("A photo of red") == 1 and flat.count("A photo of green") == 1
+    torch.testing.assert_close(cached(["grey", "red"]), colour_embed(["grey", "red"]))
+    cached(["a", "b", "c", "d"])  # evicts the oldest beyond 3
+    calls.clear()
+    cached(["grey"])
+    assert calls == [["grey"]]
 
 
 def test_caption_words_adjective_stands_for_its_noun() -> None:
