@@ -50,8 +50,8 @@ from .segments import Segments
 from .vocab import DEFAULT_BACKGROUND, Embed, infer_candidates
 
 __all__ = [
-    "FreeSegSettings", "PAPER", "DEFAULTS", "RULES", "ProgressLike", "to_rgb", "parse_names", "class_lists_for_batch",
-    "merge_names", "caption_images", "resize_square", "seeded_noise", "select_blocks",
+    "FreeSegSettings", "PAPER", "DEFAULTS", "RULES", "ProgressLike", "to_rgb", "parse_names",
+    "class_lists_for_batch", "merge_names", "caption_images", "resize_square", "seeded_noise", "select_blocks",
     "captured_to_features", "cluster_segments", "paper_candidates", "name_masks_open", "name_masks_paper",
     "open_texts", "label_segments", "refine_segments",
 ]

@@ -102,14 +102,16 @@ class FreeSegCLIPLabel(io.ComfyNode):
                                "(paper). ensemble: averaged 'a photo of a ...' style templates."),
                 io.Float.Input("threshold", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="open rule: a mask "
                                "whose winning name's CLIP probability is below this stays background."),
-                io.Combo.Input("rule", options=list(RULES), default="open", tooltip="open: names must beat the "
-                               "background words (for your own names). paper: the paper's closed-vocabulary "
-                               "protocol (needs classes, captions and clip)."),
+                io.Combo.Input("rule", options=list(RULES), default="open", optional=True,
+                               tooltip="open: names must beat the background words (for your own names). "
+                               "paper: the paper's closed-vocabulary protocol (needs classes, captions and clip)."),
                 io.String.Input("background", default=", ".join(DEFAULT_BACKGROUND), multiline=False,
-                                tooltip="open rule: background words, comma-separated. A mask whose best word is "
-                                "one of these stays unnamed, unless the word is also in class_names."),
-                io.String.Input("classes", default="", multiline=True, tooltip="paper rule: the full class list, "
-                                "comma-separated (e.g. the 20 Pascal VOC classes)."),
+                                optional=True, tooltip="open rule: background words, comma-separated. A mask "
+                                "whose best word is one of these stays unnamed, unless the word is also in "
+                                "class_names."),
+                io.String.Input("classes", default="", multiline=True, optional=True,
+                                tooltip="paper rule: the full class list, comma-separated (e.g. the 20 Pascal "
+                                "VOC classes)."),
                 io.String.Input("captions", optional=True, force_input=True, tooltip="paper rule: the captions "
                                 "(FreeSeg-Diff Caption's captions output); their words pick the candidate classes."),
                 io.Clip.Input("clip", optional=True, tooltip="paper rule: the checkpoint's text encoder (CLIP of "
@@ -120,6 +122,6 @@ class FreeSegCLIPLabel(io.ComfyNode):
 
     @classmethod
     def execute(cls, segments, image, clip_model, class_names, crop_mode, prompt, threshold, rule="open",
-                background=", ".join(DEFAULT_BACKGROUND), classes="", captions="", clip=None) -> io.NodeOutput:
+                background=None, classes="", captions="", clip=None) -> io.NodeOutput:
         return io.NodeOutput(label(segments, image, clip_model, class_names, crop_mode, prompt, threshold, rule,
-                                   background, classes, captions or "", clip))
+                                   background, classes or "", captions or "", clip))

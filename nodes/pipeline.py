@@ -35,9 +35,10 @@ class FreeSegPipeline(io.ComfyNode):
                                 "paper rule: the full class list (e.g. the 20 Pascal VOC classes)."),
                 io.Int.Input("n_clusters", default=4, min=1, max=64, tooltip="Masks per image (paper: 4)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of noise and k-means."),
-                io.Combo.Input("rule", options=list(RULES), default="open", tooltip="open: names must beat "
-                               "background words. paper: the paper's closed-vocabulary protocol (candidates "
-                               "from the caption through the checkpoint's CLIP; needs blip2 and clip)."),
+                io.Combo.Input("rule", options=list(RULES), default="open", optional=True,
+                               tooltip="open: names must beat background words. paper: the paper's closed-"
+                               "vocabulary protocol (candidates from the caption through the checkpoint's CLIP; "
+                               "needs blip2 and clip)."),
                 Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP-2 Loader."),
                 io.Clip.Input("clip", optional=True, tooltip="The checkpoint's text encoder, for the "
                               "empty-prompt conditioning (and the paper rule's candidate classes)."),
