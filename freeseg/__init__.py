@@ -1,6 +1,6 @@
 """FreeSeg-Diff as a plain Python library (no ComfyUI imports).
 
 Stages: caption -> class names (`extract_nouns`), diffusion features -> clusters
-(`cluster_features`, `labels_to_masks`), CLIP names per mask (`score_masks`,
-`assign_labels`), refinement (`refine_masks`).
+(`cluster_features`, `labels_to_masks`), CLIP names per mask (`score_masks`, `assign_open`,
+`assign_paper`), refinement (`refine_masks`).
 """

@@ -1,16 +1,17 @@
 """Give each class-agnostic mask a class name (or background) from CLIP scores.
 
-FreeSeg-Diff (arXiv 2403.20105, official code) names masks with this rule:
-    1. names outside the candidates (the caption's nouns) are excluded;
-    2. each name keeps only its best mask: for name n only the mask with the
-       highest score for n may take n (ties -> lowest mask index);
-    3. each mask takes its best remaining name (ties -> lowest name index);
-    4. a mask left with no name, or whose chosen score is <= 0 or below the
-       threshold, is background (None).
-So two masks never share a name.
+Two rules:
+
+* ``assign_paper``: the official FreeSeg-Diff (arXiv 2403.20105) closed-vocabulary protocol
+  exactly: CLIP scores over the FULL class list (softmax over all classes), non-candidate
+  columns zeroed after the softmax, each class keeps only its best mask, each mask takes its
+  best remaining class, a zero pick is background; no candidates -> every mask background;
+* ``assign_open``: the open-vocabulary rule for users (the nodes' default): names scored
+  beside background words, a name lands on a mask only where it beats the background.
 
 Public API:
-    assign_labels(scores, candidates, threshold) -> list[int | None]
+    assign_paper(probs, candidates) -> list[int | None]
+    assign_open(scores, n_names, threshold) -> list[int | None]
     assigned_scores(scores, assignment) -> list[float]
 """
 from __future__ import annotations
@@ -43,68 +44,79 @@ def _as_index(value: object, what: str, n: int) -> int:
     return idx
 
 
-def _candidate_columns(candidates: Iterable[int] | None, n_names: int) -> torch.Tensor:
-    """Boolean [N] mask of candidate names; None means every name.
+def _candidate_columns(candidates: Iterable[int], n_names: int) -> torch.Tensor:
+    """Boolean [N] mask of candidate names.
 
     Raises ValueError naming the first index that is not an int in [0, n_names).
     """
-    if candidates is None:
-        return torch.ones(n_names, dtype=torch.bool)
     cols = torch.zeros(n_names, dtype=torch.bool)
     for value in candidates:
         cols[_as_index(value, "candidate index", n_names)] = True
     return cols
 
 
-def _best_mask_per_name(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Keep, for each name, only the allowed entry of its best-scoring mask.
-
-    scores: [K,N] float64, allowed: [K,N] bool. Returns [K,N] bool: True at
-    (argmax_k scores[k,n] among allowed, n); ties -> lowest mask index.
-    """
-    k, n = scores.shape
-    masked = torch.where(allowed, scores, torch.full_like(scores, float("-inf")))
-    best = torch.argmax(masked, dim=0)  # first maximal index
-    keep = torch.zeros_like(allowed)
-    keep[best, torch.arange(n)] = True
-    return keep & allowed
-
-
-def assign_labels(scores: torch.Tensor, candidates: Iterable[int] | None = None,
-                  threshold: float = 0.0) -> list[int | None]:
-    """Name each mask with at most one class, no class used twice.
+def assign_paper(probs: torch.Tensor, candidates: Iterable[int]) -> list[int | None]:
+    """The official FreeSeg-Diff closed-vocabulary assignment (segment.py), exactly.
 
     Args:
-        scores: [K,N] float tensor, K masks x N class names (CLIP softmax over
-            names). NaN/inf entries are treated as unavailable.
-        candidates: indices of the names that may be used (e.g. the caption's
-            nouns); None means all N names.
-        threshold: a mask whose chosen score is below this is background.
+        probs: ``[K,C]`` CLIP probabilities of K masks over the FULL class list (softmax over
+            all C classes, taken before this call).
+        candidates: indices of the candidate classes (``freeseg.vocab.infer_candidates``).
 
     Returns:
-        list of length K: a name index in [0,N) per mask, or None for
-        background (no name left, chosen score <= 0, or < threshold).
-
-    Raises:
-        ValueError: scores not 2-D, or a candidate index outside [0,N).
+        K class indices or None (background). Steps: the columns of non-candidate classes are
+        zeroed (after the softmax, so the candidates' probabilities are not renormalised);
+        each class keeps only the masks at its column maximum (every tied mask keeps it, as
+        the official ``m[m < max] = 0``); each mask takes its best remaining class (ties ->
+        the lowest class index, as ``np.argmax``); a mask whose pick is 0 is background. No
+        candidates -> every mask is background.
     """
-    s = _check_scores(scores)
+    s = _check_scores(probs)
     k, n = s.shape
     cols = _candidate_columns(candidates, n)
-    if k == 0 or n == 0:
+    if k == 0 or n == 0 or not bool(cols.any()):
         return [None] * k
-    allowed = torch.isfinite(s) & cols[None, :]
-    allowed = _best_mask_per_name(s, allowed)
-    masked = torch.where(allowed, s, torch.full_like(s, float("-inf")))
-    choice = torch.argmax(masked, dim=1)  # first maximal index
+    m = torch.where(cols[None, :] & torch.isfinite(s), s, torch.zeros_like(s))
+    m = torch.where(m < m.max(dim=0, keepdim=True).values, torch.zeros_like(m), m)
+    choice = torch.argmax(m, dim=1)
+    return [int(j) if float(m[i, j]) > 0.0 else None for i, j in enumerate(choice)]
+
+
+def assign_open(scores: torch.Tensor, n_names: int, threshold: float = 0.0) -> list[int | None]:
+    """The open-vocabulary rule: a name goes to a mask only where it beats the background.
+
+    Args:
+        scores: ``[K, N+M]`` CLIP probabilities (softmax over all N+M texts) of K masks over
+            N names (the ones asked for: the user's and the caption's) followed by M
+            background words (``freeseg.vocab.DEFAULT_BACKGROUND`` minus the names).
+        n_names: N.
+        threshold: a mask whose winning name scores below this stays background.
+
+    Returns:
+        K name indices in [0,N) or None. Each mask is decided on its own row: it takes its
+        best name when that name's score is strictly higher than every background word's
+        (a tie goes to the background) and >= threshold; ties between names go to the name
+        listed first. So no tie is ever resolved by mask position, a name the picture does
+        not show stays unassigned, and a name may label several masks (an object split over
+        two clusters keeps its name on both). Masks with no finite name score are background.
+    """
+    s = _check_scores(scores)
+    k, total = s.shape
+    if isinstance(n_names, bool) or not isinstance(n_names, int) or not 0 <= n_names <= total:
+        raise ValueError(f"n_names must be an int in [0, {total}], got {n_names!r}")
+    if k == 0 or n_names == 0:
+        return [None] * k
+    s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("-inf")))
+    best_name, pick = s[:, :n_names].max(dim=1)  # first maximal index
+    if total > n_names:
+        best_background = s[:, n_names:].max(dim=1).values
+    else:
+        best_background = torch.full((k,), float("-inf"), dtype=s.dtype)
     out: list[int | None] = []
     for i in range(k):
-        j = int(choice[i])
-        value = float(s[i, j])
-        if not bool(allowed[i, j]) or value <= 0.0 or value < threshold:
-            out.append(None)
-        else:
-            out.append(j)
+        value = float(best_name[i])
+        wins = value > float(best_background[i]) and value > 0.0 and value >= threshold
+        out.append(int(pick[i]) if wins else None)
     return out
 
 
@@ -112,8 +124,8 @@ def assigned_scores(scores: torch.Tensor, assignment: Sequence[int | None]) -> l
     """Score of each mask's assigned name.
 
     Args:
-        scores: [K,N] float tensor, as given to assign_labels.
-        assignment: length-K list from assign_labels (name index or None).
+        scores: [K,N] float tensor, as given to assign_paper / assign_open.
+        assignment: length-K list from assign_paper / assign_open (name index or None).
 
     Returns:
         list of K floats: scores[k, assignment[k]], or 0.0 where None.
@@ -134,4 +146,4 @@ def assigned_scores(scores: torch.Tensor, assignment: Sequence[int | None]) -> l
     return out
 
 
-__all__ = ["assign_labels", "assigned_scores"]
+__all__ = ["assign_open", "assign_paper", "assigned_scores"]

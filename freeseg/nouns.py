@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
-__all__ = ["DEFAULT_VOCABULARY", "extract_nouns", "load_vocabulary"]
+__all__ = ["DEFAULT_VOCABULARY", "caption_words", "extract_nouns", "load_vocabulary"]
 
 VOCABULARY_PATH = Path(__file__).resolve().parent / "data" / "vocabulary.txt"
 
@@ -95,6 +95,20 @@ _COLOUR_NOUNS = frozenset("""
     orange lime lemon peach cherry plum olive salmon chocolate mustard rose light
     coral gold silver cream wine sand honey
 """.split())
+
+# Common caption adjectives (besides the colour words): the official code maps every
+# adjective to its head noun, so "a large brown dog" gives the words dog, dog, dog.
+_ADJECTIVES = _COLOUR_WORDS | frozenset("""
+    big small large little tiny huge giant tall short long wide narrow thick thin fat
+    young old new ancient modern wooden metal metallic plastic glass stone brick leather
+    furry fluffy hairy shiny wet dry dirty clean empty full open closed busy crowded
+    beautiful pretty cute ugly happy sad smiling angry sleepy cozy fancy plain
+    sunny cloudy snowy rainy foggy grassy sandy rocky dusty muddy
+    wild domestic stuffed fresh ripe raw cooked fried baked frozen hot cold warm
+    round square flat curved broken rusty vintage antique electric
+""".split())
+
+_RUN_JOINERS = frozenset(("and", ","))  # "a big, brown and white dog"
 
 _INTENSITY_WORDS = frozenset(("light", "dark", "bright", "pale", "deep"))
 _CONJUNCTIONS = frozenset(("and", "or"))
@@ -321,3 +335,33 @@ def extract_nouns(caption: str, vocabulary: Optional[Iterable[str]] = None) -> L
         if name not in names:
             names.append(name)
     return names
+
+
+def caption_words(caption: str, vocabulary: Optional[Iterable[str]] = None) -> List[str]:
+    """The caption's words as the official code feeds them to candidate-class inference.
+
+    The official code keeps every non-stop NOUN and ADJ token (spaCy), an adjective standing
+    for its head noun. Here the nouns are ``extract_nouns(caption, vocabulary)`` and an
+    adjective is a word of a fixed list (colours, sizes, materials, ...) in the run of
+    adjectives (joined by "and" or commas) right before a name: each one adds that name
+    again, so "a large brown dog on the grass" -> ``["dog", "grass", "dog", "dog"]``.
+    Repeats are kept on purpose: they weigh in the official mean-distance threshold.
+
+    Returns ``[]`` for an empty caption or when no name matches.
+    """
+    nouns = extract_nouns(caption, vocabulary)
+    if not nouns:
+        return []
+    entries = DEFAULT_VOCABULARY if vocabulary is None else _as_vocabulary(vocabulary)
+    index, longest = _index(entries)
+    tokens = _tokens(caption)
+    words = list(nouns)
+    for start, _end, name in _matches(tokens, index, longest):
+        if name not in nouns:
+            continue  # a compound modifier or a colour use, not a noun of the caption
+        i = start - 1
+        while i >= 0 and tokens[i].norm in _ADJECTIVES | _RUN_JOINERS:
+            if tokens[i].norm in _ADJECTIVES:
+                words.append(name)
+            i -= 1
+    return words

@@ -15,11 +15,16 @@ Stages, in pipeline order:
 * ``resize_square`` / ``seeded_noise``: the input side of the UNet pass;
 * ``select_blocks`` / ``captured_to_features``: captured UNet layer outputs -> feature grid;
 * ``cluster_segments``: feature grid -> class-agnostic masks at the image size;
-* ``name_masks`` / ``label_segments``: CLIP scores -> one name (or background) per mask;
+* ``paper_candidates``: the paper's candidate classes per image (caption words matched to
+  the full class list with the Stable Diffusion text encoder, ``freeseg.vocab``);
+* ``name_masks_open`` / ``name_masks_paper`` / ``label_segments``: CLIP scores -> one name
+  (or background) per mask, by the open-vocabulary rule (default) or the paper protocol;
 * ``refine_segments``: CRF / guided-filter refinement.
 
-``FreeSegSettings`` (and ``PAPER``, its defaults) holds the knobs of all stages with the
-settings of the paper's released code (equal to the node defaults).
+``FreeSegSettings`` holds the knobs of all stages. ``PAPER`` is the preset of the paper's
+released code; ``DEFAULTS`` (``FreeSegSettings()``, the node defaults) differs from it in one
+knob only, on purpose: the naming ``rule`` ("open": names beat a background vocabulary,
+instead of the paper's closed-vocabulary protocol, which needs a dataset's full class list).
 """
 
 from __future__ import annotations
@@ -32,22 +37,28 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequenc
 import torch
 import torch.nn.functional as F
 
-from .assign import assign_labels
+from .assign import assign_open, assign_paper
 from .caption import generate_captions
 from .clip_label import CROP_MODES, PROMPTS, encode_names, score_masks
 from .cluster import METHODS as CLUSTER_METHODS
 from .cluster import cluster_features, labels_to_masks
 from .features import SOURCE_QUERIES, SOURCES, DiffusionFeatures, aggregate_maps, block_factor, \
     tokens_to_map
-from .nouns import extract_nouns
+from .nouns import caption_words, extract_nouns
 from .refine import REFINE_METHODS, refine_masks
 from .segments import Segments
+from .vocab import DEFAULT_BACKGROUND, Embed, infer_candidates
 
 __all__ = [
-    "FreeSegSettings", "PAPER", "ProgressLike", "to_rgb", "parse_names", "class_lists_for_batch",
-    "merge_names", "caption_images", "resize_square", "seeded_noise", "select_blocks",
-    "captured_to_features", "cluster_segments", "name_masks", "label_segments", "refine_segments",
+    "FreeSegSettings", "PAPER", "DEFAULTS", "RULES", "ProgressLike", "to_rgb", "parse_names",
+    "class_lists_for_batch", "merge_names", "caption_images", "resize_square", "seeded_noise", "select_blocks",
+    "captured_to_features", "cluster_segments", "paper_candidates", "name_masks_open", "name_masks_paper",
+    "open_texts", "label_segments", "refine_segments",
 ]
+
+RULES = ("open", "paper")
+"""Naming rules: "open" (``freeseg.assign.assign_open``, the nodes' default) and "paper"
+(``freeseg.assign.assign_paper``, the official closed-vocabulary protocol)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -56,8 +67,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FreeSegSettings:
-    """Every knob of the FreeSeg-Diff stages. The defaults (``PAPER``) are the paper's
-    released-code settings and equal the ComfyUI node defaults.
+    """Every knob of the FreeSeg-Diff stages. The defaults (``DEFAULTS``) equal the ComfyUI
+    node defaults; ``PAPER`` is the paper's released-code preset (the same but ``rule``).
 
     Attributes:
         resolution: side of the square the image is resized to (bicubic) before VAE encoding.
@@ -71,7 +82,13 @@ class FreeSegSettings:
         n_init: k-means restarts (paper / sklearn default: 10).
         crop_mode: CLIP view of a mask: "masked" (paper: image with outside zeroed) or "bbox".
         prompt: CLIP text: "bare" names (paper) or "ensemble" templates.
-        threshold: a mask whose chosen CLIP probability is below this stays background.
+        threshold: a mask whose chosen CLIP probability is below this stays background
+            (open rule only; the paper protocol has none).
+        rule: naming rule, one of ``RULES``: "open" (default: the names given plus the
+            ``background`` words are scored, a name lands on a mask only where it beats them)
+            or "paper" (the names are a full class list, CLIP softmax over all of it, only
+            the caption's candidate classes may be used, each class to its best mask).
+        background: the background words of the open rule (``freeseg.vocab.DEFAULT_BACKGROUND``).
         refine: "crf" (paper), "guided" or "none".
         use_caption: caption the image (when a captioner is loaded) and add its nouns to the
             class names.
@@ -90,6 +107,8 @@ class FreeSegSettings:
     crop_mode: str = "masked"
     prompt: str = "bare"
     threshold: float = 0.0
+    rule: str = "open"
+    background: tuple[str, ...] = DEFAULT_BACKGROUND
     refine: str = "crf"
     use_caption: bool = True
     max_new_tokens: int = 30
@@ -117,13 +136,16 @@ class FreeSegSettings:
         positive_int("max_new_tokens", self.max_new_tokens)
         positive_int("num_beams", self.num_beams)
         choices = {"source": SOURCES, "cluster_method": CLUSTER_METHODS, "crop_mode": CROP_MODES,
-                   "prompt": PROMPTS, "refine": REFINE_METHODS}
+                   "prompt": PROMPTS, "refine": REFINE_METHODS, "rule": RULES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(self, name)!r}")
         if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
                 or not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"threshold must be a number in 0..1, got {self.threshold!r}")
+        if not isinstance(self.background, tuple) or not all(isinstance(w, str) and w.strip()
+                                                              for w in self.background):
+            raise ValueError(f"background must be a tuple of non-empty words, got {self.background!r}")
 
     def replace(self, **overrides: Any) -> "FreeSegSettings":
         """A copy with some settings changed; TypeError naming an unknown setting."""
@@ -138,9 +160,13 @@ class FreeSegSettings:
         return dataclasses.asdict(self)
 
 
-PAPER = FreeSegSettings()
+DEFAULTS = FreeSegSettings()
+"""The node defaults: the paper's settings with the open-vocabulary naming rule."""
+
+PAPER = FreeSegSettings(rule="paper")
 """The paper preset: 512 px, timestep 0, cross-attention queries, k-means K=4 (n_init 10),
-bare names, masked crops, CRF."""
+bare names, masked crops, the closed-vocabulary naming protocol (candidates from the
+caption, CLIP over the full class list), CRF."""
 
 
 class ProgressLike(Protocol):
@@ -357,70 +383,144 @@ def cluster_segments(features: DiffusionFeatures, n_clusters: int, method: str =
     return Segments.unlabelled(torch.cat(masks))
 
 
-def name_masks(scores: torch.Tensor, names: Sequence[str],
-               threshold: float = 0.0) -> tuple[list[Optional[str]], list[float]]:
-    """CLIP scores of one image -> a name (or None = background) and its score per mask.
+def paper_candidates(captions: Sequence[str], classes: Sequence[str], embed: Embed,
+                     vocabulary: Optional[Iterable[str]] = None) -> list[list[str]]:
+    """The paper's candidate classes of each image: ``freeseg.vocab.infer_candidates`` of the
+    caption's words (``freeseg.nouns.caption_words``) against the full class list.
 
     Args:
-        scores: ``[K,N]`` float, K masks x N names (CLIP softmax over names).
-        names: the N names.
-        threshold: a mask whose chosen score is below this stays background.
+        captions: B captions ("" gives no candidates).
+        classes: the full class list (no background).
+        embed: ``texts -> [N,T,D]`` per-token embeddings from the Stable Diffusion text encoder.
+        vocabulary: noun vocabulary of ``caption_words`` (None: its default).
     Returns:
-        (K names or None, K floats: the chosen score, 0.0 for background), by the paper's rule
-        (``freeseg.assign.assign_labels``: each name to its best mask, each mask its best
-        remaining name).
+        B lists of candidate classes (class-list order).
     """
-    if scores.ndim != 2 or scores.shape[1] != len(names):
-        raise ValueError(f"scores must be [K,{len(names)}], got {tuple(scores.shape)}")
-    s = scores.detach().float().cpu()
-    picks = assign_labels(s, threshold=threshold)
-    labels = [names[p] if p is not None else None for p in picks]
-    values = [float(s[i, p]) if p is not None else 0.0 for i, p in enumerate(picks)]
-    return labels, values
+    return [infer_candidates(caption_words(c, vocabulary), list(classes), embed) for c in captions]
+
+
+def _check_matrix(scores: torch.Tensor, n: int) -> torch.Tensor:
+    if scores.ndim != 2 or scores.shape[1] != n:
+        raise ValueError(f"scores must be [K,{n}], got {tuple(scores.shape)}")
+    return scores.detach().float().cpu()
+
+
+def name_masks_open(scores: torch.Tensor, names: Sequence[str], n_names: Optional[int] = None,
+                    threshold: float = 0.0) -> tuple[list[Optional[str]], list[float]]:
+    """The open-vocabulary rule on the CLIP scores of one image.
+
+    Args:
+        scores: ``[K,N]`` float, K masks x N texts (CLIP softmax over all of them): the
+            ``n_names`` names asked for first, then the background words.
+        names: the N texts.
+        n_names: how many of ``names`` are names (None: all, no background).
+        threshold: a mask whose winning name scores below this stays background.
+    Returns:
+        (K names or None = background, K floats: the chosen probability, 0.0 for background),
+        by ``freeseg.assign.assign_open``.
+    """
+    s = _check_matrix(scores, len(names))
+    picks = assign_open(s, len(names) if n_names is None else n_names, threshold)
+    return ([names[p] if p is not None else None for p in picks],
+            [float(s[i, p]) if p is not None else 0.0 for i, p in enumerate(picks)])
+
+
+def name_masks_paper(probs: torch.Tensor, classes: Sequence[str],
+                     candidates: Sequence[str]) -> tuple[list[Optional[str]], list[float]]:
+    """The paper's closed-vocabulary protocol on the CLIP scores of one image.
+
+    Args:
+        probs: ``[K,C]`` CLIP probabilities of K masks over the FULL class list (softmax over
+            all C classes).
+        classes: the C classes.
+        candidates: the image's candidate classes (``paper_candidates``); names not in
+            ``classes`` are an error.
+    Returns:
+        (K classes or None = background, K floats: the class probability, 0.0 for
+        background), by ``freeseg.assign.assign_paper``: non-candidate columns zeroed after
+        the softmax, each class to its best mask(s), each mask its best remaining class. No
+        candidates -> every mask background.
+    """
+    s = _check_matrix(probs, len(classes))
+    index = {name: j for j, name in enumerate(classes)}
+    unknown = [c for c in candidates if c not in index]
+    if unknown:
+        raise ValueError(f"candidates {unknown} are not in the class list")
+    picks = assign_paper(s, [index[c] for c in candidates])
+    return ([classes[p] if p is not None else None for p in picks],
+            [float(s[i, p]) if p is not None else 0.0 for i, p in enumerate(picks)])
+
+
+def open_texts(names: Sequence[str], background: Sequence[str]) -> list[str]:
+    """The texts of the open rule: ``names`` then the ``background`` words not among them
+    (case-insensitive; a background word asked for is a name)."""
+    asked = {n.lower() for n in names}
+    return list(names) + [w for w in background if w.lower() not in asked]
 
 
 def label_segments(segments: Segments, images: torch.Tensor, clip_model: ModelOrGetter,
                    preprocess_cfg: dict[str, Any], tokenizer: Callable, class_lists: Sequence[Sequence[str]],
                    crop_mode: str = "masked", prompt: str = "bare", threshold: float = 0.0,
                    progress: Optional[ProgressLike] = None,
-                   warn: Optional[Callable[..., None]] = None) -> Segments:
-    """Name every mask of every image with CLIP from that image's class list.
+                   warn: Optional[Callable[..., None]] = None, rule: str = "open",
+                   background: Sequence[str] = DEFAULT_BACKGROUND,
+                   candidates: Optional[Sequence[Sequence[str]]] = None) -> Segments:
+    """Name every mask of every image with CLIP.
 
     Args:
         segments: ``Segments`` with masks ``[B,K,H,W]``.
         images: ``[B,H,W,3]`` float 0..1, the images the segments came from.
         clip_model: an open_clip model (or a getter returning it, called once per image that
-            has names); with ``preprocess_cfg`` and ``tokenizer`` from
+            is scored); with ``preprocess_cfg`` and ``tokenizer`` from
             ``freeseg.clip_label.load_open_clip``.
-        class_lists: B lists of names.
-        warn: called as ``warn(fmt, image_index)`` for an image with no names (its masks stay
-            unnamed), e.g. ``logging.Logger.warning``.
+        class_lists: B lists of names. Rule "open": the names asked for (the user's and the
+            caption's). Rule "paper": the full class list.
+        rule: "open" (default): each mask is scored against its image's names plus the
+            ``background`` words (``open_texts``) and takes its best name only where that
+            beats every background word (``name_masks_open``). "paper": each mask is scored
+            against the full class list and named by ``name_masks_paper`` from
+            ``candidates``.
+        background: background words of the open rule.
+        candidates: rule "paper" only: B lists of candidate classes (``paper_candidates``).
+        threshold: open rule: a mask whose winning name scores below this stays background.
+        warn: called as ``warn(fmt, image_index)`` for an image with no names (open) or no
+            candidates (paper): its masks stay unnamed, e.g. ``logging.Logger.warning``.
     Returns:
         new ``Segments`` (same masks) with labels, scores and ``class_names`` = the lists.
     """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     b = segments.batch_size
     if images.shape[0] != b or tuple(images.shape[1:3]) != segments.image_size:
         raise ValueError(f"image: {tuple(images.shape[:3])} does not match the segments "
                          f"({b} images of {segments.image_size}); use the same images")
     if len(class_lists) != b:
         raise ValueError(f"class_lists has {len(class_lists)} lists for {b} images")
+    if rule == "paper" and (candidates is None or len(candidates) != b):
+        raise ValueError(f"rule 'paper' needs candidates: one list of candidate classes per image ({b})")
     lists = [list(names) for names in class_lists]
     out = Segments(segments.masks, [], [], lists)
     k = segments.masks.shape[1]
     for i in range(b):
         _check(progress)
         names = lists[i]
-        if not names:
+        empty = not names if rule == "open" else not (names and candidates[i])
+        if empty:
             if warn is not None:
-                warn("FreeSeg-Diff CLIP Label: image %d has no class names; its masks stay unnamed", i)
+                warn("FreeSeg-Diff CLIP Label: image %d has no class names; its masks stay unnamed" if rule == "open"
+                     else "FreeSeg-Diff CLIP Label: image %d has no candidate classes; its masks stay background", i)
             out.labels.append([None] * k)
             out.scores.append([0.0] * k)
             _step(progress)
             continue
         model = _get(clip_model)
-        text = encode_names(model, tokenizer, names, prompt=prompt)
+        texts = open_texts(names, background) if rule == "open" else names
+        text = encode_names(model, tokenizer, texts, prompt=prompt)
         scores = score_masks(model, preprocess_cfg, images[i], segments.masks[i], text, crop_mode=crop_mode)
-        labels, values = name_masks(scores, names, threshold)
+        if rule == "open":
+            labels, values = name_masks_open(scores, texts, len(names), threshold)
+        else:
+            labels, values = name_masks_paper(scores, names, candidates[i])
         out.labels.append(labels)
         out.scores.append(values)
         _step(progress)

@@ -1,21 +1,80 @@
-"""FreeSegCLIPLabel: names each mask with CLIP, by the paper's assignment rule."""
+"""FreeSegCLIPLabel: names each mask with CLIP, by the open-vocabulary rule (default) or the
+paper's closed-vocabulary protocol."""
 
 from __future__ import annotations
 
-from ..freeseg.clip_label import CROP_MODES, PROMPTS
-from ..freeseg.stages import label_segments
-from ..freeseg.segments import Segments as SegmentsData
-from .common import (CATEGORY, ClipModel, Progress, Segments, check_choice, check_number, class_lists_for_batch,
-                     first_problem, io, load_to_device, log, to_rgb)
+import torch
 
-def label(segments: SegmentsData, images, clip, class_names: str, crop_mode: str = "masked",
-          prompt: str = "bare", threshold: float = 0.0) -> SegmentsData:
-    """Names every mask of every image from that image's class list (None = background)."""
+from ..freeseg.clip_label import CROP_MODES, PROMPTS
+from ..freeseg.stages import RULES, label_segments, paper_candidates
+from ..freeseg.segments import Segments as SegmentsData
+from ..freeseg.vocab import DEFAULT_BACKGROUND, Embed, cached_embed, parse_background
+from .common import (CATEGORY, ClipModel, Progress, Segments, check_choice, check_number, class_lists_for_batch,
+                     first_problem, io, load_to_device, log, parse_names, to_rgb)
+
+
+def text_embed(clip) -> Embed:
+    """``texts -> [N,T,D]`` per-token conditioning of the checkpoint's text encoder (a ComfyUI
+    CLIP): ``encode_from_tokens(tokenize(text))`` per text, on the CPU in float32."""
+    def embed(texts: list[str]) -> torch.Tensor:
+        conds = [clip.encode_from_tokens(clip.tokenize(t)).float().cpu() for t in texts]
+        lengths = {c.shape[1] for c in conds}
+        if len(lengths) > 1:
+            raise ValueError(f"clip: texts encode to different lengths {sorted(lengths)}; use shorter words")
+        return torch.cat(conds)
+    return embed
+
+
+def captions_for_batch(captions: str | list[str], batch: int) -> list[str]:
+    """One caption per image: a list of B captions as given, or a string with one line per
+    image (or one line for all)."""
+    if isinstance(captions, list):
+        if len(captions) != batch:
+            raise ValueError(f"captions: {len(captions)} captions for {batch} images")
+        return [str(c) for c in captions]
+    lines = [line.strip() for line in (captions or "").splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return [lines[0] if lines else ""] * batch
+    if len(lines) != batch:
+        raise ValueError(f"captions has {len(lines)} lines but the batch has {batch} images: give one line per "
+                         "image, or a single line for all of them")
+    return lines
+
+
+def label(segments: SegmentsData, images, clip_model, class_names: str, crop_mode: str = "masked",
+          prompt: str = "bare", threshold: float = 0.0, rule: str = "open", background: str | None = None,
+          classes: str = "", captions: str | list[str] = "", clip=None) -> SegmentsData:
+    """Names every mask of every image (None = background).
+
+    rule "open": from that image's ``class_names`` plus the ``background`` words (None: the
+    default list; "": none). rule "paper":
+    ``classes`` is the full class list; the candidates come from ``captions`` through the
+    checkpoint's text encoder ``clip`` (both required)."""
     if not isinstance(segments, SegmentsData):
         raise TypeError("segments: expected FreeSeg-Diff segments (from Cluster Masks)")
-    return label_segments(segments, to_rgb(images), lambda: load_to_device(clip["patcher"]), clip["preprocess"],
-                          clip["tokenizer"], class_lists_for_batch(class_names, segments.batch_size), crop_mode,
-                          prompt, threshold, progress=Progress(segments.batch_size), warn=log.warning)
+    for name, value, allowed in (("rule", rule, RULES), ("crop_mode", crop_mode, CROP_MODES),
+                                 ("prompt", prompt, PROMPTS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    b = segments.batch_size
+    clip_getter = lambda: load_to_device(clip_model["patcher"])  # noqa: E731
+    if rule == "open":
+        return label_segments(segments, to_rgb(images), clip_getter, clip_model["preprocess"], clip_model["tokenizer"],
+                              class_lists_for_batch(class_names, b), crop_mode, prompt, threshold,
+                              progress=Progress(b), warn=log.warning, rule="open",
+                              background=parse_background(background))
+    full = parse_names(classes)
+    if not full:
+        raise ValueError("classes: the paper rule needs the full class list (e.g. the 20 VOC class names)")
+    if clip is None:
+        raise ValueError("clip: the paper rule needs the checkpoint's CLIP (text encoder) to pick the candidate "
+                         "classes from the captions; connect the checkpoint loader's CLIP output")
+    lines = captions_for_batch(captions, b)
+    candidates = paper_candidates(lines, full, cached_embed(text_embed(clip)))
+    log.info("FreeSeg-Diff CLIP Label (paper): candidates %s", candidates)
+    return label_segments(segments, to_rgb(images), clip_getter, clip_model["preprocess"], clip_model["tokenizer"],
+                          [full] * b, crop_mode, prompt, progress=Progress(b), warn=log.warning, rule="paper",
+                          candidates=candidates)
 
 
 class FreeSegCLIPLabel(io.ComfyNode):
@@ -25,32 +84,50 @@ class FreeSegCLIPLabel(io.ComfyNode):
             node_id="FreeSegCLIPLabel",
             display_name="FreeSeg-Diff CLIP Label",
             category=CATEGORY,
-            description="Scores every mask against the image's class names with CLIP (all masks of an image "
-                        "in one batch); each name goes to its best mask, each mask takes its best remaining "
-                        "name, and masks left over are background.",
+            description="Scores every mask with CLIP (all masks of an image in one batch). open: against the "
+                        "class names plus background words; a mask takes its best name only where it beats "
+                        "every background word. paper: the paper's protocol over a full class list, limited to "
+                        "the classes the caption points to.",
             inputs=[
                 Segments.Input("segments", tooltip="Output of FreeSeg-Diff Cluster Masks."),
                 io.Image.Input("image", tooltip="The same images the segments came from."),
                 ClipModel.Input("clip_model", tooltip="An open_clip model from FreeSeg-Diff CLIP Loader."),
-                io.String.Input("class_names", default="", multiline=True, tooltip="Class names: one line per "
-                                "image, or one line for all, comma-separated (e.g. from FreeSeg-Diff Caption)."),
+                io.String.Input("class_names", default="", multiline=True, tooltip="open rule: class names, one "
+                                "line per image or one line for all, comma-separated (e.g. from FreeSeg-Diff "
+                                "Caption). Unused by the paper rule."),
                 io.Combo.Input("crop_mode", options=list(CROP_MODES), default="masked", tooltip="masked: whole "
                                "image with everything outside the mask zeroed (paper). bbox: crop to the mask's box."),
                 io.Combo.Input("prompt", options=list(PROMPTS), default="bare", tooltip="bare: the names alone "
                                "(paper). ensemble: averaged 'a photo of a ...' style templates."),
-                io.Float.Input("threshold", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="A mask whose "
-                               "best CLIP probability is below this stays background."),
+                io.Float.Input("threshold", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="open rule: a mask "
+                               "whose winning name's CLIP probability is below this stays background."),
+                io.Combo.Input("rule", options=list(RULES), default="open", optional=True,
+                               tooltip="open: names must beat the background words (for your own names). "
+                               "paper: the paper's closed-vocabulary protocol (needs classes, captions and clip)."),
+                io.String.Input("background", default=", ".join(DEFAULT_BACKGROUND), multiline=False,
+                                optional=True, tooltip="open rule: background words, comma-separated. A mask "
+                                "whose best word is one of these stays unnamed, unless the word is also in "
+                                "class_names."),
+                io.String.Input("classes", default="", multiline=True, optional=True,
+                                tooltip="paper rule: the full class list, comma-separated (e.g. the 20 Pascal "
+                                "VOC classes)."),
+                io.String.Input("captions", optional=True, force_input=True, tooltip="paper rule: the captions "
+                                "(FreeSeg-Diff Caption's captions output); their words pick the candidate classes."),
+                io.Clip.Input("clip", optional=True, tooltip="paper rule: the checkpoint's text encoder (CLIP of "
+                              "the checkpoint loader), used to match caption words to classes."),
             ],
             outputs=[Segments.Output(display_name="segments")],
         )
 
     @classmethod
-    def validate_inputs(cls, crop_mode=None, prompt=None, threshold=None) -> bool | str:
+    def validate_inputs(cls, crop_mode=None, prompt=None, threshold=None, rule=None) -> bool | str:
         # Declaring threshold here makes ComfyUI skip its own min/max check of it (and NaN
         # passes any comparison), so the range is checked here.
         return first_problem(check_choice("crop_mode", crop_mode, CROP_MODES), check_choice("prompt", prompt, PROMPTS),
-                             check_number("threshold", threshold, 0.0, 1.0))
+                             check_number("threshold", threshold, 0.0, 1.0), check_choice("rule", rule, RULES))
 
     @classmethod
-    def execute(cls, segments, image, clip_model, class_names, crop_mode, prompt, threshold) -> io.NodeOutput:
-        return io.NodeOutput(label(segments, image, clip_model, class_names, crop_mode, prompt, threshold))
+    def execute(cls, segments, image, clip_model, class_names, crop_mode, prompt, threshold, rule="open",
+                background=None, classes="", captions="", clip=None) -> io.NodeOutput:
+        return io.NodeOutput(label(segments, image, clip_model, class_names, crop_mode, prompt, threshold, rule,
+                                   background, classes or "", captions or "", clip))

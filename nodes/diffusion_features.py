@@ -53,14 +53,25 @@ def unet_layers(dm: UNetModel, source: str) -> list[tuple[str, torch.nn.Module]]
     return layers
 
 
+_warned_zero_cond = False
+
+
 def empty_prompt(clip, context_dim: int, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The empty-prompt conditioning `[1,77,context_dim]` and pooled `[1,pooled_dim]`: from the
-    CLIP text encoder when given (as the paper), else zeros."""
+    CLIP text encoder when given (as the paper). A MODEL does not carry its text encoder, so
+    without `clip` it is zeros, and the log says so once per session (the features then differ
+    from the paper's)."""
+    global _warned_zero_cond
     if clip is not None:
         cond, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
         if pooled is None:
             pooled = torch.zeros((1, pooled_dim))
         return cond, pooled
+    if not _warned_zero_cond:
+        _warned_zero_cond = True
+        log.warning("FreeSeg-Diff Diffusion Features: no clip connected, so the UNet is conditioned on zeros "
+                    "instead of the empty-prompt embedding the paper uses; the features (and masks) differ "
+                    "from the paper's. Connect the checkpoint loader's CLIP output to the clip input.")
     return torch.zeros((1, 77, context_dim)), torch.zeros((1, pooled_dim))
 
 
@@ -179,8 +190,8 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
                                "decoder_blocks: outputs of the decoder blocks at 1/4 and 1/2 latent size."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the small noise "
                              "added at the timestep."),
-                io.Clip.Input("clip", optional=True, tooltip="Optional text encoder of the checkpoint, for the "
-                              "empty-prompt conditioning (paper). Without it a zero conditioning is used."),
+                io.Clip.Input("clip", optional=True, tooltip="Text encoder of the checkpoint, for the empty-prompt "
+                              "conditioning (paper). Without it a zero conditioning is used (a warning is logged)."),
             ],
             outputs=[Features.Output(display_name="features")],
         )

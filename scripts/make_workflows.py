@@ -485,8 +485,9 @@ def freeseg_cutout(g: Graph) -> None:
 def freeseg_vocabulary(g: Graph) -> None:
     g.note("## Your own class names, no captioner\n"
            "Type the names to look for in *CLIP Label* (comma-separated; one line per image for a "
-           "batch, or one line for all). Each name goes to the mask CLIP finds most like it; masks "
-           "left over stay unnamed (background). No BLIP-2 model is needed.\n\n" + MODELS_NOTE)
+           "batch, or one line for all). A mask takes the name CLIP finds most like it only where that "
+           "name beats every *background* word of CLIP Label (sky, wall, floor, ...; editable); other "
+           "masks stay unnamed. No BLIP-2 model is needed.\n\n" + MODELS_NOTE)
     image = g.add("LoadImage", image=IMAGE)["IMAGE"]
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     _, refined = segment(g, image, ckpt, class_names="dog, cat, grass, sky, tree", captioner=False)

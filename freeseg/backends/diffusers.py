@@ -40,11 +40,18 @@ nodes for it. Only UNet2DConditionModel checkpoints with one CLIP text encoder w
 ComfyUI's VAE encode gives (the paper's code sampled it); it is then shifted/scaled with the
 VAE config's ``shift_factor`` / ``scaling_factor``.
 
-Empty-prompt conditioning: the ids of the empty prompt come from ``tokenizer/`` when the
-config (or diffusers) folder has one, else they are ``[BOS, EOS, EOS, ...]`` (CLIP BPE ids
-49406 / 49407, padded with EOS to ``max_position_embeddings``), which is what SD1.x
-tokenizers (and ComfyUI's SD1 tokenizer) give. SD2 tokenizers pad with 0: give their
-``tokenizer/`` folder. The text encoder output used is ``last_hidden_state``.
+Text encoder prompts (the empty prompt of the UNet pass; the caption words and class prompts
+of the paper's candidate inference): token ids come from ``tokenizer/`` when the config (or
+diffusers) folder has one, else from open_clip's copy of the CLIP BPE (the SD1.x tokenizer)
+padded with EOS to ``max_position_embeddings`` (``""`` -> ``[BOS, EOS, EOS, ...]``, ids
+49406 / 49407), which is what SD1.x tokenizers (and ComfyUI's SD1 tokenizer) give. SD2
+tokenizers pad with 0: give their ``tokenizer/`` folder. The text encoder output used is
+``last_hidden_state``.
+
+Naming: ``settings.rule`` "open" (``DEFAULTS``, as the nodes) names masks from the given names
+and the caption's nouns against background words; "paper" (``PAPER``) takes ``class_names`` as
+the full class list and the paper's candidate classes from the caption
+(``stages.paper_candidates`` with ``text_embeddings``).
 
 The diffusion-features pass reproduces ComfyUI's ``FreeSegDiffusionFeatures`` node: image
 resized to ``resolution`` x ``resolution`` (bicubic), VAE encode, ``x_t =
@@ -76,11 +83,12 @@ from PIL import Image, ImageOps
 
 from ..features import SOURCE_QUERIES, DiffusionFeatures
 from ..segments import Segments, draw_overlay
-from ..stages import (PAPER, FreeSegSettings, caption_images, captured_to_features, cluster_segments,
-                            label_segments, parse_names, refine_segments, resize_square, seeded_noise,
-                            to_rgb)
+from ..vocab import cached_embed
+from ..stages import (DEFAULTS, PAPER, FreeSegSettings, caption_images, captured_to_features,
+                      cluster_segments, label_segments, paper_candidates, parse_names, refine_segments,
+                      resize_square, seeded_noise, to_rgb)
 
-__all__ = ["FreeSegPipeline", "FreeSegResult", "FreeSegSettings", "PAPER", "SDModels",
+__all__ = ["FreeSegPipeline", "FreeSegResult", "FreeSegSettings", "DEFAULTS", "PAPER", "SDModels",
            "DEFAULT_SD_CONFIG", "load_sd", "load_image"]
 
 log = logging.getLogger("freeseg-diff")
@@ -91,7 +99,7 @@ DEFAULT_SD_CONFIG = Path(__file__).resolve().parent.parent / "data" / "sd15"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 CLIP_BOS, CLIP_EOS = 49406, 49407
-PIPELINE_VERSION = 1  # bump when a change alters the outputs (goes into cache_key)
+PIPELINE_VERSION = 2  # bump when a change alters the outputs (goes into cache_key)
 
 PathLike = Union[str, os.PathLike]
 
@@ -110,6 +118,7 @@ class SDModels:
         vae: ``AutoencoderKL`` / ``AutoencoderTiny`` or None (no VAE loaded).
         scheduler: ``diffusers.DDPMScheduler`` whose ``add_noise`` noises latents.
         prompt_ids: ``[1,L]`` int64 token ids of the empty prompt.
+        tokenize: ``list[str] -> [N,L]`` int64 token ids of the text encoder's tokenizer.
         family: "SD15" (cross-attention dim 768), "SD20" (1024) or "UNet".
         description: JSON-able description of the sources (paths, sizes), for cache keys.
     """
@@ -121,6 +130,7 @@ class SDModels:
     prompt_ids: torch.Tensor
     family: str
     description: dict[str, Any] = field(default_factory=dict)
+    tokenize: Optional[Any] = None
 
     @property
     def device(self) -> torch.device:
@@ -201,24 +211,38 @@ def _transformers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {name: dtype}
 
 
-def _empty_prompt_ids(tokenizer_root: Optional[Path], text_config: Any) -> torch.Tensor:
-    """``[1,L]`` int64 ids of the empty prompt (see the module docstring)."""
+def _prompt_tokenizer(tokenizer_root: Optional[Path], text_config: Any) -> Any:
+    """``texts -> [N,L]`` int64 token ids for the text encoder (see the module docstring)."""
     length = int(getattr(text_config, "max_position_embeddings", 77))
     if tokenizer_root is not None and (tokenizer_root / "tokenizer").is_dir():
         from transformers import CLIPTokenizer
 
         tok = CLIPTokenizer.from_pretrained(str(tokenizer_root), subfolder="tokenizer", local_files_only=True)
-        # the text encoder's context length, not the tokenizer's model_max_length (some
-        # tokenizer configs, e.g. ComfyUI's copy, say 8192)
-        return tok("", padding="max_length", max_length=length, truncation=True,
-                   return_tensors="pt").input_ids.long()
+
+        def tokenize(texts: list[str]) -> torch.Tensor:
+            # the text encoder's context length, not the tokenizer's model_max_length (some
+            # tokenizer configs, e.g. ComfyUI's copy, say 8192)
+            return tok(list(texts), padding="max_length", max_length=length, truncation=True,
+                       return_tensors="pt").input_ids.long()
+        return tokenize
+    from open_clip.tokenizer import SimpleTokenizer
+
     bos = getattr(text_config, "bos_token_id", None)
     eos = getattr(text_config, "eos_token_id", None)
     vocab = int(getattr(text_config, "vocab_size", 49408))
     # Old CLIP configs carry placeholder ids (bos 0, eos 2); the real BPE ids are the last two.
     bos = bos if isinstance(bos, int) and bos >= vocab - 2 else CLIP_BOS
     eos = eos if isinstance(eos, int) and eos >= vocab - 2 else CLIP_EOS
-    return torch.tensor([[bos, eos] + [eos] * (length - 2)], dtype=torch.long)
+    bpe = SimpleTokenizer(context_length=length)
+
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        ids = bpe(list(texts)).long()  # [BOS, ..., EOS, 0, 0, ...]
+        ids[:, 0] = bos
+        ends = (ids == bpe.eot_token_id).int().argmax(dim=1)
+        for i, end in enumerate(ends.tolist()):
+            ids[i, end:] = eos  # pad with EOS, as the SD1 tokenizer
+        return ids
+    return tokenize
 
 
 def _scheduler(config: dict[str, Any]) -> Any:
@@ -362,12 +386,13 @@ def load_sd(sd: PathLike, sd_config: Optional[PathLike] = None, vae: Union[PathL
         raise FileNotFoundError(f"sd: not found: {str(src)!r}")
 
     scheduler = _scheduler(_read_json(sched_root / "scheduler" / "scheduler_config.json"))
-    prompt_ids = _empty_prompt_ids(tok_root, text_encoder.config)
+    tokenize = _prompt_tokenizer(tok_root, text_encoder.config)
+    prompt_ids = tokenize([""])
     unet = unet.to(device=device, dtype=dtype).eval()
     text_encoder = text_encoder.to(device=device, dtype=dtype).eval()
     if vae_model is not None:
         vae_model = vae_model.to(device=device, dtype=dtype).eval()
-    return SDModels(unet, text_encoder, vae_model, scheduler, prompt_ids, _family(unet), description)
+    return SDModels(unet, text_encoder, vae_model, scheduler, prompt_ids, _family(unet), description, tokenize)
 
 
 def _text_encoder_from_checkpoint(checkpoint: dict[str, torch.Tensor], sd_config: Optional[PathLike],
@@ -497,7 +522,7 @@ class FreeSegPipeline:
     """
 
     def __init__(self, sd: SDModels, clip: Optional[tuple[Any, dict[str, Any], Any]] = None,
-                 captioner: Optional[tuple[Any, Any]] = None, settings: FreeSegSettings = PAPER,
+                 captioner: Optional[tuple[Any, Any]] = None, settings: FreeSegSettings = DEFAULTS,
                  description: Optional[dict[str, Any]] = None):
         """
         Args:
@@ -505,7 +530,8 @@ class FreeSegPipeline:
             clip: ``(model, preprocess_cfg, tokenizer)`` from ``freeseg.clip_label.load_open_clip``,
                 or None (masks stay unnamed).
             captioner: ``(model, processor)`` from ``freeseg.caption.load_captioner``, or None.
-            settings: default settings of ``segment`` (``PAPER``).
+            settings: default settings of ``segment`` (``DEFAULTS``, as the nodes; ``PAPER`` for
+                the paper's closed-vocabulary protocol).
             description: JSON-able description of clip / captioner sources (for ``cache_key``).
         """
         if not isinstance(settings, FreeSegSettings):
@@ -516,6 +542,7 @@ class FreeSegPipeline:
         self.settings = settings
         self.description = dict(description or {})
         self._cond: Optional[torch.Tensor] = None
+        self._embed = cached_embed(self.text_embeddings)  # class prompts encoded once, not per image
 
     # -- construction ------------------------------------------------------------------
 
@@ -536,14 +563,14 @@ class FreeSegPipeline:
             device: default CUDA when available, else CPU.
             dtype: of SD and BLIP-2; default float16 on CUDA, float32 on the CPU (CLIP stays
                 float32).
-            settings: default settings (``PAPER``); ``**overrides`` change some of them.
+            settings: default settings (``DEFAULTS``); ``**overrides`` change some of them.
         """
         from ..caption import load_captioner
         from ..clip_label import load_open_clip
 
         dev = torch.device(device) if device is not None else _default_device()
         dt = dtype if dtype is not None else _default_dtype(dev)
-        base = settings if settings is not None else PAPER
+        base = settings if settings is not None else DEFAULTS
         base = base.replace(**overrides) if overrides else base
         sd_models = load_sd(sd, sd_config=sd_config, vae=vae, device=dev, dtype=dt)
         description: dict[str, Any] = {}
@@ -583,6 +610,16 @@ class FreeSegPipeline:
             ids = self.sd.prompt_ids.to(next(te.parameters()).device)
             self._cond = te(input_ids=ids)[0].to(self.sd.dtype)
         return self._cond
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """``[N,L,D]`` float32 CPU text-encoder ``last_hidden_state`` of ``texts`` (the
+        ``embed`` of ``freeseg.vocab.infer_candidates``, as the official ``_encode_prompt``)."""
+        if self.sd.tokenize is None:
+            raise ValueError("this SDModels has no tokenizer (tokenize=None); load it with load_sd")
+        te = self.sd.text_encoder
+        ids = self.sd.tokenize(list(texts)).to(next(te.parameters()).device)
+        return te(input_ids=ids)[0].float().cpu()
 
     def _layers(self, source: str) -> list[tuple[str, torch.nn.Module]]:
         """(name, module) of every candidate layer of ``source`` in forward order.
@@ -712,8 +749,10 @@ class FreeSegPipeline:
 
         Args:
             image: see ``load_image`` (path, PIL, numpy, torch ``[H,W,C]``).
-            class_names: names to label against, added after the caption's nouns (a list, or a
-                comma-separated string). Without a captioner these are the only names.
+            class_names: rule "open": names to label against, added after the caption's nouns
+                (a list, or a comma-separated string); without a captioner these are the only
+                names. Rule "paper": the full class list (e.g. the 20 VOC classes); the
+                candidates come from the caption (none without a captioner: all background).
             **overrides: settings for this call only (``FreeSegSettings`` fields).
         Returns:
             ``FreeSegResult`` (masks ``[K,H,W]`` at the image's size).
@@ -724,7 +763,16 @@ class FreeSegPipeline:
         pixels = load_image(image)
 
         t0 = time.perf_counter()
-        captions, lists = self.caption(pixels, parse_names(class_names), s)
+        candidates = None
+        if s.rule == "paper":
+            classes = parse_names(class_names)
+            if not classes:
+                raise ValueError("class_names: the paper rule needs the full class list")
+            captions, _ = self.caption(pixels, (), s)
+            lists = [classes]
+            candidates = paper_candidates(captions, classes, self._embed)
+        else:
+            captions, lists = self.caption(pixels, parse_names(class_names), s)
         timings["caption"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -739,7 +787,8 @@ class FreeSegPipeline:
         if self.clip is not None:
             model, preprocess_cfg, tokenizer = self.clip
             segments = label_segments(segments, pixels, model, preprocess_cfg, tokenizer, lists, s.crop_mode,
-                                      s.prompt, s.threshold, warn=log.warning)
+                                      s.prompt, s.threshold, warn=log.warning, rule=s.rule,
+                                      background=s.background, candidates=candidates)
         else:
             log.warning("FreeSegPipeline: no CLIP model loaded; the masks stay unnamed")
             segments = Segments(segments.masks, segments.labels, segments.scores, lists)
@@ -759,10 +808,15 @@ class FreeSegPipeline:
                  vocabulary: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, list[Optional[str]]]:
         """``freeseg.eval.evaluate.Segmenter``: ``image`` ``[H,W,3]`` float32 0..1, ``vocabulary``
         None (closed mode: names from the caption, needs a captioner) or the dataset's class
-        names (added after the caption nouns, as ``segment``). Returns (masks ``[K,H,W]``
+        names (rule "open": added after the caption nouns, as ``segment``; rule "paper": the
+        full class list of the paper protocol, needs a captioner). Returns (masks ``[K,H,W]``
         float32, K labels)."""
-        if vocabulary is None and (self.captioner is None or not self.settings.use_caption):
+        no_caption = self.captioner is None or not self.settings.use_caption
+        if vocabulary is None and no_caption:
             raise ValueError("closed-vocabulary mode needs a captioner (blip2=...) with use_caption=True: "
                              "without one the masks have no names to choose from")
+        if self.settings.rule == "paper" and (vocabulary is None or no_caption):
+            raise ValueError("the paper protocol needs the dataset's class list as vocabulary and a captioner "
+                             "(blip2=...) with use_caption=True")
         result = self.segment(image, list(vocabulary) if vocabulary is not None else None)
         return result.masks, result.labels

@@ -12,6 +12,18 @@ The official code scored VOC boundary pixels (255) as background; ``--official-b
 (``official_boundary=True``) does the same (255 -> 0 in ground truth and predictions).
 The default ignores them.
 
+Protocols (``--protocol`` / ``protocol=``):
+
+* ``standard`` (default): both metrics with the boundary handling above, predictions as the
+  mode says;
+* ``paper``: the paper's numbers as its official code computed them. The segmenter runs the
+  whole closed-vocabulary pipeline (``--backend diffusers`` with ``freeseg.stages.PAPER``:
+  caption -> words -> candidate classes with the SD text encoder -> CLIP over the full class
+  list -> the rule -> CRF -> label map; mode ``"paper"``: the segmenter gets the dataset's
+  bare class names without background as the class list), and ``miou_per_image`` is the
+  official per-image mIoU with boundaries (255) scored as background, printed beside the
+  standard dataset-level ``miou`` (255 ignored).
+
 Predictions come from either
 
 * a folder of label maps (``--predictions DIR`` / ``PredictionFolder``): ``DIR/<stem>.png``
@@ -29,6 +41,8 @@ Predictions come from either
     official code instead matched words to classes by text-embedding similarity.)
   - ``"open"``: the segmenter gets the dataset's class names (without background, in
     readable form: "dining table", "potted plant", "tv monitor") as its vocabulary.
+  - ``"paper"``: the segmenter gets the dataset's class names as the class list (without
+    background, bare, as the official code: "diningtable") and runs the paper protocol.
 
 With ``--out DIR`` (``out_dir``) the run is resumable: each image's confusion matrix is
 cached as ``DIR/cache/<settings-hash>/<stem>.npz`` (the hash covers dataset, root, split,
@@ -46,6 +60,8 @@ Command line::
         --json --limit 500 --out results/coco --official-boundary
     python -m freeseg eval --dataset voc --root VOCdevkit/VOC2012 --backend comfyui \\
         --url http://gpu0:8188 --url http://gpu1:8188 --mode closed --out results/voc
+    python -m freeseg eval --dataset voc --root VOCdevkit/VOC2012 --protocol paper \\
+        --backend diffusers --sd sd-v1-4.safetensors --blip2 models/blip --clip models/clip
 
 ``--backend comfyui`` runs an API workflow (default ``workflows/api/freeseg_full.json``; any
 checkpoint family the nodes support) on ComfyUI servers through
@@ -84,12 +100,13 @@ from .metrics import confusion_matrix, image_miou as _image_miou, iou_per_class,
 
 __all__ = [
     "DEFAULT_SYNONYMS", "EvalResult", "MODES", "PredictionFolder", "PredictionSource",
-    "Segmenter", "SegmenterSource", "evaluate", "format_table", "labels_to_prediction",
+    "PROTOCOLS", "Segmenter", "SegmenterSource", "evaluate", "format_table", "labels_to_prediction",
     "main", "map_label", "write_reports",
 ]
 
-CACHE_FORMAT = 1
-MODES = ("closed", "open")
+CACHE_FORMAT = 2  # 2: both confusion matrices (255 ignored / 255 as background) per image
+MODES = ("closed", "open", "paper")
+PROTOCOLS = ("standard", "paper")
 
 # ------------------------------------------------------------------------------------
 # Names -> dataset classes
@@ -322,8 +339,9 @@ class SegmenterSource(PredictionSource):
 
     Args:
         segmenter: the model (see ``Segmenter``).
-        mode: "closed" (model names masks itself; names mapped with ``map_label``) or
-            "open" (model gets the dataset class names as vocabulary).
+        mode: "closed" (model names masks itself; names mapped with ``map_label``),
+            "open" (model gets the dataset class names as vocabulary) or "paper" (model gets
+            the bare class names as the full class list of the paper protocol).
         synonyms: see ``map_label``.
         threshold: mask threshold for ``labels_to_prediction``.
         name: identifies model + settings in the cache hash (default: ``segmenter.cache_key``
@@ -353,9 +371,12 @@ class SegmenterSource(PredictionSource):
         return f"segmenter {self.name} ({self.mode}-vocabulary mode)"
 
     def vocabulary(self, dataset: SegDataset) -> Optional[list[str]]:
-        """None in closed mode; the dataset's readable class names minus background in open."""
+        """None in closed mode; the dataset's readable class names minus background in open;
+        its bare class names minus background in paper."""
         if self.mode == "closed":
             return None
+        if self.mode == "paper":
+            return [n for n in dataset.class_names if _key(n) != "background"]
         return [v for v, n in zip(dataset.vocabulary, dataset.class_names) if _key(n) != "background"]
 
     def predict(self, dataset: SegDataset, sample: Sample) -> np.ndarray:
@@ -387,6 +408,9 @@ class EvalResult:
         pixel_accuracy: correct / scored pixels over the split.
         confusion: ``[C, C+1]`` int64 summed confusion matrix (last column: void predictions).
         image_miou: stem -> that image's mIoU (NaN when it has no scored pixel).
+        protocol: "standard" (both metrics with ``official_boundary``'s handling of 255) or
+            "paper" (``miou``/``iou``/``confusion`` with 255 ignored, the per-image values with
+            255 scored as background, as the official code).
         n_scored / n_cached: images scored now / taken from the cache.
     """
 
@@ -404,6 +428,7 @@ class EvalResult:
     official_boundary: bool
     source: str
     settings_hash: str
+    protocol: str = "standard"
     n_scored: int = 0
     n_cached: int = 0
     files: dict[str, Path] = field(default_factory=dict)
@@ -427,11 +452,12 @@ def _num(value: float) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
-def _settings(dataset: SegDataset, source: PredictionSource, official_boundary: bool) -> dict[str, Any]:
+def _settings(dataset: SegDataset, source: PredictionSource) -> dict[str, Any]:
+    """What the cached matrices depend on (both boundary variants are cached, so neither the
+    boundary handling nor the protocol is part of it)."""
     return {
         "format": CACHE_FORMAT, "dataset": dataset.name, "root": str(Path(dataset.root).resolve()),
-        "split": dataset.split, "class_names": list(dataset.class_names),
-        "official_boundary": bool(official_boundary), "source": source.settings(),
+        "split": dataset.split, "class_names": list(dataset.class_names), "source": source.settings(),
     }
 
 
@@ -444,39 +470,42 @@ def _safe_stem(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", stem)
 
 
-def _load_cached(path: Path, signature: str, shape: tuple[int, int]) -> Optional[np.ndarray]:
-    """The cached ``[C, C+1]`` matrix if the file is readable and still valid, else None."""
+def _load_cached(path: Path, signature: str, shape: tuple[int, int]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The cached ``[C, C+1]`` matrices (255 ignored, 255 as background) if the file is
+    readable and still valid, else None."""
     try:
         with np.load(path, allow_pickle=False) as data:
             cm = data["cm"].astype(np.int64)
+            cm_bg = data["cm_bg"].astype(np.int64)
             sig = str(data["sig"])
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
-    return cm if cm.shape == shape and sig == signature else None
+    return (cm, cm_bg) if cm.shape == cm_bg.shape == shape and sig == signature else None
 
 
-def _save_cached(path: Path, cm: np.ndarray, signature: str) -> None:
+def _save_cached(path: Path, cms: tuple[np.ndarray, np.ndarray], signature: str) -> None:
     """Write atomically (temp file + rename) so an interrupted run leaves no broken entry."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, cm=cm, sig=np.array(signature))
+        np.savez_compressed(fh, cm=cms[0], cm_bg=cms[1], sig=np.array(signature))
     os.replace(tmp, path)
 
 
 def _score_sample(dataset: SegDataset, source: PredictionSource, sample: Sample,
-                  official_boundary: bool, save_to: Optional[Path]) -> np.ndarray:
-    """Confusion matrix ``[C, C+1]`` of one image (reads GT, gets the prediction)."""
+                  save_to: Optional[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Confusion matrices ``[C, C+1]`` of one image (reads GT, gets the prediction): with
+    label 255 ignored, and with 255 scored as background (official code)."""
     gt = dataset.load_label(sample)
     pred = source.predict(dataset, sample)
     if save_to is not None:
         save_label_png(save_to, pred)
-    if official_boundary:
-        gt = np.where(gt == IGNORE_INDEX, 0, gt)
-        pred = np.where(pred == IGNORE_INDEX, 0, pred)
     if gt.shape != pred.shape:
         raise DatasetError(f"{sample.stem}: prediction is {pred.shape[0]}x{pred.shape[1]} but the "
                            f"ground truth {sample.label_path} is {gt.shape[0]}x{gt.shape[1]}")
-    return confusion_matrix(gt, pred, dataset.num_classes, IGNORE_INDEX)
+    cm = confusion_matrix(gt, pred, dataset.num_classes, IGNORE_INDEX)
+    gt_bg = np.where(gt == IGNORE_INDEX, 0, gt)
+    pred_bg = np.where(pred == IGNORE_INDEX, 0, pred)
+    return cm, confusion_matrix(gt_bg, pred_bg, dataset.num_classes, IGNORE_INDEX)
 
 
 def _progress(items: Iterable[Any], enabled: Optional[bool], total: int) -> Iterable[Any]:
@@ -516,7 +545,7 @@ def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
              out_dir: Optional[Path | str] = None, examples: int = 4,
              progress: Optional[bool] = None, use_cache: bool = True, mode: str = "closed",
              synonyms: Optional[Mapping[str, Union[str, Sequence[str]]]] = None,
-             workers: int = 1) -> EvalResult:
+             workers: int = 1, protocol: str = "standard") -> EvalResult:
     """Score a prediction source on a dataset split.
 
     Args:
@@ -533,10 +562,15 @@ def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
         workers: images predicted at once, in threads (a thread-safe source only, e.g.
             ``freeseg.app.comfy_segmenter.ComfySegmenter`` over several servers); results are
             accumulated in split order, so the scores do not depend on it.
+        protocol: "standard" or "paper" (module docstring; ``official_boundary`` is then
+            not used: the dataset-level metric ignores 255, the per-image one scores it as
+            background).
 
     Returns:
         EvalResult (with ``files`` naming the reports written).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if not isinstance(source, PredictionSource):
         source = SegmenterSource(source, mode=mode, synonyms=synonyms)
     samples = list(dataset.samples)
@@ -545,7 +579,7 @@ def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
             raise ValueError(f"limit must be >= 1, got {limit}")
         samples = samples[:limit]
     source.check(dataset, samples)
-    settings = _settings(dataset, source, official_boundary)
+    settings = _settings(dataset, source)
     digest = settings_hash(settings)
     cache_dir = pred_dir = None
     if out_dir is not None:
@@ -564,8 +598,9 @@ def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
     image_miou: dict[str, float] = {}
     n_scored = n_cached = 0
 
-    def confusion(sample: Sample) -> tuple[np.ndarray, bool]:
-        """(confusion matrix, whether it came from the cache) of one image."""
+    def confusion(sample: Sample) -> tuple[tuple[np.ndarray, np.ndarray], bool]:
+        """((confusion matrix, the same with label 255 as background), whether it came from the
+        cache) of one image."""
         entry = cache_dir / f"{_safe_stem(sample.stem)}.npz" if cache_dir is not None else None
         signature = ""
         if entry is not None:
@@ -575,16 +610,21 @@ def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
                 if cached is not None:
                     return cached, True
         save_to = pred_dir / f"{_safe_stem(sample.stem)}.png" if pred_dir is not None else None
-        cm = _score_sample(dataset, source, sample, official_boundary, save_to)
+        cms = _score_sample(dataset, source, sample, save_to)
         if entry is not None:
-            _save_cached(entry, cm, signature)
-        return cm, False
+            _save_cached(entry, cms, signature)
+        return cms, False
 
     scored = _ordered_map(confusion, samples, max(1, int(workers)))
-    for sample, (cm, from_cache) in zip(samples, _progress(scored, progress, len(samples))):
+    for sample, (cms, from_cache) in zip(samples, _progress(scored, progress, len(samples))):
         n_cached += from_cache
         n_scored += not from_cache
-        total += cm
+        if protocol == "paper":
+            total += cms[0]
+            cm = cms[1]
+        else:
+            cm = cms[1] if official_boundary else cms[0]
+            total += cm
         present = cm.sum(axis=1) > 0
         iou = iou_per_class(cm)
         sums += np.where(present, np.nan_to_num(iou), 0.0)
@@ -604,7 +644,7 @@ def evaluate(dataset: SegDataset, source: Union[PredictionSource, Segmenter], *,
         iou=iou, iou_per_image=iou_img, images_with_class=counts,
         pixel_accuracy=pixel_accuracy(total), confusion=total, image_miou=image_miou,
         official_boundary=bool(official_boundary), source=source.describe(),
-        settings_hash=digest, n_scored=n_scored, n_cached=n_cached)
+        settings_hash=digest, n_scored=n_scored, n_cached=n_cached, protocol=protocol)
     if out_dir is not None:
         result.files = write_reports(result, dataset, source, samples, Path(out_dir), examples,
                                      pred_dir)
@@ -623,6 +663,9 @@ def _pct(value: float) -> str:
 
 
 def _boundary_text(result: EvalResult) -> str:
+    if result.protocol == "paper":
+        return ("paper protocol: label 255 ignored in the dataset-level mIoU, scored as background in "
+                "the per-image one (official code)")
     return ("label 255 scored as background (--official-boundary)" if result.official_boundary
             else "label 255 ignored")
 
@@ -711,7 +754,7 @@ def write_reports(result: EvalResult, dataset: SegDataset, source: PredictionSou
     payload = dict(result.to_json())
     payload["details"] = {
         "dataset": result.dataset, "split": result.split, "n_images": result.n_images,
-        "official_boundary": result.official_boundary, "source": result.source,
+        "official_boundary": result.official_boundary, "protocol": result.protocol, "source": result.source,
         "settings_hash": result.settings_hash, "pixel_accuracy": _num(result.pixel_accuracy),
         "per_class_iou_per_image": {n: _num(v) for n, v in zip(result.class_names, result.iou_per_image)},
         "image_miou": {k: _num(v) for k, v in result.image_miou.items()},
@@ -852,6 +895,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--mode", choices=("closed", "open"), default="closed",
                        help="closed: the model names masks from its caption, names mapped to dataset classes; "
                             "open: the dataset's class names are the vocabulary")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="standard",
+                        help="standard: today's metrics and modes; paper: the paper's closed-vocabulary "
+                             "pipeline (with --backend diffusers: the PAPER preset, the dataset's full class "
+                             "list, candidates from the caption; --mode is not used) and the official "
+                             "per-image mIoU with label 255 as background beside the dataset-level mIoU")
     parser.add_argument("--official-boundary", action="store_true",
                         help="score label 255 as background, as the official FreeSeg-Diff code "
                              "did for VOC boundaries (default: ignore 255)")
@@ -883,6 +931,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "(a name on the server) or --workflow")
     if args.backend != "comfyui" and args.url:
         parser.error("--url is for --backend comfyui")
+    if args.protocol == "paper" and args.backend == "diffusers" and args.blip2 is None:
+        parser.error("--protocol paper with --backend diffusers needs --blip2 (the captioner): the candidate "
+                     "classes come from the caption")
+    if args.protocol == "paper" and args.official_boundary:
+        parser.error("--protocol paper already scores label 255 as background in the per-image mIoU; "
+                     "drop --official-boundary")
+    if args.protocol == "paper" and args.backend == "comfyui":
+        parser.error("--protocol paper runs the paper pipeline through --backend diffusers (or scores --predictions)")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
     errors: tuple = (FileNotFoundError, DatasetError, ValueError)
@@ -893,20 +949,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         names = read_class_names(args.class_names) if args.class_names is not None else None
         dataset = load_dataset(args.dataset, args.root, args.split, names)
+        mode = args.mode
         if args.backend == "comfyui":
             from ..app.comfy_segmenter import segmenter_from_args
 
             source = segmenter_from_args(args)
             workers = source.workers
         elif args.backend == "diffusers":
-            from ..backends.diffusers import FreeSegPipeline
+            from ..backends.diffusers import DEFAULTS, PAPER, FreeSegPipeline
 
+            paper = args.protocol == "paper"
             source = FreeSegPipeline.from_pretrained(str(args.sd), clip=str(args.clip),
                                                      blip2=str(args.blip2) if args.blip2 else None,
-                                                     sd_config=args.sd_config, vae=args.vae)
+                                                     sd_config=args.sd_config, vae=args.vae,
+                                                     settings=PAPER if paper else DEFAULTS)
+            mode = "paper" if paper else mode
         else:
             source = PredictionFolder(args.predictions)
-        result = evaluate(dataset, source, mode=args.mode,
+        result = evaluate(dataset, source, mode=mode, protocol=args.protocol,
                           official_boundary=args.official_boundary, limit=args.limit,
                           out_dir=args.out, examples=max(0, args.examples),
                           progress=False if args.no_progress else None,

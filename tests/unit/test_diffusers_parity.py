@@ -34,7 +34,7 @@ from freeseg.features import SOURCE_DECODER, SOURCE_QUERIES, DiffusionFeatures
 from freeseg.nouns import extract_nouns
 from freeseg.app.output import segment_to_folder
 from freeseg.backends.diffusers import DEFAULT_SD_CONFIG, FreeSegPipeline, FreeSegResult, load_sd
-from freeseg.stages import PAPER, captured_to_features, select_blocks
+from freeseg.stages import PAPER, captured_to_features, paper_candidates, select_blocks
 
 pytestmark = pytest.mark.skipif(
     not (fx.comfy_dir() / "comfy" / "sd.py").is_file(), reason="ComfyUI source tree not available"
@@ -164,9 +164,9 @@ def test_segment_end_to_end(pipe: FreeSegPipeline) -> None:
     # caption nouns first, then the given names
     assert result.class_names == extract_nouns(result.caption) + \
         [n for n in names if n not in extract_nouns(result.caption)]
+    # the open rule (default): a name, or background where a background word wins
+    assert result.settings.rule == "open"
     assert all(label is None or label in result.class_names for label in result.labels)
-    named = [label for label in result.labels if label is not None]
-    assert named and len(set(named)) == len(named)
     assert all(0.0 < result.scores[i] <= 1.0 for i in result.named())
     # CRF output: one-hot per pixel, or void
     assert set(torch.unique(result.masks).tolist()) <= {0.0, 1.0}
@@ -177,6 +177,27 @@ def test_segment_end_to_end(pipe: FreeSegPipeline) -> None:
     # the same call again gives the same masks (seeded noise and k-means)
     again = pipe.segment(_image(), class_names=names)
     assert torch.equal(again.masks, result.masks) and again.labels == result.labels
+
+
+def test_segment_paper_preset(pipe: FreeSegPipeline) -> None:
+    """The paper protocol: the full class list, candidates from the caption's words through the
+    checkpoint's text encoder, CLIP over all classes; only candidates can name a mask."""
+    classes = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+    result = pipe.segment(_image(), class_names=classes, rule="paper")
+    assert result.settings.rule == "paper" and result.class_names == classes
+    emb = pipe.text_embeddings(["dog", "A photo of cat"])
+    assert emb.shape == (2, 77, 768) and emb.dtype == torch.float32
+    (candidates,) = paper_candidates([result.caption], classes, pipe.text_embeddings)
+    assert all(label is None or label in candidates for label in result.labels)
+    bare = FreeSegPipeline(pipe.sd, pipe.clip, None, PAPER.replace(resolution=RESOLUTION))
+    # no captioner: no candidates, every mask background
+    assert bare.segment(_image(), classes).labels == [None] * PAPER.n_clusters
+    with pytest.raises(ValueError, match="class list"):
+        pipe.segment(_image(), None, rule="paper")
+    with pytest.raises(ValueError, match="paper protocol"):
+        bare(_image().astype(np.float32) / 255.0, classes)
 
 
 def test_segment_without_captioner_uses_only_given_names(pipe: FreeSegPipeline) -> None:
@@ -271,6 +292,8 @@ def test_diffusers_folder_with_tokenizer_matches_single_file(pipe: FreeSegPipeli
 
     loaded = load_sd(folder)
     assert torch.equal(loaded.prompt_ids, pipe.sd.prompt_ids)  # real tokenizer == built-in ids
+    texts = ["dog", "A photo of diningtable", "a large brown dog on the grass, " * 12]
+    assert torch.equal(loaded.tokenize(texts), pipe.sd.tokenize(texts))  # also for words and truncation
     assert type(loaded.vae).__name__ == "AutoencoderKL"
     other = FreeSegPipeline(loaded, settings=pipe.settings)
     assert torch.equal(other.empty_prompt_embedding(), pipe.empty_prompt_embedding())
@@ -312,10 +335,10 @@ def test_eval_cli_runs_the_pipeline_on_a_voc_layout_dataset(fixture_paths: dict[
         gt[30, :] = 255
         Image.fromarray(gt, mode="L").save(root / "SegmentationClass" / f"{stem}.png")
     (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\n")
-    out = subprocess.run([sys.executable, "-m", "freeseg", "eval", "--dataset", "voc", "--root", str(root),
-                          "--backend", "diffusers", "--sd", fixture_paths["sd15_ckpt"], "--sd-config", str(sd_config),
-                          "--vae", str(vae_dir), "--clip", fixture_paths["open_clip_dir"], "--mode", "open",
-                          "--out", str(tmp_path / "results"), "--json", "--no-progress"],
+    common = [sys.executable, "-m", "freeseg", "eval", "--dataset", "voc", "--root", str(root),
+              "--backend", "diffusers", "--sd", fixture_paths["sd15_ckpt"], "--sd-config", str(sd_config),
+              "--vae", str(vae_dir), "--clip", fixture_paths["open_clip_dir"], "--no-progress"]
+    out = subprocess.run(common + ["--mode", "open", "--out", str(tmp_path / "results"), "--json"],
                          capture_output=True, text=True, timeout=300, cwd=str(fx.REPO_ROOT))
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
@@ -324,3 +347,12 @@ def test_eval_cli_runs_the_pipeline_on_a_voc_layout_dataset(fixture_paths: dict[
     assert result["per_class_iou"]["dog"] is not None
     saved = list((tmp_path / "results" / "predictions").rglob("*.png"))
     assert sorted(p.stem for p in saved) == ["a", "b"]
+    # the paper protocol: the whole closed-vocabulary pipeline, both metrics printed
+    paper = subprocess.run(common + ["--protocol", "paper", "--blip2", fixture_paths["blip2_dir"], "--limit", "1"],
+                           capture_output=True, text=True, timeout=300, cwd=str(fx.REPO_ROOT))
+    assert paper.returncode == 0, paper.stderr[-2000:]
+    assert "mIoU, dataset-level (standard)" in paper.stdout and "mIoU, per-image mean (official)" in paper.stdout
+    assert "paper protocol" in paper.stdout and "paper-vocabulary mode" in paper.stdout
+    refused = subprocess.run(common + ["--protocol", "paper"], capture_output=True, text=True, timeout=120,
+                             cwd=str(fx.REPO_ROOT))
+    assert refused.returncode == 2 and "--blip2" in refused.stderr

@@ -31,7 +31,7 @@ from freeseg.eval.datasets import (
     COCO_OBJECT_CLASSES, VOC_CLASSES, load_coco_object, load_voc, read_label_png,
 )
 from freeseg.eval.evaluate import (
-    PredictionFolder, SegmenterSource, evaluate, labels_to_prediction, main, map_label,
+    PredictionFolder, SegmenterSource, evaluate, format_table, labels_to_prediction, main, map_label,
 )
 from freeseg.eval.metrics import confusion_matrix, dataset_miou, per_image_miou
 
@@ -286,11 +286,17 @@ def test_resumable(voc_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     calls.clear()
     again = evaluate(ds, PredictionFolder(preds), out_dir=out, examples=0, progress=False)
     assert calls == [] and again.to_json() == full.to_json()
-    # Other settings -> other hash -> scored again; a changed prediction file is rescored.
-    evaluate(ds, PredictionFolder(preds), out_dir=out, official_boundary=True, examples=0,
-             progress=False)
-    assert calls == STEMS and len(list((out / "cache").iterdir())) == 2
+    # The cache holds both boundary variants: the official boundary (or the paper protocol)
+    # comes from it, with the numbers of a fresh run.
+    official = evaluate(ds, PredictionFolder(preds), out_dir=out, official_boundary=True, examples=0,
+                        progress=False)
+    paper = evaluate(ds, PredictionFolder(preds), out_dir=out, protocol="paper", examples=0, progress=False)
+    assert calls == [] and len(list((out / "cache").iterdir())) == 1
+    fresh = evaluate(ds, PredictionFolder(preds), official_boundary=True, progress=False)
+    assert official.to_json() == fresh.to_json()
+    assert paper.miou == pytest.approx(full.miou) and paper.miou_per_image == pytest.approx(fresh.miou_per_image)
     calls.clear()
+    # A changed prediction file is rescored.
     target = preds / f"{STEMS[1]}.png"
     st = target.stat()
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -456,3 +462,11 @@ def test_segmenter_closed_and_open(voc_root: Path, tmp_path: Path) -> None:
     vocab = opened.vocabularies[0]
     assert isinstance(vocab, list) and len(vocab) == 20 and "background" not in vocab
     assert "dining table" in vocab and "tv monitor" in vocab and "person" in vocab
+    paper = FakeSegmenter({PERSON: "person", DOG: "dog", CAT: "cat"})
+    res = evaluate(ds, SegmenterSource(paper, mode="paper"), protocol="paper", progress=False)
+    assert res.miou == pytest.approx(1.0) and res.protocol == "paper"
+    vocab = paper.vocabularies[0]
+    assert len(vocab) == 20 and "diningtable" in vocab and "tvmonitor" in vocab and "background" not in vocab
+    assert "paper protocol" in format_table(res)
+    with pytest.raises(ValueError, match="protocol"):
+        evaluate(ds, paper, protocol="official", progress=False)
