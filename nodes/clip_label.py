@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..freeseg.clip_label import CROP_MODES, PROMPTS
-from ..freeseg.stages import label_segments
+from ..freeseg.stages import label_segments, label_segments_shared
 from ..freeseg.segments import Segments as SegmentsData
 from .common import CATEGORY, ClipModel, Progress, Segments, class_lists_for_batch, load_to_device, log, to_rgb
 
@@ -14,6 +14,11 @@ def label(segments: SegmentsData, images, clip, class_names: str, crop_mode: str
     """Names every mask of every image from that image's class list (None = background)."""
     if not isinstance(segments, SegmentsData):
         raise TypeError("segments: expected FreeSeg-Diff segments (from Cluster Masks)")
+    if segments.shared:  # clustered as one batch (Cluster Masks' shared_batch): one name per segment
+        return label_segments_shared(segments, to_rgb(images), lambda: load_to_device(clip["patcher"]),
+                                     clip["preprocess"], clip["tokenizer"],
+                                     class_lists_for_batch(class_names, segments.batch_size), crop_mode, prompt,
+                                     threshold, progress=Progress(segments.batch_size))
     return label_segments(segments, to_rgb(images), lambda: load_to_device(clip["patcher"]), clip["preprocess"],
                           clip["tokenizer"], class_lists_for_batch(class_names, segments.batch_size), crop_mode,
                           prompt, threshold, progress=Progress(segments.batch_size), warn=log.warning)

@@ -7,6 +7,7 @@ import json
 import torch
 from comfy_api.latest import io
 
+from ..freeseg.instances import split_instances
 from ..freeseg.refine import REFINE_METHODS
 from ..freeseg.stages import refine_segments
 from ..freeseg.segments import Segments as SegmentsData
@@ -61,11 +62,22 @@ class FreeSegRefineMasks(io.ComfyNode):
                 io.Image.Input("image", tooltip="The same images the segments came from."),
                 io.Combo.Input("method", options=list(REFINE_METHODS), default="crf", tooltip="crf: fully connected "
                                "CRF with the paper's settings. guided: edge-aware guided filter. none: as is."),
+                io.Boolean.Input("instances", default=False, tooltip="Split each named mask into its connected "
+                                 "parts (two dogs -> two masks), each its own entry in masks, SEGS and JSON "
+                                 "with the same label and an instance index (0 = largest). Off: one mask per "
+                                 "name (paper)."),
+                io.Float.Input("min_area", default=0.002, min=0.0, max=0.5, step=0.001, tooltip="With instances: "
+                               "parts smaller than this fraction of the image are dropped as specks (a "
+                               "name always keeps its largest part)."),
             ],
             outputs=[Segments.Output(display_name="segments"), *OUTPUTS],
         )
 
     @classmethod
-    def execute(cls, segments, image, method) -> io.NodeOutput:
+    def execute(cls, segments, image, method, instances=False, min_area=0.002) -> io.NodeOutput:
+        if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area <= 0.5:
+            raise ValueError(f"min_area must be a number in 0..0.5, got {min_area!r}")
         refined = refine(segments, image, method)
+        if instances:
+            refined = split_instances(refined, float(min_area))
         return io.NodeOutput(refined, *outputs(refined, image))
