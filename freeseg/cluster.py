@@ -57,7 +57,7 @@ def _check_features(features: torch.Tensor, n_clusters: int) -> None:
     if not features.is_floating_point():
         raise ValueError(f"features must be a floating-point tensor, got dtype {features.dtype}")
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
-        raise ValueError(f"n_clusters must be an int >= 1, got {n_clusters!r}")
+        raise ValueError(f"n_clusters must be an int >= 1 (or 0 = automatic), got {n_clusters!r}")
     _, c, h, w = features.shape
     if c < 1:
         raise ValueError(f"features must have at least one channel, got shape {tuple(features.shape)}")
