@@ -78,15 +78,15 @@ class FreeSegClusterMasks(io.ComfyNode):
                 io.Combo.Input("method", options=list(METHODS), default="kmeans", tooltip="kmeans with "
                                "k-means++ start (paper) or agglomerative (Ward)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the k-means start."),
-                io.Int.Input("max_clusters", default=8, min=2, max=MAX_K, tooltip="Largest count tried when "
+                io.Int.Input("max_clusters", optional=True, default=8, min=2, max=MAX_K, tooltip="Largest count tried when "
                              "n_clusters is 0."),
-                io.Combo.Input("k_from", options=list(K_FROM), default="n_clusters", tooltip="n_clusters: the "
+                io.Combo.Input("k_from", optional=True, options=list(K_FROM), default="n_clusters", tooltip="n_clusters: the "
                                "count above (paper). class_names: the number of the image's class names + "
                                "class_offset (the official code's adaptive mode; connect class_names, e.g. "
                                "from FreeSeg-Diff Caption)."),
-                io.Int.Input("class_offset", default=1, min=-16, max=16, tooltip="With k_from class_names: "
+                io.Int.Input("class_offset", optional=True, default=1, min=-16, max=16, tooltip="With k_from class_names: "
                              "masks beyond the number of names (1 = one for the background)."),
-                io.Boolean.Input("shared_batch", default=False, tooltip="Cluster all images of the batch "
+                io.Boolean.Input("shared_batch", optional=True, default=False, tooltip="Cluster all images of the batch "
                                  "together (e.g. the frames of a video): a segment keeps its index, colour "
                                  "and name in every frame. Off: each image on its own (paper)."),
                 io.String.Input("class_names", default="", multiline=True, optional=True, tooltip="Class "

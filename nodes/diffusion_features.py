@@ -172,7 +172,7 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
                                "decoder_blocks: outputs of the decoder blocks at 1/4 and 1/2 latent size."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the small noise "
                              "added at the timestep."),
-                io.Combo.Input("detail", options=list(DETAILS), default="paper", tooltip="paper: a 32x32 "
+                io.Combo.Input("detail", optional=True, options=list(DETAILS), default="paper", tooltip="paper: a 32x32 "
                                "feature grid at 512 px (the 1/4-latent blocks upsampled). fine: a 64x64 grid "
                                "that also uses the 1/2-latent (32x32-token) blocks: finer edges and thin parts, "
                                "4x the points to cluster."),

@@ -62,11 +62,11 @@ class FreeSegRefineMasks(io.ComfyNode):
                 io.Image.Input("image", tooltip="The same images the segments came from."),
                 io.Combo.Input("method", options=list(REFINE_METHODS), default="crf", tooltip="crf: fully connected "
                                "CRF with the paper's settings. guided: edge-aware guided filter. none: as is."),
-                io.Boolean.Input("instances", default=False, tooltip="Split each named mask into its connected "
+                io.Boolean.Input("instances", optional=True, default=False, tooltip="Split each named mask into its connected "
                                  "parts (two dogs -> two masks), each its own entry in masks, SEGS and JSON "
                                  "with the same label and an instance index (0 = largest). Off: one mask per "
                                  "name (paper)."),
-                io.Float.Input("min_area", default=0.002, min=0.0, max=0.5, step=0.001, tooltip="With instances: "
+                io.Float.Input("min_area", optional=True, default=0.002, min=0.0, max=0.5, step=0.001, tooltip="With instances: "
                                "parts smaller than this fraction of the image are dropped as specks (a "
                                "name always keeps its largest part)."),
             ],

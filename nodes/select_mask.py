@@ -50,7 +50,7 @@ class FreeSegSelectMask(io.ComfyNode):
                 Segments.Input("segments", tooltip="Labelled (or refined) FreeSeg-Diff segments."),
                 io.String.Input("labels", default="", tooltip="Names or mask indices, comma-separated "
                                 "(e.g. 'dog' or 'dog, cat' or '0, 2')."),
-                io.String.Input("points", default="", tooltip="Pick by pointing: pixel positions (x right, "
+                io.String.Input("points", optional=True, default="", tooltip="Pick by pointing: pixel positions (x right, "
                                 "y down) as 'x,y' pairs ('120,80; 300,200') or the JSON list of "
                                 "{\"x\":..,\"y\":..} a points-editor node gives. The segment(s) under each "
                                 "point are added, in every image of the batch."),
