@@ -14,7 +14,8 @@ from comfy_harness import MODEL_LINKS, REPO
 
 WORKFLOW_DIR = os.path.join(REPO, "workflows")
 API_DIR = os.path.join(WORKFLOW_DIR, "api")
-NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabulary", "freeseg_batch")
+NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabulary", "freeseg_batch",
+         "freeseg_video")
 
 SOCKETLESS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # types the frontend draws as widgets
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # virtual nodes: saved in the UI file, never queued

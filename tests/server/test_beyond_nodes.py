@@ -131,3 +131,43 @@ def test_bad_beyond_inputs_are_refused(client, upload, node, inputs, message):
     with pytest.raises(ComfyError) as err:
         client.run(g.prompt)
     assert node in str(err.value) and message in str(err.value)
+
+
+def write_clip(path: str, frames: int = 4, width: int = 96, height: int = 64) -> str:
+    """A tiny H.264 clip: a square moving right over a gradient."""
+    import av
+    import numpy as np
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        yy, xx = np.mgrid[0:height, 0:width]
+        for t in range(frames):
+            img = np.stack([xx * 255 // width, yy * 255 // height, np.full_like(xx, 80)], -1).astype(np.uint8)
+            img[20:44, 10 + 12 * t:34 + 12 * t] = (230, 40, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_video_workflow_runs_with_one_labelling(client, tmp_path):
+    import workflow_tools as wt
+
+    with open(f"{wt.API_DIR}/freeseg_video.json") as f:
+        prompt = wt.adapt_api(json.load(f), {})
+    name = client.upload_image(write_clip(str(tmp_path / "freeseg_clip.mp4")))
+    (video_id,) = [k for k, n in prompt.items() if n["class_type"] == "LoadVideo"]
+    prompt[video_id]["inputs"]["file"] = name
+    result = client.run(prompt)
+    by_title = {n["_meta"]["title"]: k for k, n in prompt.items()}
+    (records_text,) = result["outputs"][by_title["Segments (JSON, image = frame)"]]["text"]
+    records = json.loads(records_text)
+    assert records and {r["image"] for r in records} <= set(range(4))
+    names_by_mask = {}
+    for r in records:  # one labelling: a mask index has one name in every frame
+        assert names_by_mask.setdefault(r["mask"], r["label"]) == r["label"], records
+    saved = result["outputs"][by_title["Save the selected segment, frame by frame"]]["images"]
+    assert len(saved) == 4
+    assert result["outputs"][by_title["Save preview video"]]
