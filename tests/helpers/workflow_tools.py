@@ -140,7 +140,7 @@ def validate_ui(ui: dict, object_info: dict, check_files: bool = True) -> list[s
         problems.append("last_node_id is below a node id")
     if ui["links"] and max(l[0] for l in ui["links"]) > ui["last_link_id"]:
         problems.append("last_link_id is below a link id")
-    file_inputs = set(TEST_MODELS) | {("LoadImage", "image")}
+    file_inputs = set(TEST_MODELS) | {("LoadImage", "image"), ("LoadVideo", "file")}
 
     for node in ui["nodes"]:
         where = f"node {node['id']} ({node['type']})"
