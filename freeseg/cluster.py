@@ -10,6 +10,12 @@ Public API:
         [B,C,h,w] float -> [B,h,w] int64 labels
     labels_to_masks(labels, size, n_clusters)
         [B,h,w] int64 -> [B,K,H,W] float32 masks in {0,1}
+    auto_cluster_features(features, max_clusters, ...)
+        [B,C,h,w] -> ([B,h,w] labels, B chosen K): K by silhouette (n_clusters=0 above)
+    adaptive_n_clusters(n_classes, offset, limit) -> K = classes + offset (official code)
+    cluster_features_shared(features, n_clusters, ...)
+        [B,C,h,w] -> [B,h,w] labels with one set of centroids for the whole batch
+    silhouette_score(points, labels) -> float
 
 k-means runs in torch on the features' device, its n_init restarts batched
 together. With no more points than channels (the paper's 1024 x 6400) it
@@ -55,7 +61,7 @@ def _check_features(features: torch.Tensor, n_clusters: int) -> None:
     if not features.is_floating_point():
         raise ValueError(f"features must be a floating-point tensor, got dtype {features.dtype}")
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
-        raise ValueError(f"n_clusters must be an int >= 1, got {n_clusters!r}")
+        raise ValueError(f"n_clusters must be an int >= 1 (or 0 = automatic), got {n_clusters!r}")
     _, c, h, w = features.shape
     if c < 1:
         raise ValueError(f"features must have at least one channel, got shape {tuple(features.shape)}")
@@ -266,20 +272,25 @@ def _canonical_order(labels: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def cluster_features(features: torch.Tensor, n_clusters: int, method: str = "kmeans", seed: int = 0,
-                     n_init: int = 10, max_iter: int = 300) -> torch.Tensor:
+                     n_init: int = 10, max_iter: int = 300, max_clusters: int = 8) -> torch.Tensor:
     """Cluster each image's feature map into n_clusters groups of pixels.
+
+    ``n_clusters=0`` chooses K per image from the features alone, in 2..max_clusters
+    (``auto_cluster_features``: the K with the best silhouette); the labels of an image then
+    lie in [0, K_image).
 
     Args:
         features: [B,C,h,w] floating tensor (any float dtype, fp16 included;
             computed in float32). Each image is clustered on its own, as h*w
             points of dimension C.
-        n_clusters: number of clusters K, 1 <= K <= h*w.
+        n_clusters: number of clusters K, 1 <= K <= h*w; 0 = automatic (see above).
         method: "kmeans" (torch, on the features' device, k-means++ with
             n_init restarts) or "agglomerative" (Ward linkage, sklearn on CPU).
         seed: seed of the CPU generator driving the k-means++ initialisation
             (unused by "agglomerative", which is deterministic).
         n_init: k-means restarts; the lowest-inertia one is kept.
         max_iter: maximum Lloyd iterations per restart.
+        max_clusters: largest K tried when n_clusters is 0 (unused otherwise).
 
     Returns:
         labels: [B,h,w] int64 in [0, n_clusters), on the features' device,
@@ -291,6 +302,8 @@ def cluster_features(features: torch.Tensor, n_clusters: int, method: str = "kme
         ValueError: bad features shape/dtype, n_clusters < 1 or > h*w,
             unknown method, n_init or max_iter < 1.
     """
+    if n_clusters == 0 and not isinstance(n_clusters, bool):
+        return auto_cluster_features(features, max_clusters, method, seed, n_init, max_iter)[0]
     _check_features(features, n_clusters)
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -365,4 +378,136 @@ def labels_to_masks(labels: torch.Tensor, size: tuple[int, int],
     return (up.unsqueeze(1) == ids).to(torch.float32)
 
 
-__all__ = ["METHODS", "cluster_features", "labels_to_masks"]
+# ----------------------------------------------------------------------------
+# beyond the paper: automatic K, K from the class list, one labelling per batch
+# ----------------------------------------------------------------------------
+
+def silhouette_score(points: torch.Tensor, labels: torch.Tensor, per_cluster: bool = False) -> float:
+    """Mean silhouette (Rousseeuw 1987; as sklearn's silhouette_score, Euclidean) of a labelling.
+
+    points: [N,C] float; labels: [N] int64 >= 0. A point alone in its cluster scores 0.
+    per_cluster: average the points' silhouettes within each cluster first, then over the
+    clusters, so every cluster weighs the same (a small object is not outweighed by a large
+    background); False gives the usual mean over points.
+    Returns a float in [-1, 1]; -1.0 when fewer than 2 clusters are non-empty (no score).
+    Cost: one [N,N] distance matrix (N^2 C multiply-adds, N^2 floats of memory).
+    """
+    x = points.detach().float()
+    x = x - x.mean(dim=0, keepdim=True)
+    lab = labels.reshape(-1).long()
+    k = int(lab.max()) + 1 if lab.numel() else 0
+    onehot = F.one_hot(lab, k).to(x.dtype)  # [N,K]
+    counts = onehot.sum(dim=0)
+    if int((counts > 0).sum()) < 2:
+        return -1.0
+    d = torch.cdist(x, x)  # [N,N]
+    sums = d @ onehot  # [N,K]: summed distance of each point to each cluster
+    own = counts[lab]
+    a = sums.gather(1, lab[:, None])[:, 0] / (own - 1).clamp_min(1)
+    mean_other = sums / counts.clamp_min(1)[None, :]
+    mean_other = mean_other.masked_fill(onehot.bool() | (counts == 0)[None, :], math.inf)
+    b = mean_other.min(dim=1).values
+    s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+    s = torch.where(own > 1, s, torch.zeros_like(s))
+    if per_cluster:
+        return float(((onehot.T @ s) / counts.clamp_min(1))[counts > 0].mean())
+    return float(s.mean())
+
+
+def _subsample(n: int, max_points: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Indices of at most max_points of n points: all of them, or a seeded random subset [M] int64."""
+    if n <= max_points:
+        return torch.arange(n, device=device)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randperm(n, generator=g)[:max_points].sort().values.to(device)
+
+
+def auto_cluster_features(features: torch.Tensor, max_clusters: int = 8, method: str = "kmeans",
+                          seed: int = 0, n_init: int = 10, max_iter: int = 300,
+                          max_points: int = 2048) -> tuple[torch.Tensor, list[int]]:
+    """Cluster each image with the number of clusters chosen from its features alone.
+
+    Every K in 2..max_clusters (capped at h*w) is clustered with ``cluster_features``; the K
+    whose labelling has the highest silhouette score averaged per cluster
+    (``silhouette_score(..., per_cluster=True)``, on at most ``max_points`` pixels drawn with
+    ``seed``) wins, the smaller K on a tie. Averaging per cluster rather than per pixel keeps
+    a small object from being outweighed by the background: with the usual per-pixel mean,
+    merging a small object into another cluster costs little, and K comes out too low.
+
+    Cost per image: max_clusters - 1 clusterings (each as ``cluster_features`` with its
+    n_init restarts) plus one silhouette per K over M = min(h*w, max_points) points, i.e.
+    an [M,M] distance matrix (M^2 C multiply-adds; 16 MiB for M = 2048).
+
+    Args:
+        features: [B,C,h,w] float tensor (as ``cluster_features``).
+        max_clusters: largest K tried (>= 2; K = 1 when h*w = 1).
+        method, seed, n_init, max_iter: as ``cluster_features``.
+        max_points: pixels the silhouette is computed on.
+
+    Returns:
+        (labels [B,h,w] int64 in canonical order with values in [0, K_b), the B chosen K_b).
+
+    Raises:
+        ValueError: bad features, max_clusters < 2, or the arguments ``cluster_features`` refuses.
+    """
+    _check_features(features, 1)
+    if isinstance(max_clusters, bool) or not isinstance(max_clusters, int) or max_clusters < 2:
+        raise ValueError(f"max_clusters must be an int >= 2, got {max_clusters!r}")
+    _check_positive_int("max_points", max_points)
+    b, c, h, w = features.shape
+    n = h * w
+    if n == 1:
+        return torch.zeros((b, h, w), dtype=torch.int64, device=features.device), [1] * b
+    out, chosen = [], []
+    for i in range(b):
+        one = features[i:i + 1]
+        points = one.detach().float().reshape(c, n).T
+        idx = _subsample(n, max_points, seed, points.device)
+        best, best_score, best_k = None, -math.inf, 0
+        for k in range(2, min(max_clusters, n) + 1):
+            labels = cluster_features(one, k, method, seed, n_init, max_iter)
+            score = silhouette_score(points[idx], labels.reshape(-1)[idx], per_cluster=True)
+            if score > best_score + 1e-9:
+                best, best_score, best_k = labels, score, k
+        out.append(best[0])
+        chosen.append(int(best[0].max()) + 1)
+    return torch.stack(out), chosen
+
+
+def adaptive_n_clusters(n_classes: int, offset: int = 1, limit: int = 64) -> int:
+    """The official code's adaptive K: the number of candidate classes plus ``offset``
+    (e.g. 1 for a background segment), clamped to 1..limit."""
+    for name, value in (("n_classes", n_classes), ("offset", offset), ("limit", limit)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if n_classes < 0 or limit < 1:
+        raise ValueError(f"need n_classes >= 0 and limit >= 1, got {n_classes} and {limit}")
+    return max(1, min(n_classes + offset, limit))
+
+
+def cluster_features_shared(features: torch.Tensor, n_clusters: int, method: str = "kmeans", seed: int = 0,
+                            n_init: int = 10, max_iter: int = 300, max_clusters: int = 8) -> torch.Tensor:
+    """Cluster all images of a batch together: one set of centroids for the B*h*w pixels, so a
+    cluster index means the same thing in every image (e.g. across the frames of a clip).
+
+    Args and Raises: as ``cluster_features`` (``n_clusters=0`` chooses one K for the batch).
+    Returns:
+        labels [B,h,w] int64 on the features' device, canonical over the batch (label 0 is
+        the cluster of pixel (0,0) of image 0, then first appearance image by image in
+        row-major order). A cluster may be absent from some images.
+    Cost: one clustering of B*h*w points (k-means is linear in the points; agglomerative
+    is quadratic in memory, so keep it to short clips).
+    """
+    if not isinstance(features, torch.Tensor) or features.dim() != 4:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"features must be [B,C,h,w], got shape {shape}")
+    b, c, h, w = features.shape
+    if b == 0:
+        return torch.zeros((0, h, w), dtype=torch.int64, device=features.device)
+    stacked = features.permute(1, 0, 2, 3).reshape(1, c, b * h, w)  # images one below the other
+    labels = cluster_features(stacked, n_clusters, method, seed, n_init, max_iter, max_clusters)
+    return labels.reshape(b, h, w)
+
+
+__all__ = ["METHODS", "cluster_features", "labels_to_masks", "silhouette_score", "auto_cluster_features",
+           "adaptive_n_clusters", "cluster_features_shared"]

@@ -21,12 +21,20 @@ class Segments:
         labels: B lists of K names; ``None`` for an unnamed (background) mask.
         scores: B lists of K floats (CLIP probability of the name; 0.0 when unnamed).
         class_names: B lists of the candidate class names each image was labelled against.
+        instances: B lists of K instance indices (0 = largest connected part of a name) after
+            ``freeseg.instances.split_instances``; ``None`` for a mask kept whole; empty
+            (the default) when masks were never split.
+        shared: True when mask k means the same segment in every image of the batch (one
+            clustering for the batch, ``cluster_features_shared``); names are then given once
+            for the batch.
     """
 
     masks: torch.Tensor
     labels: list[list[Optional[str]]]
     scores: list[list[float]]
     class_names: list[list[str]] = field(default_factory=list)
+    instances: list[list[Optional[int]]] = field(default_factory=list)
+    shared: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -37,18 +45,18 @@ class Segments:
         return int(self.masks.shape[-2]), int(self.masks.shape[-1])
 
     @classmethod
-    def unlabelled(cls, masks: torch.Tensor) -> "Segments":
+    def unlabelled(cls, masks: torch.Tensor, shared: bool = False) -> "Segments":
         """Class-agnostic segments: `masks` `[B,K,H,W]`, no names yet."""
         b, k = masks.shape[:2]
         return cls(masks.float().cpu(), [[None] * k for _ in range(b)], [[0.0] * k for _ in range(b)],
-                   [[] for _ in range(b)])
+                   [[] for _ in range(b)], shared=shared)
 
     def with_masks(self, masks: torch.Tensor) -> "Segments":
         """The same names and scores over new `[B,K,H,W]` masks."""
         if tuple(masks.shape[:2]) != tuple(self.masks.shape[:2]):
             raise ValueError(f"masks must keep [B,K]={tuple(self.masks.shape[:2])}, got {tuple(masks.shape)}")
         return Segments(masks.float().cpu(), [list(l) for l in self.labels], [list(s) for s in self.scores],
-                        [list(c) for c in self.class_names])
+                        [list(c) for c in self.class_names], [list(i) for i in self.instances], self.shared)
 
     def named(self) -> list[tuple[int, int]]:
         """`(image_index, mask_index)` of every named, non-empty mask (some pixel above 0.5), in
@@ -84,13 +92,14 @@ class Segments:
 
     def records(self) -> list[dict]:
         """One dict per named, non-empty mask: image index, mask index, label, score, area
-        (pixels above 0.5, at least 1) and bbox `[x0, y0, x1, y1]` (exclusive ends)."""
+        (pixels above 0.5, at least 1) and bbox `[x0, y0, x1, y1]` (exclusive ends); plus
+        "instance" (index among the parts of that label) when the masks were split."""
         out = []
         for b, k in self.named():
             m = self.masks[b, k] > 0.5
             out.append({"image": b, "mask": k, "label": self.labels[b][k],
                         "score": round(float(self.scores[b][k]), 6), "area": int(m.sum()),
-                        "bbox": mask_bbox(m)})
+                        "bbox": mask_bbox(m), **({"instance": self.instances[b][k]} if self.instances else {})})
         return out
 
 

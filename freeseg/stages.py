@@ -41,7 +41,7 @@ from .assign import assign_open, assign_paper
 from .caption import generate_captions
 from .clip_label import CROP_MODES, PROMPTS, encode_names, score_masks
 from .cluster import METHODS as CLUSTER_METHODS
-from .cluster import cluster_features, labels_to_masks
+from .cluster import cluster_features, cluster_features_shared, labels_to_masks
 from .features import SOURCE_QUERIES, SOURCES, DiffusionFeatures, aggregate_maps, block_factor, \
     tokens_to_map
 from .nouns import caption_words, extract_nouns
@@ -53,7 +53,7 @@ __all__ = [
     "FreeSegSettings", "PAPER", "DEFAULTS", "RULES", "ProgressLike", "to_rgb", "parse_names",
     "class_lists_for_batch", "merge_names", "caption_images", "resize_square", "seeded_noise", "select_blocks",
     "captured_to_features", "cluster_segments", "paper_candidates", "name_masks_open", "name_masks_paper",
-    "open_texts", "label_segments", "refine_segments",
+    "open_texts", "label_segments", "label_segments_shared", "refine_segments",
 ]
 
 RULES = ("open", "paper")
@@ -318,35 +318,38 @@ def _tokens(t: torch.Tensor) -> int:
 
 
 def select_blocks(captured: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
-                  source: str = SOURCE_QUERIES) -> list[str]:
+                  source: str = SOURCE_QUERIES, fine: bool = False) -> list[str]:
     """Names of the captured layers FreeSeg-Diff uses, in ``captured``'s order.
 
     ``captured`` maps layer names to ``[B,N,C]`` tokens or ``[B,C,h,w]`` maps. For queries:
     those at latent/4 (the 16x16 blocks at 512 px; the nearest level when the model has none
-    there, the coarser one on a tie); for decoder features: those at latent/4 and latent/2."""
+    there, the coarser one on a tie), plus with ``fine`` those at half that factor (the 32x32
+    blocks at 512 px); for decoder features: those at latent/4 and latent/2."""
     factors = {name: block_factor(_tokens(t), latent_hw) for name, t in captured.items()}
     if not factors:
         raise ValueError("no UNet layer was captured")
     if source == SOURCE_QUERIES:
         best = min(set(factors.values()), key=lambda f: (abs(math.log2(f) - 2), -f))
-        wanted = {best}
+        wanted = {best, best // 2} if fine else {best}
     else:
         wanted = {2, 4}
     return [name for name in captured if factors[name] in wanted]
 
 
 def captured_to_features(captured: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
-                         grid: tuple[int, int], source: str = SOURCE_QUERIES) -> tuple[torch.Tensor, list[str]]:
+                         grid: tuple[int, int], source: str = SOURCE_QUERIES,
+                         fine: bool = False) -> tuple[torch.Tensor, list[str]]:
     """Captured layer outputs of one UNet pass -> the feature grid FreeSeg-Diff clusters.
 
-    Selects the layers (``select_blocks``), turns ``[B,N,C]`` tokens into ``[B,C,h,w]`` maps,
-    bilinearly resizes each to ``grid`` and concatenates on channels.
+    Selects the layers (``select_blocks``, ``fine`` as there), turns ``[B,N,C]`` tokens into
+    ``[B,C,h,w]`` maps, bilinearly resizes each to ``grid`` and concatenates on channels.
+    (The fine option pairs with a grid twice as fine: resolution/8 instead of /16.)
 
     Returns:
         (``[B, sum C_i, grid_h, grid_w]`` float32 on the captured tensors' device, the names
         of the layers used in channel order).
     """
-    names = select_blocks(captured, latent_hw, source)
+    names = select_blocks(captured, latent_hw, source, fine)
     if not names:
         raise ValueError(f"no captured layer matches source {source!r}")
     maps = [tokens_to_map(captured[n], latent_hw) if captured[n].ndim == 3 else captured[n] for n in names]
@@ -357,30 +360,108 @@ def captured_to_features(captured: Mapping[str, torch.Tensor], latent_hw: tuple[
 # Clustering, naming, refinement
 # ------------------------------------------------------------------------------------------
 
-def cluster_segments(features: DiffusionFeatures, n_clusters: int, method: str = "kmeans", seed: int = 0,
-                     n_init: int = 10, progress: Optional[ProgressLike] = None,
-                     device: Optional[Union[str, torch.device]] = None) -> Segments:
-    """Cluster each image's feature grid into ``n_clusters`` class-agnostic masks.
+def cluster_segments(features: DiffusionFeatures, n_clusters: Union[int, Sequence[int]], method: str = "kmeans",
+                     seed: int = 0, n_init: int = 10, progress: Optional[ProgressLike] = None,
+                     device: Optional[Union[str, torch.device]] = None, max_clusters: int = 8,
+                     shared: bool = False) -> Segments:
+    """Cluster each image's feature grid into class-agnostic masks.
 
     Args:
         features: ``DiffusionFeatures`` with ``features`` ``[B,C,h,w]``.
+        n_clusters: K for every image (paper: 4); 0 = chosen from each image's features, in
+            2..``max_clusters`` (``freeseg.cluster.auto_cluster_features``); or a list of B
+            per-image K (e.g. ``adaptive_n_clusters`` of each image's class list).
         device: where k-means runs (None: the features' device). The k-means++ start is
             drawn from a CPU generator, so the device changes only rounding.
+        max_clusters: largest K tried when n_clusters is 0.
+        shared: cluster all images together (``cluster_features_shared``): mask k is the
+            same segment in every image; n_clusters must then be one int (0 = automatic).
     Returns:
         unlabelled ``Segments`` with masks ``[B,K,H,W]`` float32 {0,1} (CPU) at
-        ``features.image_size``; the masks of an image partition it.
+        ``features.image_size``; the masks of an image partition it. K is the largest K of
+        the batch: an image with fewer clusters (automatic or per-image K), or one a shared
+        cluster misses, has all-zero masks there.
     """
     if not isinstance(features, DiffusionFeatures):
         raise TypeError("features: expected DiffusionFeatures (the output of the diffusion-features stage)")
     feats = features.features
+    b = feats.shape[0]
+    size = tuple(features.image_size)
+    if shared:
+        if not isinstance(n_clusters, int) or isinstance(n_clusters, bool):
+            raise ValueError(f"shared clustering takes one n_clusters for the batch, got {n_clusters!r}")
+        _check(progress)
+        x = feats if device is None else feats.to(device)
+        labels = cluster_features_shared(x, n_clusters, method, seed, n_init, max_clusters=max_clusters).cpu()
+        k = n_clusters or int(labels.max()) + 1
+        for _ in range(b):
+            _step(progress)
+        return Segments.unlabelled(labels_to_masks(labels, size, k), shared=True)
+    ks = [n_clusters] * b if isinstance(n_clusters, int) else list(n_clusters)
+    if len(ks) != b:
+        raise ValueError(f"n_clusters has {len(ks)} values for {b} images")
     masks = []
-    for i in range(feats.shape[0]):
+    for i in range(b):
         _check(progress)
         one = feats[i:i + 1] if device is None else feats[i:i + 1].to(device)
-        labels = cluster_features(one, n_clusters, method=method, seed=seed, n_init=n_init)
-        masks.append(labels_to_masks(labels.cpu(), tuple(features.image_size), n_clusters))
+        labels = cluster_features(one, ks[i], method=method, seed=seed, n_init=n_init,
+                                  max_clusters=max_clusters).cpu()
+        masks.append(labels_to_masks(labels, size, ks[i] or int(labels.max()) + 1))
         _step(progress)
+    k_max = max(m.shape[1] for m in masks)
+    masks = [F.pad(m, (0, 0, 0, 0, 0, k_max - m.shape[1])) for m in masks]
     return Segments.unlabelled(torch.cat(masks))
+
+
+def label_segments_shared(segments: Segments, images: torch.Tensor, clip_model: ModelOrGetter,
+                          preprocess_cfg: dict[str, Any], tokenizer: Callable,
+                          class_lists: Sequence[Sequence[str]], crop_mode: str = "masked", prompt: str = "bare",
+                          threshold: float = 0.0, progress: Optional[ProgressLike] = None,
+                          background: Sequence[str] = DEFAULT_BACKGROUND) -> Segments:
+    """Name the masks of a batch clustered together (``Segments.shared``) once for the batch,
+    so mask k keeps one name in every image.
+
+    The candidate names are all the images' lists merged (first image's order first). Each
+    image's masks are scored with CLIP as in ``label_segments``; a mask's scores are averaged
+    over the images where it is not empty, and the open rule (``name_masks_open``, with the
+    ``background`` words) names the K averaged rows.
+    Same CLIP cost as ``label_segments``.
+
+    Returns:
+        ``Segments`` (same masks, ``shared`` kept) with the same labels and scores in every
+        image and ``class_names`` = the merged list for every image.
+    """
+    b = segments.batch_size
+    if images.shape[0] != b or tuple(images.shape[1:3]) != segments.image_size:
+        raise ValueError(f"image: {tuple(images.shape[:3])} does not match the segments "
+                         f"({b} images of {segments.image_size}); use the same images")
+    if len(class_lists) != b:
+        raise ValueError(f"class_lists has {len(class_lists)} lists for {b} images")
+    names: list[str] = []
+    for lst in class_lists:
+        names = merge_names(names, list(lst))
+    k = segments.masks.shape[1]
+    if not names or k == 0:
+        return Segments(segments.masks, [[None] * k for _ in range(b)], [[0.0] * k for _ in range(b)],
+                        [list(names) for _ in range(b)], [list(i) for i in segments.instances], segments.shared)
+    total = torch.zeros((k, len(open_texts(names, background))), dtype=torch.float64)
+    seen = torch.zeros(k, dtype=torch.float64)
+    text = None
+    for i in range(b):
+        _check(progress)
+        model = _get(clip_model)
+        if text is None:
+            texts = open_texts(names, background)
+            text = encode_names(model, tokenizer, texts, prompt=prompt)
+        present = (segments.masks[i].flatten(1).amax(dim=1) > 0).double()
+        scores = score_masks(model, preprocess_cfg, images[i], segments.masks[i], text, crop_mode=crop_mode)
+        total += scores.detach().double().cpu() * present[:, None]
+        seen += present
+        _step(progress)
+    mean = (total / seen.clamp_min(1)[:, None]).float()
+    labels, values = name_masks_open(mean, open_texts(names, background), len(names), threshold)
+    return Segments(segments.masks, [list(labels) for _ in range(b)], [list(values) for _ in range(b)],
+                    [list(names) for _ in range(b)], [list(i) for i in segments.instances], segments.shared)
 
 
 def paper_candidates(captions: Sequence[str], classes: Sequence[str], embed: Embed,
@@ -517,6 +598,7 @@ def label_segments(segments: Segments, images: torch.Tensor, clip_model: ModelOr
         texts = open_texts(names, background) if rule == "open" else names
         text = encode_names(model, tokenizer, texts, prompt=prompt)
         scores = score_masks(model, preprocess_cfg, images[i], segments.masks[i], text, crop_mode=crop_mode)
+        scores = scores * (segments.masks[i].flatten(1).amax(dim=1) > 0).to(scores)[:, None]  # empty: no name
         if rule == "open":
             labels, values = name_masks_open(scores, texts, len(names), threshold)
         else:

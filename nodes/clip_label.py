@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..freeseg.clip_label import CROP_MODES, PROMPTS
-from ..freeseg.stages import RULES, label_segments, paper_candidates
+from ..freeseg.stages import RULES, label_segments, label_segments_shared, paper_candidates
 from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.vocab import DEFAULT_BACKGROUND, Embed, cached_embed, parse_background
 from .common import (CATEGORY, ClipModel, Progress, Segments, check_choice, check_number, class_lists_for_batch,
@@ -58,6 +58,10 @@ def label(segments: SegmentsData, images, clip_model, class_names: str, crop_mod
             raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
     b = segments.batch_size
     clip_getter = lambda: load_to_device(clip_model["patcher"])  # noqa: E731
+    if rule == "open" and segments.shared:  # clustered as one batch (Cluster Masks' shared_batch): one name per segment
+        return label_segments_shared(segments, to_rgb(images), clip_getter, clip_model["preprocess"],
+                                     clip_model["tokenizer"], class_lists_for_batch(class_names, b), crop_mode, prompt,
+                                     threshold, progress=Progress(b), background=parse_background(background))
     if rule == "open":
         return label_segments(segments, to_rgb(images), clip_getter, clip_model["preprocess"], clip_model["tokenizer"],
                               class_lists_for_batch(class_names, b), crop_mode, prompt, threshold,

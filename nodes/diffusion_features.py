@@ -101,15 +101,23 @@ def pass_options(unet, sigma: torch.Tensor, cond_uuid: uuid.UUID) -> dict:
     return options
 
 
+DETAILS = ("paper", "fine")
+
+
 def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, resolution: int = 512,
-            source: str = SOURCE_QUERIES, seed: int = 0) -> DiffusionFeatures:
+            source: str = SOURCE_QUERIES, seed: int = 0, detail: str = "paper") -> DiffusionFeatures:
     """Features of each image of `images` `[B,H,W,C]` from one UNet forward pass per image.
+
+    detail "paper": a grid of resolution/16 (32x32 at 512 px). "fine": resolution/8, and for
+    the queries source the latent/2 blocks too (``freeseg.stages.select_blocks``).
 
     The user's MODEL is cloned, never patched; forward hooks on the shared UNet are removed
     before returning. Returns features `[B,C,resolution/16,resolution/16]` float16 on
     ComfyUI's intermediate device."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if detail not in DETAILS:
+        raise ValueError(f"detail must be one of {DETAILS}, got {detail!r}")
     family = check_family(model)
     pixels = to_rgb(images)
     b, h, w, _ = pixels.shape
@@ -121,7 +129,7 @@ def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, reso
     cond, pooled = empty_prompt(clip, context_dim, pooled_dim)
     model_sampling = unet.get_model_object("model_sampling")
     latent_format = unet.get_model_object("latent_format")
-    grid = (resolution // 16, resolution // 16)
+    grid = (resolution // 16, resolution // 16) if detail == "paper" else (resolution // 8, resolution // 8)
     cond_uuid = uuid.uuid4()  # the sampler gives each conditioning one uuid for the whole run
 
     layers = unet_layers(dm, source)
@@ -157,7 +165,7 @@ def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, reso
         finally:
             for handle in handles:
                 handle.remove()
-        feats, names = captured_to_features(captured, tuple(x0.shape[-2:]), grid, source)
+        feats, names = captured_to_features(captured, tuple(x0.shape[-2:]), grid, source, detail == "fine")
         out.append(feats.to(mm.intermediate_device(), torch.float16))
         captured.clear()
         progress.step()
@@ -190,6 +198,10 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
                                "decoder_blocks: outputs of the decoder blocks at 1/4 and 1/2 latent size."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the small noise "
                              "added at the timestep."),
+                io.Combo.Input("detail", optional=True, options=list(DETAILS), default="paper", tooltip="paper: a 32x32 "
+                               "feature grid at 512 px (the 1/4-latent blocks upsampled). fine: a 64x64 grid "
+                               "that also uses the 1/2-latent (32x32-token) blocks: finer edges and thin parts, "
+                               "4x the points to cluster."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder of the checkpoint, for the empty-prompt "
                               "conditioning (paper). Without it a zero conditioning is used (a warning is logged)."),
             ],
@@ -197,9 +209,10 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, source=None) -> bool | str:
-        return first_problem(check_choice("source", source, SOURCES))
+    def validate_inputs(cls, source=None, detail=None) -> bool | str:
+        return first_problem(check_choice("source", source, SOURCES), check_choice("detail", detail, DETAILS))
 
     @classmethod
-    def execute(cls, model, vae, image, timestep, resolution, source, seed, clip=None) -> io.NodeOutput:
-        return io.NodeOutput(extract(model, vae, image, clip, timestep, resolution, source, seed))
+    def execute(cls, model, vae, image, timestep, resolution, source, seed, detail="paper",
+                clip=None) -> io.NodeOutput:
+        return io.NodeOutput(extract(model, vae, image, clip, timestep, resolution, source, seed, detail))

@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from ..freeseg.instances import split_instances
 from ..freeseg.refine import REFINE_METHODS
 from ..freeseg.stages import refine_segments
 from ..freeseg.segments import Segments as SegmentsData
@@ -62,15 +63,28 @@ class FreeSegRefineMasks(io.ComfyNode):
                                "refinement, one fully connected CRF per named mask (unnamed masks become "
                                "empty). crf_joint: one CRF over all masks, named or not. guided: edge-aware "
                                "guided filter. none: as is."),
+                io.Boolean.Input("instances", optional=True, default=False, tooltip="Split each named mask into its connected "
+                                 "parts (two dogs -> two masks), each its own entry in masks, SEGS and JSON "
+                                 "with the same label and an instance index (0 = largest). Off: one mask per "
+                                 "name (paper)."),
+                io.Float.Input("min_area", optional=True, default=0.002, min=0.0, max=0.5, step=0.001, tooltip="With instances: "
+                               "parts smaller than this fraction of the image are dropped as specks (a "
+                               "name always keeps its largest part)."),
             ],
             outputs=[Segments.Output(display_name="segments"), *OUTPUTS],
         )
 
     @classmethod
-    def validate_inputs(cls, method=None) -> bool | str:
-        return first_problem(check_choice("method", method, REFINE_METHODS))
+    def validate_inputs(cls, method=None, min_area=None) -> bool | str:
+        # Declaring min_area here makes ComfyUI skip its own min/max check of it (NaN passes any
+        # comparison), so the range is checked here.
+        return first_problem(check_choice("method", method, REFINE_METHODS), check_number("min_area", min_area, 0.0, 0.5))
 
     @classmethod
-    def execute(cls, segments, image, method) -> io.NodeOutput:
+    def execute(cls, segments, image, method, instances=False, min_area=0.002) -> io.NodeOutput:
+        if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area <= 0.5:
+            raise ValueError(f"min_area must be a number in 0..0.5, got {min_area!r}")
         refined = refine(segments, image, method)
+        if instances:
+            refined = split_instances(refined, float(min_area))
         return io.NodeOutput(refined, *outputs(refined, image))

@@ -52,6 +52,7 @@ MODEL_FILES = {
         "name": OPEN_CLIP, "directory": "open_clip",
         "url": "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_model.safetensors"},
 }
+VIDEO = "example.mp4"  # any clip in ComfyUI's input folder
 
 # Inputs the frontend shows as widgets (anything else is a socket).
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -521,6 +522,45 @@ def freeseg_batch(g: Graph) -> None:
 
 WORKFLOWS_DEFS = {f.__name__: f for f in (freeseg_full, freeseg_inpaint, freeseg_cutout, freeseg_vocabulary,
                                           freeseg_batch)}
+
+
+def freeseg_video(g: Graph) -> None:
+    g.note("## A video, one labelling for the whole clip\n"
+           "*Get Video Components* turns the clip into a batch of frames. *Cluster Masks* has "
+           "`shared_batch` on: all frames are clustered together, so a segment keeps its index, colour "
+           "and name in every frame (off, each frame is clustered on its own and indices jump around). "
+           "*CLIP Label* then names each segment once for the clip. `n_clusters` 0 picks the number of "
+           "segments from the features (up to `max_clusters`).\n\n"
+           "Outputs: the coloured preview as a video, and one mask per frame from *Select Mask* (here "
+           "segment 0, the one at the top-left pixel of the first frame: type names, indices or points), "
+           "and the JSON (`image` = frame index). Long clips: trim them first (every frame is one UNet "
+           "pass and one CLIP pass).\n\n" + MODELS_NOTE)
+    video = g.add("LoadVideo", file=VIDEO)
+    parts = g.add("GetVideoComponents", video=video["VIDEO"])
+    frames = parts["images"]
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    clip_model = g.add("FreeSegCLIPLoader", model_name=OPEN_CLIP)
+    blip2 = g.add("FreeSegBLIP2Loader", model_name=BLIP2)
+    caption = g.add("FreeSegCaption", image=frames, blip2=blip2["blip2"], class_names="")
+    feats = g.add("FreeSegDiffusionFeatures", model=ckpt["MODEL"], vae=ckpt["VAE"], image=frames, clip=ckpt["CLIP"],
+                  timestep=0, resolution=512, source="cross_attn_queries", seed=0, detail="paper")
+    clusters = g.add("FreeSegClusterMasks", features=feats["features"], n_clusters=0, method="kmeans", seed=0,
+                     max_clusters=8, k_from="n_clusters", class_offset=1, shared_batch=True)
+    labelled = g.add("FreeSegCLIPLabel", segments=clusters["segments"], image=frames,
+                     clip_model=clip_model["clip_model"], class_names=caption["class_names"], crop_mode="masked",
+                     prompt="bare", threshold=0.0)
+    refined = g.add("FreeSegRefineMasks", segments=labelled["segments"], image=frames, method="crf")
+    g.add("PreviewAny", title="Labels (one per mask)", source=refined["labels"])
+    g.add("PreviewAny", title="Segments (JSON, image = frame)", source=refined["json"])
+    g.band()
+    clip_out = g.add("CreateVideo", images=refined["preview"], fps=parts["fps"])
+    g.add("SaveVideo", title="Save preview video", video=clip_out["VIDEO"], filename_prefix="freeseg/video_preview",
+          format="auto", codec="auto")
+    picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="0")
+    save_masks(g, picked["mask"], "freeseg/video_mask", title="Save the selected segment, frame by frame")
+
+
+WORKFLOWS_DEFS["freeseg_video"] = freeseg_video  # beyond the paper: batch-shared clustering
 
 
 def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:

@@ -17,7 +17,8 @@ API_DIR = os.path.join(WORKFLOW_DIR, "api")
 # The ComfyUI the workflow files are generated from (scripts/make_workflows.py reads its
 # /object_info); newer cores are checked for structure only.
 PINNED_COMFYUI = "0.3.75"
-NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabulary", "freeseg_batch")
+NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabulary", "freeseg_batch",
+         "freeseg_video")
 
 SOCKETLESS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # types the frontend draws as widgets
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # virtual nodes: saved in the UI file, never queued
@@ -153,7 +154,7 @@ def validate_ui(ui: dict, object_info: dict, check_files: bool = True) -> list[s
         problems.append("last_node_id is below a node id")
     if ui["links"] and max(l[0] for l in ui["links"]) > ui["last_link_id"]:
         problems.append("last_link_id is below a link id")
-    file_inputs = set(TEST_MODELS) | {("LoadImage", "image")}
+    file_inputs = set(TEST_MODELS) | {("LoadImage", "image"), ("LoadVideo", "file")}
 
     for node in ui["nodes"]:
         where = f"node {node['id']} ({node['type']})"
