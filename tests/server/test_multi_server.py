@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -158,6 +159,35 @@ def test_folder_on_two_servers_with_one_stopped_mid_run(servers, folder, tmp_pat
     assert code == 1 and "Traceback" not in err, err
     assert "error: ComfyUI rejected the prompt" in err and "n_clusters" in err
     assert not os.path.exists(tmp_path / "refused" / "index.json")
+
+
+def test_interrupted_folder_run_resumes(servers, tmp_path):
+    """Ctrl-C (SIGINT) mid-run: exit 130, the image in flight finishes and is kept; the rerun
+    does only the images left, and the index then lists every image as done."""
+    a = servers["a"]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        picture(str(photos / f"new{i}.png"), seed=100 + i)  # pictures no server has seen (no cache)
+    out = tmp_path / "out"
+    start = history_size(a)
+    proc = segment(str(photos), "--out", str(out), "--url", a.url, "--per-server", "1")
+    deadline = time.monotonic() + 300
+    while not (out / "new0" / "done.json").exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no image done within 300 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finish(proc)
+    assert code == 130 and "interrupted (rerun the same command to resume)" in err, err
+    done = sorted(p.parent.name for p in out.glob("*/done.json"))
+    assert "new0" in done and len(done) < 3
+    assert history_size(a) - start == len(done)  # nothing queued after the interruption
+    code, out_text, err = finish(segment(str(photos), "--out", str(out), "--url", a.url))
+    assert code == 0 and json.loads(out_text)["done"] == 3, err
+    assert history_size(a) - start == 3  # each image ran once in all
+    index = json.loads((out / "index.json").read_text())
+    assert [e["status"] for e in index["images"]] == ["done"] * 3
 
 
 def voc_dataset(root) -> str:
