@@ -60,7 +60,7 @@ def model_entries(kind: str, root: str) -> list[str]:
 def not_found_message(kind: str, name: str, roots: Sequence[str]) -> str:
     listed = sorted({n for root in roots for n in model_entries(kind, root)})
     have = f"they hold {', '.join(listed)}" if listed else "they hold no such model yet"
-    return (f"model_name: {name!r} is not a {kind} model in the model folders {list(roots)} ({have}). "
+    return (f"model_name: {name!r} is not one of the {kind} models in the model folders {list(roots)} ({have}). "
             f"Put {WHAT_GOES_THERE[kind]}.")
 
 
@@ -122,9 +122,11 @@ def torch_version() -> tuple[int, int]:
 
 
 def check_weights(kind: str, path: str) -> None:
-    """ValueError naming the file and what belongs there when the weights of model entry `path`
-    are incomplete safetensors, or pickle-based files this torch cannot load weights-only safely."""
+    """ValueError naming the file and what belongs there when model entry `path` has no weights,
+    incomplete safetensors, or pickle-based files this torch cannot load weights-only safely."""
     files = weight_files(path)
+    if not files:
+        raise ValueError(f"model_name: {path} holds no weights file (.safetensors); put {WHAT_GOES_THERE[kind]}.")
     safe = [f for f in files if f.lower().endswith(".safetensors")]
     for file in safe:  # the loaders prefer safetensors, so pickle files beside them are never read
         problem = safetensors_problem(file)
@@ -195,7 +197,7 @@ def download_entry(kind: str, root: str, repo_id: str, fetch: Callable[..., obje
     write_marker(target, rid, complete=False)
     fetch(rid, local_dir=target)
     if not is_model_entry(kind, target):
-        raise ValueError(f"repo_id: {rid} downloaded into {target} is not a {kind} model: it should be "
+        raise ValueError(f"repo_id: {rid} downloaded into {target} is not one of the {kind} models: it should be "
                          f"{WHAT_GOES_THERE[kind]}")
     write_marker(target, rid, complete=True)
     return target

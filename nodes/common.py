@@ -53,7 +53,7 @@ def check_number(name: str, value, low: float, high: float) -> Optional[str]:
     return None
 
 
-def first_problem(*problems: Optional[str]):
+def first_problem(*problems: Optional[str]) -> bool | str:
     """What a V3 `validate_inputs` returns: True, or the first problem found."""
     return next((p for p in problems if p), True)
 

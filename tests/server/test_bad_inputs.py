@@ -115,10 +115,10 @@ def loader(g: Graph, kind: str = "FreeSegCLIPLoader", model_name: str = CLIP, do
 
 def chain(g: Graph, image, n_clusters: int = 2, class_names: str = "dog, cat", method: str = "none",
           resolution: int = 128, **label_inputs):
-    """Checkpoint -> features -> clusters -> CLIP label -> refine on `image` (no captioner)."""
+    """Checkpoint -> features (zero conditioning) -> clusters -> CLIP label -> refine on `image`."""
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CKPT)
     clip_model = g.node("FreeSegCLIPLoader", model_name=CLIP, download=False, repo_id="")
-    feats = g.node("FreeSegDiffusionFeatures", model=ckpt[0], vae=ckpt[2], image=image, clip=ckpt[1], timestep=0,
+    feats = g.node("FreeSegDiffusionFeatures", model=ckpt[0], vae=ckpt[2], image=image, timestep=0,
                    resolution=resolution, source="cross_attn_queries", seed=random.randrange(2**31))
     clusters = g.node("FreeSegClusterMasks", features=feats[0], n_clusters=n_clusters, method="kmeans", seed=0)
     inputs = {"crop_mode": "masked", "prompt": "bare", "threshold": 0.0, **label_inputs}
@@ -435,7 +435,7 @@ def test_soak_memory_stays_flat(hostile, client, upload):
         g = Graph()
         image = g.node("LoadImage", image=names[i % len(names)])
         ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CKPT)
-        feats = g.node("FreeSegDiffusionFeatures", model=ckpt[0], vae=ckpt[2], image=image[0], clip=ckpt[1],
+        feats = g.node("FreeSegDiffusionFeatures", model=ckpt[0], vae=ckpt[2], image=image[0],
                        timestep=i % 3 * 100, resolution=128, source="cross_attn_queries", seed=i)
         clusters = g.node("FreeSegClusterMasks", features=feats[0], n_clusters=2 + i % 3, method="kmeans", seed=i)
         g.probe(clusters[1])

@@ -57,6 +57,11 @@ def test_check_weights_names_a_truncated_file(tmp_path: Path, fixture_paths: dic
     folder = tmp_path / "clip"
     shutil.copytree(fixture_paths["open_clip_dir"], folder)
     mf.check_weights("open_clip", str(folder))  # complete: no error
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "open_clip_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds no weights file"):
+        mf.check_weights("open_clip", str(empty))
     weights = folder / "open_clip_model.safetensors"
     for size in (weights.stat().st_size - 1, 100, 3):
         with open(weights, "r+b") as f:
@@ -104,7 +109,7 @@ def test_download_writes_its_marker_and_never_reuses_another_folder(tmp_path: Pa
 
 
 def test_download_that_is_not_a_model_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="is not a open_clip model|is not a blip2 model"):
+    with pytest.raises(ValueError, match="is not one of the blip2 models"):
         mf.download_entry("blip2", str(tmp_path), "owner/empty", lambda repo_id, local_dir: None)
     assert json.loads(Path(tmp_path, "empty", mf.DOWNLOAD_MARKER).read_text())["complete"] is False
 
