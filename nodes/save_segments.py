@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import torch
-from comfy_api.latest import io
 from PIL import Image
 
 import folder_paths
@@ -17,7 +16,7 @@ import folder_paths
 from ..freeseg.app.output import safe_label
 from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.segments import draw_overlay
-from .common import CATEGORY, Segments, to_rgb
+from .common import CATEGORY, Segments, io, to_rgb
 
 LABELS_FORMAT = "freeseg-diff/segments-v1"
 
