@@ -5,14 +5,15 @@ one random vector per object class and UNet block, average-pooled to the block's
 Gaussian noise, resized and concatenated as FreeSeg-Diff does), so what is measured is the
 clustering-level behaviour of each option, not segmentation quality on real photographs.
 
-Usage: python bench/bench_beyond.py [--part autok|instances|shared|fine|all] [--seeds 5] [--n-init 3]
+Usage: python bench/bench_beyond.py [--part autok|instances|shared|fine|cost|all] [--seeds 5] [--n-init 3]
 
 Prints, side by side:
   autok     how often n_clusters=0 finds the true count (1..7 objects + background), with the
             per-cluster silhouette (used) and the usual per-pixel silhouette, at two noise levels;
   instances how often splitting the named mask gives the true number of instances (1..6);
   shared    label consistency across 8 frames of 3 moving objects: per-frame vs batch-shared;
-  fine      mIoU on thin structures: paper grid 32x32 vs fine 64x64, nearest upsampling vs CRF.
+  fine      mIoU on thin structures: paper grid 32x32 vs fine 64x64, nearest upsampling vs CRF;
+  cost      clustering time at the real feature sizes (SD1.5, 512 px): fixed K, automatic K, fine grid.
 """
 
 from __future__ import annotations
@@ -159,7 +160,22 @@ def part_fine(seeds: int, n_init: int) -> None:
           f"(n_init={n_init}, CPU)")
 
 
-PARTS = {"autok": part_autok, "instances": part_instances, "shared": part_shared, "fine": part_fine}
+def part_cost(seeds: int, n_init: int) -> None:
+    print("== cost at the real sizes (random features, CPU, n_init=10 as the library default)")
+    g = torch.Generator().manual_seed(0)
+    paper = torch.randn(1, 6400, 32, 32, generator=g)  # SD1.5 at 512 px: 5 x 1280 channels, 32x32 grid
+    fine = torch.randn(1, 6400 + 3200, 64, 64, generator=g)  # plus 5 x 640 channels, 64x64 grid
+    rows = [("paper grid, K=4", lambda: cluster_features(paper, 4)),
+            ("paper grid, n_clusters=0 (K 2..8)", lambda: cluster_features(paper, 0)),
+            ("fine grid, K=4", lambda: cluster_features(fine, 4))]
+    for name, fn in rows:
+        t = time.perf_counter()
+        fn()
+        print(f"{name:>36}: {time.perf_counter() - t:6.2f} s")
+
+
+PARTS = {"autok": part_autok, "instances": part_instances, "shared": part_shared, "fine": part_fine,
+         "cost": part_cost}
 
 
 def main() -> None:
