@@ -7,7 +7,8 @@ import torch
 
 from freeseg.clip_label import encode_names, load_open_clip, score_masks
 from freeseg.segments import Segments
-from freeseg.stages import label_segments, label_segments_shared, name_masks
+from freeseg.stages import label_segments, label_segments_shared, name_masks_open, open_texts
+from freeseg.vocab import DEFAULT_BACKGROUND
 import model_fixtures as fx
 
 
@@ -39,14 +40,16 @@ def test_shared_names_are_the_same_in_every_frame(clip: tuple) -> None:
     merged = ["dog", "cat", "tree", "sky"]
     assert out.shared and out.class_names == [merged] * 3
     assert out.labels[0] == out.labels[1] == out.labels[2]
-    # known answer: the mean over the frames where each mask is present, named once
-    text = encode_names(model, tok, merged)
-    total, seen = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    # known answer: the mean over the frames where each mask is present, named once by the open
+    # rule (the names beside the background words)
+    texts = open_texts(merged, DEFAULT_BACKGROUND)
+    text = encode_names(model, tok, texts)
+    total, seen = torch.zeros(3, len(texts), dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for t in range(3):
         present = (seg.masks[t].flatten(1).amax(1) > 0).double()
         total += score_masks(model, cfg, images[t], seg.masks[t], text).double() * present[:, None]
         seen += present
-    labels, values = name_masks((total / seen[:, None]).float(), merged)
+    labels, values = name_masks_open((total / seen[:, None]).float(), texts, len(merged))
     assert out.labels[0] == labels
     assert out.scores[0] == pytest.approx(values)
     assert out.masks is seg.masks
