@@ -32,7 +32,8 @@ class FreeSegPipeline(io.ComfyNode):
                                 "to what the caption mentions (the only names when no captioner is given)."),
                 io.Int.Input("n_clusters", default=4, min=1, max=64, tooltip="Masks per image (paper: 4)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of noise and k-means."),
-                Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP-2 Loader."),
+                Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP Loader "
+                                "(the paper's: BLIP base COCO)."),
                 io.Clip.Input("clip", optional=True, tooltip="The checkpoint's text encoder, for the "
                               "empty-prompt conditioning."),
             ],
@@ -44,7 +45,7 @@ class FreeSegPipeline(io.ComfyNode):
     def execute(cls, model, vae, image, clip_model, class_names, n_clusters, seed, blip2=None,
                 clip=None) -> io.NodeOutput:
         p = PAPER
-        captions, lists = caption(image, blip2, class_names, p.max_new_tokens)
+        captions, lists = caption(image, blip2, class_names, p.max_new_tokens, p.caption_prompt, p.min_new_tokens)
         features = extract(model, vae, image, clip, p.timestep, p.resolution, p.source, seed)
         segments = cluster(features, n_clusters, p.cluster_method, seed)
         segments = label(segments, image, clip_model, "\n".join(", ".join(n) for n in lists), p.crop_mode,

@@ -40,7 +40,7 @@ DEFAULT_OBJECT_INFO = os.path.join(REPO, ".cache", "object_info.json")
 
 # User-facing default model names (the tests swap in their random-weight fixtures).
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
-BLIP2 = "blip2-opt-2.7b"
+BLIP = "blip-image-captioning-base"  # the paper's captioner
 OPEN_CLIP = "vit_base_patch32_clip_224.openai"
 IMAGE = "example.png"  # ComfyUI's own input/example.png
 
@@ -364,7 +364,8 @@ def fit_view(nodes: list[Node], view=(1500, 800), title_h: int = 30) -> dict:
 MODELS_NOTE = (
     "**Models** (nothing is downloaded unless you switch `download` on in a loader):\n"
     f"* `models/checkpoints/{CHECKPOINT}`: any SD1.x, SD2.x or SDXL checkpoint works;\n"
-    f"* `models/blip2/{BLIP2}/`: a BLIP-2 folder saved by transformers (Salesforce/blip2-opt-2.7b);\n"
+    f"* `models/blip/{BLIP}/`: the paper's BLIP captioner saved by transformers "
+    "(Salesforce/blip-image-captioning-base; a BLIP-2 folder in `models/blip2/` works too);\n"
     f"* `models/open_clip/{OPEN_CLIP}/`: an open_clip folder (timm/vit_base_patch32_clip_224.openai).\n")
 
 
@@ -374,7 +375,7 @@ def segment(g: Graph, image: Out, ckpt: Node, class_names: str = "", captioner: 
     clip_model = g.add("FreeSegCLIPLoader", model_name=OPEN_CLIP)
     caption = None
     if captioner:
-        blip2 = g.add("FreeSegBLIP2Loader", model_name=BLIP2)
+        blip2 = g.add("FreeSegBLIP2Loader", model_name=BLIP)
         caption = g.add("FreeSegCaption", image=image, blip2=blip2["blip2"], class_names=class_names)
     feats = g.add("FreeSegDiffusionFeatures", model=ckpt["MODEL"], vae=ckpt["VAE"], image=image, clip=ckpt["CLIP"],
                   timestep=0, resolution=512, source="cross_attn_queries", seed=0)
@@ -392,7 +393,7 @@ def save_masks(g: Graph, mask: Out, prefix: str, title: str = "Save masks") -> N
 
 def freeseg_full(g: Graph) -> None:
     g.note("## FreeSeg-Diff: segment everything and name it\n"
-           "BLIP-2 captions the image; the nouns of the caption (plus any names you add in *Caption*) "
+           "BLIP captions the image; the nouns of the caption (plus any names you add in *Caption*) "
            "are the class names. One pass of the checkpoint's UNet gives features that k-means splits "
            "into masks; CLIP names each mask; a CRF sharpens the edges.\n\n"
            "Outputs: the coloured preview, one mask per named segment (same order as *Labels*), and "
@@ -456,7 +457,7 @@ def freeseg_vocabulary(g: Graph) -> None:
     g.note("## Your own class names, no captioner\n"
            "Type the names to look for in *CLIP Label* (comma-separated; one line per image for a "
            "batch, or one line for all). Each name goes to the mask CLIP finds most like it; masks "
-           "left over stay unnamed (background). No BLIP-2 model is needed.\n\n" + MODELS_NOTE)
+           "left over stay unnamed (background). No captioner is needed.\n\n" + MODELS_NOTE)
     image = g.add("LoadImage", image=IMAGE)["IMAGE"]
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     _, refined = segment(g, image, ckpt, class_names="dog, cat, grass, sky, tree", captioner=False)
