@@ -41,12 +41,13 @@ class FreeSegCaption(io.ComfyNode):
                 io.Int.Input("max_new_tokens", default=PAPER.max_new_tokens, min=1, max=MAX_NEW_TOKENS_LIMIT,
                              tooltip="Longest caption, in generated tokens (the prompt is not counted). "
                              "Paper: 26 (LAVIS's max_length 30 counts [DEC] and the prompt's 3 tokens)."),
-                io.String.Input("prompt", default=PAPER.caption_prompt, multiline=False, tooltip="Text the "
-                                "caption starts from, removed from the caption (paper: 'a picture of '). "
-                                f"Empty: no prompt. One line, at most {MAX_PROMPT_CHARS} characters."),
+                io.String.Input("prompt", default=PAPER.caption_prompt, multiline=False, optional=True,
+                                tooltip="Text the caption starts from, removed from the caption (paper: "
+                                f"'a picture of '). Empty: no prompt. One line, at most {MAX_PROMPT_CHARS} "
+                                "characters."),
                 io.Int.Input("min_new_tokens", default=PAPER.min_new_tokens, min=0, max=MAX_NEW_TOKENS_LIMIT,
-                             tooltip="Shortest caption, in generated tokens (the prompt is not counted; "
-                             "at most max_new_tokens). Paper: 6 (LAVIS's min_length 10)."),
+                             optional=True, tooltip="Shortest caption, in generated tokens (the prompt is not "
+                             "counted; at most max_new_tokens). Paper: 6 (LAVIS's min_length 10)."),
                 Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP Loader "
                                 "(BLIP or BLIP-2)."),
             ],
@@ -56,9 +57,11 @@ class FreeSegCaption(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, max_new_tokens=None, prompt=None, min_new_tokens=None) -> bool | str:
+    def validate_inputs(cls, max_new_tokens=None, prompt=PAPER.caption_prompt,
+                        min_new_tokens=PAPER.min_new_tokens) -> bool | str:
         """Queue-time check of the decoding options (ComfyUI skips its own range checks of the
-        inputs named here); a linked (not yet known) value is checked at run time."""
+        inputs named here); a linked (not yet known) value is checked at run time. `prompt` and
+        `min_new_tokens` are optional: an API prompt without them gets the paper's values."""
         if max_new_tokens is None or min_new_tokens is None:
             return True
         try:
@@ -68,6 +71,7 @@ class FreeSegCaption(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, image, class_names, max_new_tokens, prompt, min_new_tokens, blip2=None) -> io.NodeOutput:
+    def execute(cls, image, class_names, max_new_tokens, prompt=PAPER.caption_prompt,
+                min_new_tokens=PAPER.min_new_tokens, blip2=None) -> io.NodeOutput:
         captions, lists = caption(image, blip2, class_names, max_new_tokens, prompt, min_new_tokens)
         return io.NodeOutput("\n".join(captions), "\n".join(", ".join(names) for names in lists))

@@ -677,7 +677,8 @@ def add_workflow_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, default=None, metavar="K", help="masks per image (paper: 4)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the noise and the k-means start")
     parser.add_argument("--checkpoint", default=None, metavar="NAME", help="checkpoint file name (models/checkpoints)")
-    parser.add_argument("--blip2", default=None, metavar="NAME", help="BLIP / BLIP-2 folder name (models/blip or models/blip2)")
+    parser.add_argument("--blip2", default=None, metavar="NAME",
+                        help="BLIP / BLIP-2 folder name (models/blip or models/blip2)")
     parser.add_argument("--clip", default=None, metavar="NAME", help="open_clip folder or file name (models/open_clip)")
     parser.add_argument("--resolution", type=int, default=None, metavar="PX",
                         help="resolution of the diffusion features pass (workflow default: 512)")

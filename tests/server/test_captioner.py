@@ -36,9 +36,11 @@ def test_loader_lists_blip_and_blip2_folders(models_client):
     options = info["input"]["required"]["model_name"][1]["options"]
     assert BLIP in options and BLIP2 in options
     assert info["input"]["required"]["repo_id"][1]["default"] == "Salesforce/blip-image-captioning-base"
-    caption = models_client.object_info()["FreeSegCaption"]["input"]["required"]
-    assert caption["prompt"][1]["default"] == "a picture of "
-    assert (caption["max_new_tokens"][1]["default"], caption["min_new_tokens"][1]["default"]) == (26, 6)
+    caption = models_client.object_info()["FreeSegCaption"]["input"]
+    # prompt and min_new_tokens are optional: API prompts written before them get the paper's values.
+    assert caption["optional"]["prompt"][1]["default"] == "a picture of "
+    assert (caption["required"]["max_new_tokens"][1]["default"], caption["optional"]["min_new_tokens"][1]["default"]) \
+        == (26, 6)
 
 
 def test_full_chain_with_blip_prompt_and_min_length(models_client, models_upload):
@@ -57,6 +59,17 @@ def test_full_chain_with_blip_prompt_and_min_length(models_client, models_upload
     named = [l for l in probed(result, labels)["value"].splitlines() if l]
     assert probed(result, masks)["shape"] == [max(len(named), 1), 72, 96]
     assert set(named) <= set(names)
+
+
+def test_caption_node_without_prompt_and_min_inputs_uses_the_paper_values(models_client, models_upload):
+    """An API prompt that predates the prompt / min_new_tokens inputs still runs (paper values)."""
+    g = Graph()
+    image = g.node("LoadImage", image=models_upload(40, 30, seed=25))
+    blip = g.node("FreeSegBLIP2Loader", model_name=BLIP, download=False, repo_id="")
+    caption = g.node("FreeSegCaption", image=image[0], class_names="dog", max_new_tokens=8, blip2=blip[0])
+    captions = g.probe(caption[0])
+    (text,) = probed(models_client.run(g.prompt), captions)["value"].split("\n")
+    assert text and not text.startswith("a picture of")
 
 
 def test_blip2_without_prompt(models_client, models_upload):
