@@ -229,7 +229,7 @@ def generate_captions(model: Any, processor: Any, images: torch.Tensor, prompt: 
     device, dtype = _model_device_dtype(model)
     inputs = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
               for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    prefix = decoder_prefix(model, inputs.get("input_ids"))
+    prefix = decoder_prefix(model, inputs.get("input_ids"))  # before generate: BLIP's edits input_ids in place
     sequences = model.generate(**inputs, **decoding_options(max_new_tokens, min_new_tokens, num_beams))
     sequences, stripped = _strip_prefix(sequences, prefix)
     decoded = [t.strip() for t in processor.batch_decode(sequences, skip_special_tokens=True)]
