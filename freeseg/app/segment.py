@@ -51,6 +51,8 @@ RANDOM_MODEL_LINKS = {
     "blip2_dir": ("blip2", "tiny-blip2"),
     "open_clip_dir": ("open_clip", "tiny-open-clip"),
 }
+# Every fixture the random-weights smoke test uses (both backends).
+RANDOM_FIXTURES = (*RANDOM_MODEL_LINKS, "sd15_diffusers_config", "sd15_diffusers_vae")
 # The random BLIP-2 writes no real nouns: without these names nothing would be named.
 RANDOM_CLASS_NAMES = "dog, cat, tree, sky"
 RANDOM_NOTICE = (
@@ -133,12 +135,13 @@ def build_random_models(python: str, comfy_dir: str) -> dict[str, str]:
     if not os.path.isfile(FIXTURES_SCRIPT):
         raise SegmentError(f"--random-weights needs the project's checkout ({FIXTURES_SCRIPT} is missing)")
     cache = os.environ.get("FREESEG_FIXTURE_CACHE") or os.path.join(PACK_DIR, ".cache", "fixtures")
+    # Only what the smoke test uses (not e.g. the large SD2 checkpoint the server tests add).
     code = ("import json, sys; sys.path.insert(0, sys.argv[2]); from model_fixtures import build_all; "
-            "print('FIXTURES=' + json.dumps(build_all(sys.argv[1])))")
+            "print('FIXTURES=' + json.dumps(build_all(sys.argv[1], keys=sys.argv[3].split(','))))")
     print(f"building / reusing the random-weight models in {cache} ...", file=sys.stderr, flush=True)
     env = dict(os.environ, FREESEG_COMFYUI_DIR=comfy_dir)
-    proc = subprocess.run([python, "-c", code, cache, os.path.dirname(FIXTURES_SCRIPT)], cwd=PACK_DIR,
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([python, "-c", code, cache, os.path.dirname(FIXTURES_SCRIPT), ",".join(RANDOM_FIXTURES)],
+                          cwd=PACK_DIR, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FIXTURES=")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]

@@ -210,3 +210,18 @@ def test_build_all_stamps_skip_and_rebuild(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(fx, "FIXTURE_VERSION", fx.FIXTURE_VERSION + 1)
     fx.build_all(tmp_path)
     assert len(calls) == 2
+
+
+def test_build_all_only_the_keys_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str] = []
+
+    def builder(path: str) -> str:
+        built.append(Path(path).name)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("x")
+        return path
+
+    monkeypatch.setattr(fx, "ARTIFACTS", {"a": ("a.txt", builder), "b": ("b.txt", builder)})
+    assert list(fx.build_all(tmp_path, keys=["b"])) == ["b"] and built == ["b.txt"]
+    with pytest.raises(KeyError, match="'c'"):
+        fx.build_all(tmp_path, keys=["c"])
