@@ -27,9 +27,11 @@ PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt")
 FOLDER_MARKERS = {"blip2": "config.json", "open_clip": "open_clip_config.json"}
 # What a user puts into each folder (quoted in every error about a missing or broken model).
 WHAT_GOES_THERE = {
-    "blip2": "a BLIP-2 (or BLIP) model folder as saved by transformers: config.json, the weights "
+    "blip2": "a BLIP or BLIP-2 model folder as saved by transformers: config.json, the weights "
              "(model.safetensors or shards), and the processor/tokenizer files, e.g. the contents of "
-             "Salesforce/blip2-opt-2.7b in models/blip2/blip2-opt-2.7b/",
+             "Salesforce/blip-image-captioning-base (the paper's captioner) in "
+             "models/blip/blip-image-captioning-base/, or of Salesforce/blip2-opt-2.7b in "
+             "models/blip2/blip2-opt-2.7b/",
     "open_clip": "an open_clip model: a folder with open_clip_config.json and open_clip_model.safetensors "
                  "(e.g. timm/vit_base_patch32_clip_224.openai in models/open_clip/vit_base_patch32_clip_224.openai/), "
                  "or a weights file named after a built-in open_clip architecture (e.g. ViT-B-32-openai.safetensors)",

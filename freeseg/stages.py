@@ -11,7 +11,7 @@ returns it ready for use (called once per image, as the nodes' ``load_to_device`
 
 Stages, in pipeline order:
 
-* ``caption_images``: BLIP-2 caption per image -> class names (caption nouns + user names);
+* ``caption_images``: BLIP / BLIP-2 caption per image -> class names (caption nouns + user names);
 * ``resize_square`` / ``seeded_noise``: the input side of the UNet pass;
 * ``select_blocks`` / ``captured_to_features``: captured UNet layer outputs -> feature grid;
 * ``cluster_segments``: feature grid -> class-agnostic masks at the image size;
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .assign import assign_open, assign_paper
-from .caption import generate_captions
+from .caption import (PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT,
+                      check_caption_options, generate_captions)
 from .clip_label import CROP_MODES, PROMPTS, encode_names, score_masks
 from .cluster import METHODS as CLUSTER_METHODS
 from .cluster import cluster_features, cluster_features_shared, labels_to_masks
@@ -92,9 +93,13 @@ class FreeSegSettings:
         refine: "crf" (paper), "guided" or "none".
         use_caption: caption the image (when a captioner is loaded) and add its nouns to the
             class names.
-        max_new_tokens: longest caption, in tokens.
-        num_beams: beam width of caption decoding.
-        caption_prompt: optional text prompt that conditions the caption (None: none).
+        max_new_tokens: longest caption, in generated tokens (the prompt not counted; paper:
+            26, LAVIS's max_length 30 less [DEC] and the prompt's 3 tokens).
+        min_new_tokens: shortest caption, in generated tokens (paper: 6, LAVIS's
+            min_length 10 less the same 4 tokens).
+        num_beams: beam width of caption decoding (paper: 3).
+        caption_prompt: text prompt that conditions the caption and is removed from it
+            (paper: "a picture of "; None or "": none).
     """
 
     resolution: int = 512
@@ -111,9 +116,10 @@ class FreeSegSettings:
     background: tuple[str, ...] = DEFAULT_BACKGROUND
     refine: str = "crf"
     use_caption: bool = True
-    max_new_tokens: int = 30
-    num_beams: int = 3
-    caption_prompt: Optional[str] = None
+    max_new_tokens: int = PAPER_MAX_NEW_TOKENS
+    min_new_tokens: int = PAPER_MIN_NEW_TOKENS
+    num_beams: int = PAPER_NUM_BEAMS
+    caption_prompt: Optional[str] = PAPER_PROMPT
 
     def __post_init__(self) -> None:
         self.validate()
@@ -133,8 +139,7 @@ class FreeSegSettings:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         positive_int("n_clusters", self.n_clusters)
         positive_int("n_init", self.n_init)
-        positive_int("max_new_tokens", self.max_new_tokens)
-        positive_int("num_beams", self.num_beams)
+        check_caption_options(self.caption_prompt, self.max_new_tokens, self.min_new_tokens, self.num_beams)
         choices = {"source": SOURCES, "cluster_method": CLUSTER_METHODS, "crop_mode": CROP_MODES,
                    "prompt": PROMPTS, "refine": REFINE_METHODS, "rule": RULES}
         for name, allowed in choices.items():
@@ -164,9 +169,11 @@ DEFAULTS = FreeSegSettings()
 """The node defaults: the paper's settings with the open-vocabulary naming rule."""
 
 PAPER = FreeSegSettings(rule="paper")
-"""The paper preset: 512 px, timestep 0, cross-attention queries, k-means K=4 (n_init 10),
-bare names, masked crops, the closed-vocabulary naming protocol (candidates from the
-caption, CLIP over the full class list), CRF."""
+"""The paper preset: BLIP caption with "a picture of " (3 beams, 6..26 new tokens = LAVIS's
+min_length 10 / max_length 30), 512 px, timestep 0, cross-attention queries, k-means K=4
+(n_init 10), bare names, masked crops, the closed-vocabulary naming protocol (candidates from
+the caption, CLIP over the full class list), CRF. The captioner itself is the one the caller
+loads: the paper's is BLIP base COCO (``Salesforce/blip-image-captioning-base``)."""
 
 
 class ProgressLike(Protocol):
@@ -259,25 +266,30 @@ def merge_names(first: Sequence[str], extra: Sequence[str]) -> list[str]:
 
 
 def caption_images(images: torch.Tensor, captioner: Optional[ModelOrGetter], processor: Any,
-                   user_names: Sequence[str] = (), max_new_tokens: int = 30, num_beams: int = 3,
-                   prompt: Optional[str] = None, progress: Optional[ProgressLike] = None,
-                   vocabulary: Optional[Iterable[str]] = None) -> tuple[list[str], list[list[str]]]:
+                   user_names: Sequence[str] = (), max_new_tokens: int = PAPER_MAX_NEW_TOKENS,
+                   num_beams: int = PAPER_NUM_BEAMS, prompt: Optional[str] = PAPER_PROMPT,
+                   progress: Optional[ProgressLike] = None, vocabulary: Optional[Iterable[str]] = None,
+                   min_new_tokens: int = PAPER_MIN_NEW_TOKENS) -> tuple[list[str], list[list[str]]]:
     """Caption each image and list its class names: the caption's nouns
     (``freeseg.nouns.extract_nouns``) first, then ``user_names`` not already there.
 
     Args:
         images: ``[B,H,W,3]`` float 0..1.
-        captioner: a BLIP-2 / BLIP model (or a getter returning it, once per image); None
+        captioner: a BLIP / BLIP-2 model (or a getter returning it, once per image); None
             skips captioning (captions "" and the user names alone).
         processor: its processor.
         user_names: names added to every image's list.
+        max_new_tokens, min_new_tokens, num_beams, prompt: caption decoding (defaults: the
+            paper's; see ``freeseg.caption.generate_captions``).
         vocabulary: noun vocabulary for ``extract_nouns`` (None: its default).
 
     Returns:
         (B captions, B lists of names).
+    Raises ValueError for invalid decoding options before anything runs.
     """
     b = images.shape[0]
     user = list(user_names)
+    check_caption_options(prompt, max_new_tokens, min_new_tokens, num_beams)
     if captioner is None:
         return [""] * b, [list(user) for _ in range(b)]
     captions: list[str] = []
@@ -286,7 +298,8 @@ def caption_images(images: torch.Tensor, captioner: Optional[ModelOrGetter], pro
         _check(progress)
         model = _get(captioner)
         (text,) = generate_captions(model, processor, images[i:i + 1], prompt=prompt,
-                                    max_new_tokens=max_new_tokens, num_beams=num_beams)
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                    min_new_tokens=min_new_tokens)
         captions.append(text)
         lists.append(merge_names(extract_nouns(text, vocabulary), user))
         _step(progress)

@@ -1,18 +1,25 @@
-"""FreeSegCaption: a caption per image (BLIP-2) and the class names it mentions."""
+"""FreeSegCaption: a caption per image (BLIP or BLIP-2) and the class names it mentions."""
 
 from __future__ import annotations
 
-from ..freeseg.stages import caption_images
+from typing import Optional
+
+from ..freeseg.caption import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS, check_caption_options
+from ..freeseg.stages import PAPER, caption_images
 from .common import CATEGORY, Captioner, Progress, io, load_to_device, parse_names, to_rgb
 
 
-def caption(images, captioner=None, class_names: str = "", max_new_tokens: int = 30) -> tuple[list[str], list[list[str]]]:
+def caption(images, captioner=None, class_names: str = "", max_new_tokens: int = PAPER.max_new_tokens,
+            prompt: Optional[str] = PAPER.caption_prompt,
+            min_new_tokens: int = PAPER.min_new_tokens) -> tuple[list[str], list[list[str]]]:
     """B captions and B class lists (caption nouns first, then the user's names)."""
     pixels = to_rgb(images)
+    check_caption_options(prompt, max_new_tokens, min_new_tokens, PAPER.num_beams)
     if captioner is None:
         return caption_images(pixels, None, None, parse_names(class_names))
     return caption_images(pixels, lambda: load_to_device(captioner["patcher"]), captioner["processor"],
-                          parse_names(class_names), max_new_tokens=max_new_tokens, progress=Progress(pixels.shape[0]))
+                          parse_names(class_names), max_new_tokens=max_new_tokens, num_beams=PAPER.num_beams,
+                          prompt=prompt, min_new_tokens=min_new_tokens, progress=Progress(pixels.shape[0]))
 
 
 class FreeSegCaption(io.ComfyNode):
@@ -22,14 +29,25 @@ class FreeSegCaption(io.ComfyNode):
             node_id="FreeSegCaption",
             display_name="FreeSeg-Diff Caption",
             category=CATEGORY,
-            description="Captions each image with BLIP-2 and lists the class names the caption mentions, "
-                        "plus your own names. Without a captioner, your names alone.",
+            description="Captions each image with BLIP (the paper's captioner) or BLIP-2 and lists the class "
+                        "names the caption mentions, plus your own names. Without a captioner, your names alone. "
+                        "The defaults are the paper's: prompt 'a picture of ', 3 beams, 6 to 26 new tokens.",
             inputs=[
                 io.Image.Input("image", tooltip="Images to caption."),
                 io.String.Input("class_names", default="", multiline=False, tooltip="Extra class names, "
                                 "comma-separated, added to every image's list (e.g. 'dog, frisbee')."),
-                io.Int.Input("max_new_tokens", default=30, min=1, max=200, tooltip="Longest caption, in tokens."),
-                Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP-2 Loader."),
+                io.Int.Input("max_new_tokens", default=PAPER.max_new_tokens, min=1, max=MAX_NEW_TOKENS_LIMIT,
+                             tooltip="Longest caption, in generated tokens (the prompt is not counted). "
+                             "Paper: 26 (LAVIS's max_length 30 counts [DEC] and the prompt's 3 tokens)."),
+                io.String.Input("prompt", default=PAPER.caption_prompt, multiline=False, optional=True,
+                                tooltip="Text the caption starts from, removed from the caption (paper: "
+                                f"'a picture of '). Empty: no prompt. One line, at most {MAX_PROMPT_CHARS} "
+                                "characters."),
+                io.Int.Input("min_new_tokens", default=PAPER.min_new_tokens, min=0, max=MAX_NEW_TOKENS_LIMIT,
+                             optional=True, tooltip="Shortest caption, in generated tokens (the prompt is not "
+                             "counted; at most max_new_tokens). Paper: 6 (LAVIS's min_length 10)."),
+                Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP Loader "
+                                "(BLIP or BLIP-2)."),
             ],
             outputs=[io.String.Output(display_name="captions", tooltip="One caption per line, per image."),
                      io.String.Output(display_name="class_names", tooltip="One line per image: its class "
@@ -37,6 +55,21 @@ class FreeSegCaption(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, class_names, max_new_tokens, blip2=None) -> io.NodeOutput:
-        captions, lists = caption(image, blip2, class_names, max_new_tokens)
+    def validate_inputs(cls, max_new_tokens=None, prompt=PAPER.caption_prompt,
+                        min_new_tokens=PAPER.min_new_tokens) -> bool | str:
+        """Queue-time check of the decoding options (ComfyUI skips its own range checks of the
+        inputs named here); a linked (not yet known) value is checked at run time. `prompt` and
+        `min_new_tokens` are optional: an API prompt without them gets the paper's values."""
+        if max_new_tokens is None or min_new_tokens is None:
+            return True
+        try:
+            check_caption_options(prompt, max_new_tokens, min_new_tokens, PAPER.num_beams)
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, image, class_names, max_new_tokens, prompt=PAPER.caption_prompt,
+                min_new_tokens=PAPER.min_new_tokens, blip2=None) -> io.NodeOutput:
+        captions, lists = caption(image, blip2, class_names, max_new_tokens, prompt, min_new_tokens)
         return io.NodeOutput("\n".join(captions), "\n".join(", ".join(names) for names in lists))

@@ -1,7 +1,10 @@
-"""Loaders for the two models FreeSeg-Diff adds to a checkpoint: a BLIP-2 captioner
-(`models/blip2/<folder>`) and an open_clip CLIP (`models/open_clip/<folder or file>`).
+"""Loaders for the two models FreeSeg-Diff adds to a checkpoint: a BLIP or BLIP-2 captioner
+(`models/blip/<folder>` or `models/blip2/<folder>`) and an open_clip CLIP
+(`models/open_clip/<folder or file>`).
 
-Both folders are registered with `folder_paths.add_model_folder_path`, so entries in
+The captioner folders are one model kind, "blip2" (both default folders are registered under
+it, and the loader reads the model type from each folder's config.json); with "open_clip" they
+are registered with `folder_paths.add_model_folder_path`, so entries in
 `extra_model_paths.yaml` (keys `blip2:` and `open_clip:`) are searched too. A model name is
 accepted only when the folders list it (`freeseg.model_files.find_entry`), and its weights
 are checked at queue time. Nothing is downloaded unless the `download` input is switched on,
@@ -22,15 +25,20 @@ from ..freeseg.model_files import (check_download_target, check_repo_id, check_w
 from .common import CATEGORY, Captioner, ClipModel, io, make_patcher, model_dtype
 
 NONE_FOUND = "(none found)"
-DEFAULT_REPOS = {"blip2": "Salesforce/blip2-opt-2.7b", "open_clip": "timm/vit_base_patch32_clip_224.openai"}
+DEFAULT_REPOS = {"blip2": "Salesforce/blip-image-captioning-base",
+                 "open_clip": "timm/vit_base_patch32_clip_224.openai"}
+# Default folders of each kind under models/ (the first one receives downloads).
+DEFAULT_FOLDERS = {"blip2": ("blip", "blip2"), "open_clip": ("open_clip",)}
 # Operator switch: any of these values turns the `download` input off for every client.
 DISABLE_DOWNLOADS = "FREESEG_DISABLE_DOWNLOADS"
 
 
 def register_folders() -> None:
-    """Adds `models/blip2` and `models/open_clip` to ComfyUI's model folders."""
-    for kind in ("blip2", "open_clip"):
-        folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, kind))
+    """Adds `models/blip` and `models/blip2` (captioners) and `models/open_clip` to ComfyUI's
+    model folders."""
+    for kind, folders in DEFAULT_FOLDERS.items():
+        for folder in folders:
+            folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, folder))
 
 
 def search_paths(kind: str) -> list[str]:
@@ -116,11 +124,12 @@ class FreeSegBLIP2Loader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FreeSegBLIP2Loader",
-            display_name="FreeSeg-Diff BLIP-2 Loader",
+            display_name="FreeSeg-Diff BLIP Loader",
             category=CATEGORY,
-            description="Loads a BLIP-2 (or BLIP) captioner from models/blip2.",
+            description="Loads a captioner from models/blip or models/blip2: BLIP (the paper's, "
+                        "Salesforce/blip-image-captioning-base) or BLIP-2, told apart by its config.json.",
             inputs=[io.Combo.Input("model_name", options=list_models("blip2"), tooltip="A model folder in "
-                                   "models/blip2 (holding config.json)."),
+                                   "models/blip or models/blip2 (holding config.json)."),
                     *download_inputs("blip2")],
             outputs=[Captioner.Output(display_name="blip2")],
         )

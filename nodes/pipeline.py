@@ -37,7 +37,8 @@ class FreeSegPipeline(io.ComfyNode):
                                tooltip="open: names must beat background words. paper: the paper's closed-"
                                "vocabulary protocol (candidates from the caption through the checkpoint's CLIP; "
                                "needs blip2 and clip)."),
-                Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP-2 Loader."),
+                Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP Loader "
+                                "(the paper's: BLIP base COCO)."),
                 io.Clip.Input("clip", optional=True, tooltip="The checkpoint's text encoder, for the "
                               "empty-prompt conditioning (and the paper rule's candidate classes)."),
             ],
@@ -58,7 +59,8 @@ class FreeSegPipeline(io.ComfyNode):
             raise ValueError("rule paper: connect blip2 (the captioner) and clip (the checkpoint's text encoder); "
                              "the candidate classes come from the caption")
         p = PAPER if rule == "paper" else DEFAULTS
-        captions, lists = caption(image, blip2, "" if rule == "paper" else class_names, p.max_new_tokens)
+        captions, lists = caption(image, blip2, "" if rule == "paper" else class_names, p.max_new_tokens,
+                                  p.caption_prompt, p.min_new_tokens)
         features = extract(model, vae, image, clip, p.timestep, p.resolution, p.source, seed)
         segments = cluster(features, n_clusters, p.cluster_method, seed)
         segments = label(segments, image, clip_model, "\n".join(", ".join(n) for n in lists), p.crop_mode,

@@ -40,7 +40,7 @@ DEFAULT_OBJECT_INFO = os.path.join(REPO, ".cache", "object_info.json")
 
 # User-facing default model names (the tests swap in their random-weight fixtures).
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
-BLIP2 = "blip2-opt-2.7b"
+BLIP = "blip-image-captioning-base"  # the paper's captioner
 OPEN_CLIP = "ViT-B-32-openai.safetensors"  # one file: the frontend can report it missing and fetch it
 IMAGE = "example.png"  # ComfyUI's own input/example.png
 # `properties.models` of the loader nodes: the frontend's missing-model dialog lists a model when
@@ -381,7 +381,8 @@ def fit_view(nodes: list[Node], view=(1500, 800), title_h: int = 30) -> dict:
 MODELS_NOTE = (
     "**Models** (nothing is downloaded unless you switch `download` on in a loader):\n"
     f"* `models/checkpoints/{CHECKPOINT}`: any SD1.x, SD2.x or SDXL checkpoint works;\n"
-    f"* `models/blip2/{BLIP2}/`: a BLIP-2 folder saved by transformers (Salesforce/blip2-opt-2.7b);\n"
+    f"* `models/blip/{BLIP}/`: the paper's BLIP captioner saved by transformers "
+    "(Salesforce/blip-image-captioning-base; a BLIP-2 folder in `models/blip2/` works too);\n"
     f"* `models/open_clip/{OPEN_CLIP}`: the `open_clip_model.safetensors` of timm/vit_base_patch32_clip_224.openai "
     "under this name (the frontend offers the download when it is missing), or an open_clip folder.\n")
 
@@ -392,7 +393,7 @@ def segment(g: Graph, image: Out, ckpt: Node, class_names: str = "", captioner: 
     clip_model = g.add("FreeSegCLIPLoader", model_name=OPEN_CLIP)
     caption = None
     if captioner:
-        blip2 = g.add("FreeSegBLIP2Loader", model_name=BLIP2)
+        blip2 = g.add("FreeSegBLIP2Loader", model_name=BLIP)
         caption = g.add("FreeSegCaption", image=image, blip2=blip2["blip2"], class_names=class_names)
     feats = g.add("FreeSegDiffusionFeatures", model=ckpt["MODEL"], vae=ckpt["VAE"], image=image, clip=ckpt["CLIP"],
                   timestep=0, resolution=512, source="cross_attn_queries", seed=0)
@@ -419,7 +420,7 @@ def save_segments(g: Graph, refined: Node, image: Out, prefix: str) -> Node:
 
 def freeseg_full(g: Graph) -> None:
     g.note("## FreeSeg-Diff: segment everything and name it\n"
-           "BLIP-2 captions the image; the nouns of the caption (plus any names you add in *Caption*) "
+           "BLIP captions the image; the nouns of the caption (plus any names you add in *Caption*) "
            "are the class names. One pass of the checkpoint's UNet gives features that k-means splits "
            "into masks; CLIP names each mask; a CRF sharpens the edges.\n\n"
            "Outputs: the coloured preview, one mask per named segment (same order as *Labels*), "
@@ -488,7 +489,7 @@ def freeseg_vocabulary(g: Graph) -> None:
            "Type the names to look for in *CLIP Label* (comma-separated; one line per image for a "
            "batch, or one line for all). A mask takes the name CLIP finds most like it only where that "
            "name beats every *background* word of CLIP Label (sky, wall, floor, ...; editable); other "
-           "masks stay unnamed. No BLIP-2 model is needed.\n\n" + MODELS_NOTE)
+           "masks stay unnamed. No captioner is needed.\n\n" + MODELS_NOTE)
     image = g.add("LoadImage", image=IMAGE)["IMAGE"]
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     _, refined = segment(g, image, ckpt, class_names="dog, cat, grass, sky, tree", captioner=False)
@@ -540,7 +541,7 @@ def freeseg_video(g: Graph) -> None:
     frames = parts["images"]
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     clip_model = g.add("FreeSegCLIPLoader", model_name=OPEN_CLIP)
-    blip2 = g.add("FreeSegBLIP2Loader", model_name=BLIP2)
+    blip2 = g.add("FreeSegBLIP2Loader", model_name=BLIP)
     caption = g.add("FreeSegCaption", image=frames, blip2=blip2["blip2"], class_names="")
     feats = g.add("FreeSegDiffusionFeatures", model=ckpt["MODEL"], vae=ckpt["VAE"], image=frames, clip=ckpt["CLIP"],
                   timestep=0, resolution=512, source="cross_attn_queries", seed=0, detail="paper")

@@ -242,9 +242,9 @@ IMAGE_OUTPUT_NODES = ("SaveImage", "PreviewImage")
 MODEL_CHOICES = {
     "checkpoint": ("--checkpoint", "CheckpointLoaderSimple", "ckpt_name", "checkpoint", "checkpoints",
                    "an SD1.5/SD2.x/SDXL checkpoint (.safetensors)"),
-    "blip2": ("--blip2", "FreeSegBLIP2Loader", "model_name", "BLIP-2 model", "blip2",
-              "a BLIP-2 folder <name>/ (config.json, model.safetensors or shards, processor and tokenizer "
-              "files, e.g. Salesforce/blip2-opt-2.7b)"),
+    "blip2": ("--blip2", "FreeSegBLIP2Loader", "model_name", "BLIP / BLIP-2 captioner", "blip",
+              "a BLIP folder <name>/ (config.json, model.safetensors, processor and tokenizer files; the "
+              "paper's: Salesforce/blip-image-captioning-base; a BLIP-2 folder goes in models/blip2/)"),
     "clip": ("--clip", "FreeSegCLIPLoader", "model_name", "open_clip model", "open_clip",
              "an open_clip folder <name>/ (open_clip_config.json, open_clip_model.safetensors, e.g. "
              "timm/vit_base_patch32_clip_224.openai)"),
@@ -688,7 +688,8 @@ def add_workflow_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, default=None, metavar="K", help="masks per image (paper: 4)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the noise and the k-means start")
     parser.add_argument("--checkpoint", default=None, metavar="NAME", help="checkpoint file name (models/checkpoints)")
-    parser.add_argument("--blip2", default=None, metavar="NAME", help="BLIP-2 folder name (models/blip2)")
+    parser.add_argument("--blip2", default=None, metavar="NAME",
+                        help="BLIP / BLIP-2 folder name (models/blip or models/blip2)")
     parser.add_argument("--clip", default=None, metavar="NAME", help="open_clip folder or file name (models/open_clip)")
     parser.add_argument("--resolution", type=int, default=None, metavar="PX",
                         help="resolution of the diffusion features pass (workflow default: 512)")

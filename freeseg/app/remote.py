@@ -36,7 +36,8 @@ SETTINGS_FROM_NODES = {
     "FreeSegClusterMasks": {"n_clusters": "n_clusters", "method": "cluster_method", "seed": "seed"},
     "FreeSegCLIPLabel": {"crop_mode": "crop_mode", "prompt": "prompt", "threshold": "threshold"},
     "FreeSegRefineMasks": {"method": "refine"},
-    "FreeSegCaption": {"max_new_tokens": "max_new_tokens"},
+    "FreeSegCaption": {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
+                       "prompt": "caption_prompt"},
     "FreeSegPipeline": {"n_clusters": "n_clusters", "seed": "seed"},
 }
 

@@ -14,7 +14,7 @@ Backends:
 * ``comfyui`` (default) runs the ``freeseg_full`` API workflow, either on a running server
   (``--url``) or on an embedded ComfyUI that this command starts from the project's
   environment (``.venv/ComfyUI``, or ``--comfyui DIR``), with ``--models DIR`` as its models
-  folder (checkpoints/, blip2/, open_clip/; a ComfyUI ``models/`` folder works as is).
+  folder (checkpoints/, blip/ or blip2/, open_clip/; a ComfyUI ``models/`` folder works as is).
 * ``diffusers`` calls ``freeseg.backends.diffusers`` (no ComfyUI).
 
 ``--random-weights`` runs the embedded path on tiny random-weight models (built by
@@ -60,6 +60,8 @@ RANDOM_MODEL_LINKS = {
     "blip2_dir": ("blip2", "tiny-blip2"),
     "open_clip_dir": ("open_clip", "tiny-open-clip"),
 }
+# Every fixture the random-weights smoke test uses (both backends).
+RANDOM_FIXTURES = (*RANDOM_MODEL_LINKS, "sd15_diffusers_config", "sd15_diffusers_vae")
 # The random BLIP-2 writes no real nouns: without these names nothing would be named.
 RANDOM_CLASS_NAMES = "dog, cat, tree, sky"
 RANDOM_NOTICE = (
@@ -67,26 +69,30 @@ RANDOM_NOTICE = (
     "The masks, labels and caption are MEANINGLESS: this run is a smoke test of",
     "the install, nothing more.",
 )
+# Captioner folders of a models folder, searched in this order (BLIP, then BLIP-2).
+CAPTIONER_DIRS = ("blip", "blip2")
 # What goes where in a models folder, per model kind (the missing-weights message).
 WHAT_GOES_WHERE = {
     "checkpoint": ("checkpoints", "put an SD1.5/SD2.x/SDXL checkpoint (.safetensors) in {dir}/checkpoints/"),
-    "blip2": ("blip2", "put a BLIP-2 folder in {dir}/blip2/<name>/ (config.json, model.safetensors or shards, "
-                       "processor and tokenizer files, e.g. Salesforce/blip2-opt-2.7b), or give class names "
-                       "with --class-names to segment without captions"),
+    "blip2": ("blip", "put a BLIP folder in {dir}/blip/<name>/ (config.json, model.safetensors, processor and "
+                      "tokenizer files; the paper's: Salesforce/blip-image-captioning-base) or a BLIP-2 folder "
+                      "in {dir}/blip2/<name>/ (e.g. Salesforce/blip2-opt-2.7b), or give class names with "
+                      "--class-names to segment without captions"),
     "clip": ("open_clip", "put an open_clip folder in {dir}/open_clip/<name>/ (open_clip_config.json, "
                           "open_clip_model.safetensors, e.g. timm/vit_base_patch32_clip_224.openai)"),
 }
 
 def scan_models(models_dir: str) -> dict[str, list[str]]:
     """The model names a models folder offers, as ComfyUI lists them: checkpoint files (with
-    sub-folders), BLIP-2 folders (holding config.json), open_clip folders or weight files."""
+    sub-folders), BLIP / BLIP-2 folders (holding config.json, in blip/ or blip2/), open_clip
+    folders or weight files."""
     found: dict[str, list[str]] = {"checkpoint": [], "blip2": [], "clip": []}
     root = os.path.join(models_dir, "checkpoints")
     for folder, _, files in os.walk(root, followlinks=True):
         for name in files:
             if name.lower().endswith(CHECKPOINT_EXTENSIONS):
                 found["checkpoint"].append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
-    found["blip2"] = model_entries("blip2", os.path.join(models_dir, "blip2"))
+    found["blip2"] = list({n for sub in CAPTIONER_DIRS for n in model_entries("blip2", os.path.join(models_dir, sub))})
     found["clip"] = model_entries("open_clip", os.path.join(models_dir, "open_clip"))
     return {role: sorted(names) for role, names in found.items()}
 
@@ -121,8 +127,12 @@ def pick_models(models_dir: str, wanted: dict, class_names: Optional[str]) -> di
 
 def model_paths(models_dir: str, names: dict[str, str]) -> dict[str, str]:
     """Full paths of the chosen model names in `models_dir`."""
-    subs = {"checkpoint": "checkpoints", "blip2": "blip2", "clip": "open_clip"}
-    return {role: os.path.join(models_dir, subs[role], name) for role, name in names.items()}
+    subs = {"checkpoint": ("checkpoints",), "blip2": CAPTIONER_DIRS, "clip": ("open_clip",)}
+    paths = {}
+    for role, name in names.items():
+        candidates = [os.path.join(models_dir, sub, name) for sub in subs[role]]
+        paths[role] = next((c for c in candidates if os.path.exists(c)), candidates[0])
+    return paths
 
 
 def build_random_models(python: str, comfy_dir: str) -> dict[str, str]:
@@ -130,12 +140,13 @@ def build_random_models(python: str, comfy_dir: str) -> dict[str, str]:
     if not os.path.isfile(FIXTURES_SCRIPT):
         raise SegmentError(f"--random-weights needs the project's checkout ({FIXTURES_SCRIPT} is missing)")
     cache = os.environ.get("FREESEG_FIXTURE_CACHE") or os.path.join(PACK_DIR, ".cache", "fixtures")
+    # Only what the smoke test uses (not e.g. the large SD2 checkpoint the server tests add).
     code = ("import json, sys; sys.path.insert(0, sys.argv[2]); from model_fixtures import build_all; "
-            "print('FIXTURES=' + json.dumps(build_all(sys.argv[1])))")
+            "print('FIXTURES=' + json.dumps(build_all(sys.argv[1], keys=sys.argv[3].split(','))))")
     print(f"building / reusing the random-weight models in {cache} ...", file=sys.stderr, flush=True)
     env = dict(os.environ, FREESEG_COMFYUI_DIR=comfy_dir)
-    proc = subprocess.run([python, "-c", code, cache, os.path.dirname(FIXTURES_SCRIPT)], cwd=PACK_DIR,
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([python, "-c", code, cache, os.path.dirname(FIXTURES_SCRIPT), ",".join(RANDOM_FIXTURES)],
+                          cwd=PACK_DIR, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FIXTURES=")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -355,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--python", default=None, metavar="EXE",
                         help="the Python that runs the embedded ComfyUI (default: this one)")
     parser.add_argument("--models", default=None, metavar="DIR",
-                        help="models folder with checkpoints/, blip2/, open_clip/ (default: the ComfyUI's models/)")
+                        help="models folder with checkpoints/, blip/ or blip2/, open_clip/ (default: the ComfyUI's "
+                             "models/)")
     parser.add_argument("--random-weights", action="store_true",
                         help="tiny random models: a smoke test of the install (the masks mean nothing)")
     parser.add_argument("--cpu", action="store_true", help="run the embedded ComfyUI on the CPU")

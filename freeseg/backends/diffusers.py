@@ -1,4 +1,4 @@
-"""FreeSeg-Diff without ComfyUI: Stable Diffusion through ``diffusers``, BLIP-2 through
+"""FreeSeg-Diff without ComfyUI: Stable Diffusion through ``diffusers``, BLIP / BLIP-2 through
 ``freeseg.caption``, CLIP through ``freeseg.clip_label``, every other step shared with the
 ComfyUI nodes through ``freeseg.stages``.
 
@@ -9,7 +9,7 @@ Quick start::
 
     pipe = FreeSegPipeline.from_pretrained(
         sd="models/checkpoints/v1-5-pruned-emaonly.safetensors",  # LDM single file
-        blip2="models/blip2/blip2-opt-2.7b",                       # optional captioner
+        blip2="models/blip/blip-image-captioning-base",            # optional captioner (paper: BLIP)
         clip="models/open_clip/vit_base_patch32_clip_224.openai")
     result = pipe.segment("photo.jpg", class_names=["dog", "frisbee"])
     result.masks, result.labels, result.scores, result.caption
@@ -460,7 +460,7 @@ class FreeSegResult:
             CRF: one-hot per pixel, so they partition the image except CRF "void" pixels).
         labels: K names, None for an unnamed (background) mask.
         scores: K CLIP probabilities of the chosen names (0.0 when unnamed).
-        caption: the BLIP-2 caption ("" without a captioner).
+        caption: the caption ("" without a captioner).
         class_names: the names the masks were labelled against (caption nouns, then the
             given names).
         image_size: ``(H, W)``.
@@ -556,8 +556,9 @@ class FreeSegPipeline:
         Args:
             sd: Stable Diffusion checkpoint file (LDM layout) or diffusers folder.
             clip: open_clip model folder or weights file (``load_open_clip``); None: no names.
-            blip2: BLIP-2 / BLIP captioner folder (``load_captioner``); None: no caption, the
-                class names given to ``segment`` are the only names.
+            blip2: BLIP (the paper's: ``Salesforce/blip-image-captioning-base``) or BLIP-2
+                captioner folder (``load_captioner``, the type read from its config.json); None:
+                no caption, the class names given to ``segment`` are the only names.
             sd_config: component config folder for a single-file ``sd`` (see ``load_sd``).
             vae: VAE override (see ``load_sd``).
             device: default CUDA when available, else CPU.
@@ -739,7 +740,7 @@ class FreeSegPipeline:
         s = settings or self.settings
         model, processor = self.captioner if (self.captioner is not None and s.use_caption) else (None, None)
         return caption_images(to_rgb(pixels), model, processor, list(class_names), s.max_new_tokens, s.num_beams,
-                              s.caption_prompt)
+                              s.caption_prompt, min_new_tokens=s.min_new_tokens)
 
     # -- whole pipeline ----------------------------------------------------------------
 

@@ -874,7 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--sd-config", type=Path, default=None, metavar="DIR",
                        help="diffusers-layout config folder for a non-standard checkpoint")
     model.add_argument("--vae", type=Path, default=None, metavar="PATH", help="VAE to use instead of the checkpoint's")
-    model.add_argument("--blip2", type=Path, default=None, metavar="DIR", help="BLIP-2 model folder")
+    model.add_argument("--blip2", type=Path, default=None, metavar="DIR",
+                       help="captioner folder: BLIP (the paper's, Salesforce/blip-image-captioning-base) or BLIP-2")
     model.add_argument("--clip", type=Path, metavar="PATH", help="open_clip model folder or weights file")
     comfy = parser.add_argument_group("model (with --backend comfyui; --blip2 / --clip then name the models on "
                                       "the server, default: its only one)")

@@ -28,6 +28,13 @@ MODEL_LINKS = {
     "open_clip_dir": ("open_clip", "tiny-open-clip"),
 }
 
+# Fixtures only the second server (`models_server`) offers besides MODEL_LINKS, so the session
+# server keeps one model per loader (the clients pick the only one there).
+EXTRA_MODEL_LINKS = {
+    "sd2_ckpt": ("checkpoints", "freeseg-tiny-sd2-v.safetensors"),
+    "blip_dir": ("blip", "tiny-blip"),
+}
+
 
 class Graph:
     """Builds an API-format prompt: `n = g.node("Class", input=value or other_node[i])`."""

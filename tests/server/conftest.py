@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from model_fixtures import build_all_subprocess
-from comfy_harness import FIXTURE_CACHE, MODEL_LINKS, REPO, ComfyServer, link
+from comfy_harness import EXTRA_MODEL_LINKS, FIXTURE_CACHE, MODEL_LINKS, REPO, ComfyServer, link
 
 
 @pytest.fixture(scope="session")
@@ -17,16 +17,35 @@ def model_files() -> dict:
     return build_all_subprocess(FIXTURE_CACHE)
 
 
+def start_server(model_files: dict, base: str, links: dict) -> ComfyServer:
+    """A real ComfyUI server with our pack, the probe pack and the fixtures `links` installed."""
+    for key, (folder, name) in links.items():
+        link(model_files[key], os.path.join(base, "models", folder, name))
+    link(os.path.join(REPO, "tests", "helpers", "probe_pack"), os.path.join(base, "custom_nodes", "freeseg_test_probe"))
+    return ComfyServer(base).start()
+
+
 @pytest.fixture(scope="session")
 def server(model_files, tmp_path_factory):
     """One real ComfyUI server with our pack and the fixtures installed."""
-    base = str(tmp_path_factory.mktemp("comfy-base"))
-    for key, (folder, name) in MODEL_LINKS.items():
-        link(model_files[key], os.path.join(base, "models", folder, name))
-    link(os.path.join(REPO, "tests", "helpers", "probe_pack"), os.path.join(base, "custom_nodes", "freeseg_test_probe"))
-    srv = ComfyServer(base).start()
+    srv = start_server(model_files, str(tmp_path_factory.mktemp("comfy-base")), MODEL_LINKS)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def models_server(model_files, tmp_path_factory):
+    """A second server that also offers the SD2 checkpoint and the BLIP (v1) captioner, so it has
+    two checkpoints and two captioners (started only by the tests that use it)."""
+    srv = start_server(model_files, str(tmp_path_factory.mktemp("comfy-base-models")),
+                       {**MODEL_LINKS, **EXTRA_MODEL_LINKS})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def models_client(models_server):
+    return models_server.client
 
 
 @pytest.fixture(scope="session")
@@ -50,13 +69,22 @@ def write_test_image(path: str, width: int, height: int, seed: int = 0, mode: st
     return path
 
 
-@pytest.fixture(scope="session")
-def upload(client, tmp_path_factory):
-    """upload(width, height, seed=0, mode="RGB") -> the name LoadImage takes."""
-    folder = tmp_path_factory.mktemp("images")
-
+def uploader(client, folder):
+    """upload(width, height, seed=0, mode="RGB") -> the name LoadImage takes on `client`'s server."""
     def _upload(width: int, height: int, seed: int = 0, mode: str = "RGB") -> str:
         path = write_test_image(str(folder / f"img_{width}x{height}_{seed}_{mode}.png"), width, height, seed, mode)
         return client.upload_image(path)
 
     return _upload
+
+
+@pytest.fixture(scope="session")
+def upload(client, tmp_path_factory):
+    """upload(width, height, seed=0, mode="RGB") -> the name LoadImage takes."""
+    return uploader(client, tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def models_upload(models_client, tmp_path_factory):
+    """`upload` for the second server (`models_server`)."""
+    return uploader(models_client, tmp_path_factory.mktemp("images-models"))

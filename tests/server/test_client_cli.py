@@ -110,7 +110,7 @@ def test_model_choice_and_node_error_formatting():
             "FreeSegCLIPLoader": {"input": {"required": {"model_name": [["a", "b"], {}]}}}}
     with pytest.raises(fc.ComfyError, match="pick one with --clip: a, b"):
         fc.choose_models(fc.fill_workflow(workflow, class_names="dog"), info, "U")
-    with pytest.raises(fc.ComfyError, match="no BLIP-2 model: put a BLIP-2 folder"):
+    with pytest.raises(fc.ComfyError, match="no BLIP / BLIP-2 captioner: put a BLIP folder"):
         fc.choose_models(workflow, info, "U", {"clip": "b"})
     with pytest.raises(fc.ComfyError, match="--checkpoint 'x': the server at U has no such checkpoint"):
         fc.choose_models(workflow, info, "U", {"checkpoint": "x"})
@@ -168,7 +168,7 @@ def test_missing_weights_say_what_to_put_where(tmp_path):
     with pytest.raises(Exception) as err:
         pick_models(str(tmp_path), {}, None)
     text = str(err.value)
-    assert f"{tmp_path}/blip2/<name>/ (config.json" in text
+    assert f"{tmp_path}/blip/<name>/ (config.json" in text and f"{tmp_path}/blip2/<name>/" in text
     assert f"{tmp_path}/open_clip/<name>/ (open_clip_config.json, open_clip_model.safetensors" in text
     assert "checkpoints/" not in text.split("\n", 1)[1]  # the checkpoint is there
     result = cli("freeseg", "segment", os.path.join(REPO, "README.md"), "--out", str(tmp_path / "o"),

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from freeseg.caption import captioner_type, generate_captions, load_captioner
+from freeseg.caption import (PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_PREFIX_TOKENS, PAPER_PROMPT,
+                             captioner_type, check_caption_options, decoder_prefix, generate_captions,
+                             load_captioner)
+from freeseg.stages import PAPER, caption_images
 from freeseg.clip_label import (ENSEMBLE_TEMPLATES, encode_names, load_open_clip, mask_views, preprocess_views,
                                 score_masks, split_arch_tag)
 import model_fixtures as fx
@@ -22,6 +25,31 @@ def fixture_paths() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def blip2(fixture_paths: dict[str, str]) -> tuple:
     return load_captioner(fixture_paths["blip2_dir"])
+
+
+@pytest.fixture(scope="module")
+def blip(fixture_paths: dict[str, str]) -> tuple:
+    return load_captioner(fixture_paths["blip_dir"])
+
+
+@pytest.fixture
+def blip_ends_early(fixture_paths: dict[str, str]) -> tuple:
+    """The BLIP fixture with its end token ([SEP]) made far likelier than any other token, so a
+    caption ends right away unless a minimum length holds the end back; generate() records its
+    output sequences in ``model.outputs``."""
+    model, processor = load_captioner(fixture_paths["blip_dir"])
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[model.config.text_config.sep_token_id] += 1000.0
+    model.outputs = []
+    generate = model.generate
+
+    def recording_generate(**kwargs):
+        out = generate(**kwargs)
+        model.outputs.append(out)
+        return out
+
+    model.generate = recording_generate
+    return model, processor
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +94,86 @@ def test_load_captioner_dtype(fixture_paths: dict[str, str]) -> None:
     assert next(model.parameters()).dtype == torch.bfloat16 and not model.training
 
 
-def test_blip1_captioner(tmp_path: Path) -> None:
-    folder = fx.build_blip1(tmp_path / "blip")
-    assert captioner_type(folder) == "blip"
-    model, processor = load_captioner(folder)
+def test_blip1_captioner_has_the_real_layout(blip: tuple, fixture_paths: dict[str, str]) -> None:
+    model, processor = blip
+    assert captioner_type(fixture_paths["blip_dir"]) == "blip"
     assert type(model).__name__ == "BlipForConditionalGeneration"
-    assert len(generate_captions(model, processor, _images(2, 21, 33), max_new_tokens=5, num_beams=1)) == 2
+    vision = model.config.vision_config
+    assert (vision.image_size, vision.patch_size) == (384, 16)  # ViT-B/16 at 384 px, as BLIP base COCO
+    ip = processor.image_processor
+    assert ip.size == {"height": 384, "width": 384} and ip.image_mean == pytest.approx(fx.OPENAI_MEAN)
+    tokens = processor.tokenizer.convert_ids_to_tokens(processor.tokenizer(PAPER_PROMPT).input_ids)
+    assert tokens == ["[CLS]", "a", "picture", "of", "[SEP]"]
+    assert model.config.text_config.bos_token_id == processor.tokenizer.convert_tokens_to_ids("[DEC]")
+    captions = generate_captions(model, processor, _images(2, 21, 33), max_new_tokens=5, num_beams=1)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+def test_paper_caption_settings() -> None:
+    """The paper preset: LAVIS base_coco's "a picture of ", 3 beams, max_length 30, min_length 10,
+    the lengths counting [DEC] and the prompt's 3 word pieces."""
+    assert PAPER.caption_prompt == PAPER_PROMPT == "a picture of "
+    assert PAPER.num_beams == 3
+    assert PAPER_PREFIX_TOKENS == 1 + 3
+    assert (PAPER.max_new_tokens, PAPER.min_new_tokens) == (PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS) == (26, 6)
+
+
+def test_blip_decoder_prefix_is_dec_plus_prompt(blip: tuple) -> None:
+    model, processor = blip
+    ids = processor(images=[_images(1, 8, 8)[0].mul(255).byte().numpy()], text=[PAPER_PROMPT],
+                    return_tensors="pt")["input_ids"]
+    prefix = decoder_prefix(model, ids)
+    assert prefix.shape[1] == PAPER_PREFIX_TOKENS
+    assert processor.tokenizer.convert_ids_to_tokens(prefix[0]) == ["[DEC]", "a", "picture", "of"]
+    assert decoder_prefix(model, None) is None
+
+
+def test_blip_min_new_tokens_honoured_and_prompt_stripped(blip_ends_early: tuple) -> None:
+    model, processor = blip_ends_early
+    images = _images(2, 30, 40)
+    # Without a minimum the end token comes first: nothing but the prompt, which is removed.
+    assert generate_captions(model, processor, images, prompt=PAPER_PROMPT, max_new_tokens=26,
+                             min_new_tokens=0) == ["", ""]
+    assert model.outputs[-1].shape[1] == PAPER_PREFIX_TOKENS + 1
+    captions = generate_captions(model, processor, images, prompt=PAPER_PROMPT, max_new_tokens=26,
+                                 min_new_tokens=6)
+    out = model.outputs[-1]
+    # 6 tokens held the end token back, then it came: [DEC] a picture of + 6 + [SEP].
+    assert out.shape[1] == PAPER_PREFIX_TOKENS + 6 + 1
+    sep = model.config.text_config.sep_token_id
+    assert (out[:, PAPER_PREFIX_TOKENS:-1] != sep).all() and (out[:, -1] == sep).all()
+    expected = [t.strip() for t in processor.batch_decode(out[:, PAPER_PREFIX_TOKENS:], skip_special_tokens=True)]
+    assert captions == expected
+    # The same through the stage the nodes call (the paper's defaults: min 6 new tokens).
+    stage_captions, _ = caption_images(images, model, processor)
+    assert model.outputs[-1].shape[1] == PAPER_PREFIX_TOKENS + PAPER.min_new_tokens + 1
+    assert stage_captions == expected
+
+
+def test_new_token_lengths_equal_lavis_lengths(blip_ends_early: tuple, blip: tuple) -> None:
+    """transformers' BLIP counts [DEC] and the prompt in max_length / min_length, as LAVIS does:
+    max_length 30 / min_length 10 decode exactly as max_new_tokens 26 / min_new_tokens 6."""
+    for model, processor in (blip_ends_early, blip):
+        batch = processor(images=[_images(1, 30, 40)[0].mul(255).byte().numpy()], text=[PAPER_PROMPT],
+                          return_tensors="pt")
+        lavis = model.generate(**batch, max_length=30, min_length=10, num_beams=3)
+        ours = model.generate(**batch, max_new_tokens=PAPER_MAX_NEW_TOKENS, min_new_tokens=PAPER_MIN_NEW_TOKENS,
+                              num_beams=3)
+        assert torch.equal(lavis, ours)
+        assert lavis.shape[1] <= 30
+
+
+def test_caption_options_are_checked() -> None:
+    check_caption_options("a picture of ", 26, 6, 3)
+    check_caption_options(None, 1, 0, 1)
+    for args, match in (((None, 0, 0, 1), "max_new_tokens"), (("", 10, 11, 1), "min_new_tokens"),
+                        (("", 10, -1, 1), "min_new_tokens"), (("two\nlines", 10, 0, 1), "prompt"),
+                        (("x" * 201, 10, 0, 1), "prompt"), ((3, 10, 0, 1), "prompt"),
+                        (("", 10, 0, 0), "num_beams"), (("", True, 0, 1), "max_new_tokens")):
+        with pytest.raises(ValueError, match=match):
+            check_caption_options(*args)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        PAPER.replace(min_new_tokens=30)
 
 
 def test_captioner_errors_name_the_folder(tmp_path: Path) -> None:

@@ -211,6 +211,26 @@ def test_segment_without_captioner_uses_only_given_names(pipe: FreeSegPipeline) 
     assert torch.equal(result.masks.sum(0), torch.ones(32, 48))
 
 
+def test_paper_preset_captions_with_blip_and_its_prompt(pipe: FreeSegPipeline, fixture_paths: dict[str, str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The diffusers backend's paper preset decodes the BLIP captioner as the paper: prompt
+    "a picture of ", 3 beams, 6..26 new tokens (LAVIS min_length 10 / max_length 30)."""
+    from freeseg.caption import load_captioner
+
+    model, processor = load_captioner(fixture_paths["blip_dir"])
+    calls = []
+    generate = model.generate
+    # (a copy of the inputs: BLIP's generate writes its start token into input_ids in place)
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(
+        {k: v.clone() if torch.is_tensor(v) else v for k, v in kw.items()}) or generate(**kw))
+    blip = FreeSegPipeline(pipe.sd, pipe.clip, (model, processor), PAPER)
+    captions, _ = blip.caption(torch.from_numpy(_image(32, 48)).float()[None] / 255)
+    (kw,) = calls
+    assert (kw["num_beams"], kw["max_new_tokens"], kw["min_new_tokens"]) == (3, 26, 6)
+    assert processor.tokenizer.convert_ids_to_tokens(kw["input_ids"][0]) == ["[CLS]", "a", "picture", "of", "[SEP]"]
+    assert len(captions) == 1 and captions[0] and not captions[0].startswith("a picture of")
+
+
 def test_segmenter_interface_and_cache_key(pipe: FreeSegPipeline) -> None:
     from freeseg.eval.evaluate import Segmenter
 

@@ -132,6 +132,38 @@ def test_sd15_transformers_at_three_resolutions(sd15: tuple) -> None:
     assert sorted(shapes).count(("output_blocks", 4)) == 2
 
 
+def test_sd2_detected_as_v_prediction_with_every_weight_from_the_file(fixture_paths: dict[str, str],
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The SD2 checkpoint is ComfyUI's SD20, v-prediction, with the detected UNet config of the
+    recipe, an OpenCLIP-H text encoder that loads with no missing key, and finite outputs."""
+    import logging
+
+    import comfy.model_base
+    import comfy.model_detection
+    import comfy.sd
+    import comfy.utils
+
+    state = comfy.utils.load_torch_file(fixture_paths["sd2_ckpt"])
+    detected = comfy.model_detection.detect_unet_config(state, "model.diffusion_model.")
+    for key, value in fx.SD2_UNET_CONFIG.items():
+        assert detected[key] == value, key
+    assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in state
+    del state
+    with caplog.at_level(logging.WARNING):
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(fixture_paths["sd2_ckpt"])
+    assert not [r.getMessage() for r in caplog.records if "missing" in r.getMessage()]
+    base = model.model
+    assert type(base.model_config).__name__ == "SD20"
+    assert base.model_type == comfy.model_base.ModelType.V_PREDICTION
+    with torch.no_grad():
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+        assert cond.shape == (1, 77, 1024) and torch.isfinite(cond).all() and torch.isfinite(pooled).all()
+        latent = vae.encode(torch.rand(1, 64, 64, 3))
+        x = base.latent_format.process_in(latent)
+        out = base.apply_model(x, torch.tensor([1.0]), c_crossattn=cond)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
 def test_sdxl_unet_detected_and_finite(fixture_paths: dict[str, str]) -> None:
     import comfy.model_base
     import comfy.sd
@@ -178,3 +210,18 @@ def test_build_all_stamps_skip_and_rebuild(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(fx, "FIXTURE_VERSION", fx.FIXTURE_VERSION + 1)
     fx.build_all(tmp_path)
     assert len(calls) == 2
+
+
+def test_build_all_only_the_keys_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str] = []
+
+    def builder(path: str) -> str:
+        built.append(Path(path).name)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("x")
+        return path
+
+    monkeypatch.setattr(fx, "ARTIFACTS", {"a": ("a.txt", builder), "b": ("b.txt", builder)})
+    assert list(fx.build_all(tmp_path, keys=["b"])) == ["b"] and built == ["b.txt"]
+    with pytest.raises(KeyError, match="'c'"):
+        fx.build_all(tmp_path, keys=["c"])

@@ -22,6 +22,14 @@ def describe(value):
                 "sum": float(v.sum()), "distinct": int(torch.unique(v).numel()) if v.numel() < 10_000_000 else -1}
     if isinstance(value, str):
         return {"kind": "str", "value": value}
+    base = getattr(value, "model", None)
+    if hasattr(base, "model_config") and hasattr(base, "model_type"):  # a MODEL (ModelPatcher)
+        return {"kind": "model", "config": type(base.model_config).__name__, "model_type": base.model_type.name,
+                "context_dim": base.model_config.unet_config.get("context_dim")}
+    if hasattr(value, "features") and hasattr(value, "family"):  # FREESEG_FEATURES
+        f = value.features
+        return {"kind": "features", "shape": list(f.shape), "dtype": str(f.dtype).replace("torch.", ""),
+                "family": value.family, "blocks": list(value.blocks), "finite": bool(torch.isfinite(f).all())}
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], list):  # SEGS
         return {"kind": "segs", "size": list(value[0]), "segs": [
             {"label": s.label, "confidence": float(s.confidence), "crop_region": list(s.crop_region),
