@@ -103,9 +103,9 @@ def make_scene(size: int, seed: int):
     tx, ty = 35 * s + jitter[4], 80 * s + jitter[5]
     gt[(ys > ty) & (ys < ty + 40 * s) & (ys - ty > (xs - tx).abs())] = 3
     gradient = torch.linspace(-0.12, 0.12, size).view(size, 1, 1) * (gt == 0).unsqueeze(-1)
-    img = (PALETTE[gt] + gradient + 0.08 * torch.randn(size, size, 3, generator=gen)).clamp(0, 1)
+    img = (PALETTE[gt] + gradient + 0.12 * torch.randn(size, size, 3, generator=gen)).clamp(0, 1)
     image = (img * 255).round().to(torch.uint8).numpy()
-    shift = int(torch.randint(2, 7, (1,), generator=gen))
+    shift = int(torch.randint(3, 10, (1,), generator=gen))
     masks = F.one_hot(blocky(gt, 32, shift), 4).permute(2, 0, 1).float()
     return image, gt, masks
 

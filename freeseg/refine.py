@@ -494,9 +494,8 @@ class _SpatialGaussian:
         c = values_nc.shape[1]
         x = values_nc.reshape(1, self.h, self.w, c).permute(0, 3, 1, 2)   # channels-last [1,C,H,W]
         f = self.factor
-        if f > 1:  # exact cell sums over a zero-padded image
-            x = F.pad(x, (0, (-self.w) % f, 0, (-self.h) % f))
-            x = F.avg_pool2d(x, f, stride=f) * (f * f)
+        if f > 1:  # exact cell sums, partial cells at the bottom/right edges summed as if zero-padded
+            x = F.avg_pool2d(x, f, stride=f, ceil_mode=True, divisor_override=1)
         x = _separable_conv(x, self.kernel_h, self.kernel_w)
         if f > 1:
             x = F.interpolate(x, size=(x.shape[2] * f, x.shape[3] * f), mode="bilinear",
