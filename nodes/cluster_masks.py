@@ -38,6 +38,8 @@ def cluster(features: DiffusionFeatures, n_clusters: int, method: str = "kmeans"
     if not isinstance(features, DiffusionFeatures):
         raise TypeError("features: expected the output of FreeSeg-Diff Diffusion Features")
     check_inputs(n_clusters, method, max_clusters, k_from, class_offset)
+    if not isinstance(shared, bool):
+        raise ValueError(f"shared_batch must be true or false, got {shared!r}")
     b, _, h, w = features.features.shape
     counts = n_clusters
     if k_from == "class_names":

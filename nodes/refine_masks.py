@@ -84,6 +84,8 @@ class FreeSegRefineMasks(io.ComfyNode):
     def execute(cls, segments, image, method, instances=False, min_area=0.002) -> io.NodeOutput:
         if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area <= 0.5:
             raise ValueError(f"min_area must be a number in 0..0.5, got {min_area!r}")
+        if not isinstance(instances, bool):
+            raise ValueError(f"instances must be true or false, got {instances!r}")
         refined = refine(segments, image, method)
         if instances:
             refined = split_instances(refined, float(min_area))

@@ -117,6 +117,8 @@ def test_fine_detail_runs_at_the_image_size(client, upload):
 @pytest.mark.parametrize("node, inputs, message", [
     ("FreeSegClusterMasks", {"k_from": "bogus"}, "k_from"),
     ("FreeSegDiffusionFeatures", {"detail": "bogus"}, "detail"),
+    ("FreeSegClusterMasks", {"class_offset": 99}, "class_offset"),
+    ("FreeSegRefineMasks", {"min_area": 0.9}, "min_area"),
     ("FreeSegSelectMask", {"points": "10,10 nonsense"}, "points"),
     ("FreeSegSelectMask", {"points": "500,5"}, "outside"),
 ])
@@ -125,7 +127,8 @@ def test_bad_beyond_inputs_are_refused(client, upload, node, inputs, message):
     image = g.node("LoadImage", image=upload(40, 30, seed=27))[0]
     cluster = inputs if node == "FreeSegClusterMasks" else None
     detail = inputs.get("detail", "paper")
-    _, refined = chain(g, image, n_clusters=2, cluster=cluster, detail=detail)
+    refine = inputs if node == "FreeSegRefineMasks" else None
+    _, refined = chain(g, image, n_clusters=2, cluster=cluster, refine=refine, detail=detail)
     select = {"labels": "", "points": "1,1", **(inputs if node == "FreeSegSelectMask" else {})}
     g.probe(g.node("FreeSegSelectMask", segments=refined[0], **select)[0])
     with pytest.raises(ComfyError) as err:

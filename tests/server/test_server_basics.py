@@ -26,9 +26,9 @@ def test_pack_imports_without_error(server):
     pack = os.path.join(server.base_dir, "custom_nodes", PACK_NAME)
     imported = re.compile(r"\s*[\d.]+ seconds: " + re.escape(pack))
     lines = [l for l in log.splitlines() if pack in l]
-    assert any(imported.fullmatch(l) for l in lines), f"no import-time line for {pack}:\n{log[-3000:]}"
     failures = [l for l in lines if not imported.fullmatch(l)]
     assert not failures, "\n".join(failures)
+    assert any(imported.fullmatch(l) for l in lines), f"no import-time line for {pack}:\n{log[-3000:]}"
 
 
 def test_every_pack_node_is_listed(client):
