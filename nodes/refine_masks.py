@@ -11,7 +11,7 @@ from ..freeseg.refine import REFINE_METHODS
 from ..freeseg.stages import refine_segments
 from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.segments import draw_overlay, to_segs
-from .common import CATEGORY, Progress, Segments, check_choice, first_problem, io, to_rgb
+from .common import CATEGORY, Progress, Segments, check_choice, check_number, first_problem, io, to_rgb
 
 
 
