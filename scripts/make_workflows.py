@@ -557,8 +557,9 @@ def freeseg_video(g: Graph) -> None:
     clip_out = g.add("CreateVideo", images=refined["preview"], fps=parts["fps"])
     g.add("SaveVideo", title="Save preview video", video=clip_out["VIDEO"], filename_prefix="freeseg/video_preview",
           format="auto", codec="auto")
+    save_segments(g, refined, frames, "freeseg/video")
     picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="0")
-    save_masks(g, picked["mask"], "freeseg/video_mask", title="Save the selected segment, frame by frame")
+    save_masks(g, picked["mask"], "freeseg/video_mask", what="the selected segment, frame by frame")
 
 
 WORKFLOWS_DEFS["freeseg_video"] = freeseg_video  # beyond the paper: batch-shared clustering
