@@ -524,9 +524,7 @@ def freeseg_video(g: Graph) -> None:
     g.add("SaveVideo", title="Save preview video", video=clip_out["VIDEO"], filename_prefix="freeseg/video_preview",
           format="auto", codec="auto")
     picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="0")
-    frames_of_mask = g.add("MaskToImage", mask=picked["mask"])["IMAGE"]
-    g.add("SaveImage", title="Save the selected segment, frame by frame", images=frames_of_mask,
-          filename_prefix="freeseg/video_mask")
+    save_masks(g, picked["mask"], "freeseg/video_mask", title="Save the selected segment, frame by frame")
 
 
 WORKFLOWS_DEFS["freeseg_video"] = freeseg_video  # beyond the paper: batch-shared clustering
