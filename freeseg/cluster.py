@@ -463,12 +463,12 @@ def auto_cluster_features(features: torch.Tensor, max_clusters: int = 8, method:
         one = features[i:i + 1]
         points = one.detach().float().reshape(c, n).T
         idx = _subsample(n, max_points, seed, points.device)
-        best, best_score, best_k = None, -math.inf, 0
+        best, best_score = None, -math.inf
         for k in range(2, min(max_clusters, n) + 1):
             labels = cluster_features(one, k, method, seed, n_init, max_iter)
             score = silhouette_score(points[idx], labels.reshape(-1)[idx], per_cluster=True)
             if score > best_score + 1e-9:
-                best, best_score, best_k = labels, score, k
+                best, best_score = labels, score
         out.append(best[0])
         chosen.append(int(best[0].max()) + 1)
     return torch.stack(out), chosen
