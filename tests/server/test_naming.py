@@ -99,3 +99,17 @@ def test_segment_everything_paper_rule_needs_its_inputs(client, upload, class_na
     with pytest.raises(ComfyError) as err:
         client.run(g.prompt)
     assert message in str(err.value)
+
+
+def test_features_without_clip_warn_once_about_zero_conditioning(server, client, upload):
+    """Without the CLIP input the UNet is conditioned on zeros, not the paper's empty prompt:
+    the log says so once per session, however often it happens."""
+    for seed in (26, 27):
+        g = Graph()
+        image = g.node("LoadImage", image=upload(48, 48, seed=seed))
+        ckpt = g.node("CheckpointLoaderSimple", ckpt_name=MODEL_LINKS["sd15_ckpt"][1])
+        feats = g.node("FreeSegDiffusionFeatures", model=ckpt[0], vae=ckpt[2], image=image[0], timestep=0,
+                       resolution=128, source="cross_attn_queries", seed=seed)
+        g.probe(g.node("FreeSegClusterMasks", features=feats[0], n_clusters=2, method="kmeans", seed=0)[1])
+        client.run(g.prompt)
+    assert server.log().count("conditioned on zeros instead of the empty-prompt embedding") == 1
