@@ -156,8 +156,8 @@ class FreeSegSettings:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able ``{name: value}``."""
-        return dataclasses.asdict(self)
+        """JSON-able ``{name: value}`` (tuples such as ``background`` as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 DEFAULTS = FreeSegSettings()
