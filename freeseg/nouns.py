@@ -109,6 +109,7 @@ _ADJECTIVES = _COLOUR_WORDS | frozenset("""
 """.split())
 
 _RUN_JOINERS = frozenset(("and", ","))  # "a big, brown and white dog"
+_ADJECTIVE_RUN = _ADJECTIVES | _RUN_JOINERS
 
 _INTENSITY_WORDS = frozenset(("light", "dark", "bright", "pale", "deep"))
 _CONJUNCTIONS = frozenset(("and", "or"))
@@ -360,7 +361,7 @@ def caption_words(caption: str, vocabulary: Optional[Iterable[str]] = None) -> L
         if name not in nouns:
             continue  # a compound modifier or a colour use, not a noun of the caption
         i = start - 1
-        while i >= 0 and tokens[i].norm in _ADJECTIVES | _RUN_JOINERS:
+        while i >= 0 and tokens[i].norm in _ADJECTIVE_RUN:
             if tokens[i].norm in _ADJECTIVES:
                 words.append(name)
             i -= 1

@@ -161,7 +161,7 @@ class FreeSegSettings:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able ``{name: value}`` (tuples as lists, as JSON reads them back)."""
+        """JSON-able ``{name: value}`` (tuples such as ``background`` as lists, as JSON reads them back)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 

@@ -7,7 +7,7 @@ from ..freeseg.stages import DEFAULTS, PAPER, RULES
 from .caption import caption
 from .cluster_masks import cluster
 from .clip_label import label
-from .common import CATEGORY, Captioner, ClipModel, Segments, check_choice, first_problem, io
+from .common import CATEGORY, Captioner, ClipModel, Segments, check_choice, first_problem, io, parse_names
 from .diffusion_features import extract
 from .refine_masks import OUTPUTS, outputs, refine
 
@@ -58,6 +58,8 @@ class FreeSegPipeline(io.ComfyNode):
         if rule == "paper" and (blip2 is None or clip is None):
             raise ValueError("rule paper: connect blip2 (the captioner) and clip (the checkpoint's text encoder); "
                              "the candidate classes come from the caption")
+        if rule == "paper" and not parse_names(class_names):
+            raise ValueError("class_names: rule paper needs the full class list (e.g. the 20 Pascal VOC classes)")
         p = PAPER if rule == "paper" else DEFAULTS
         captions, lists = caption(image, blip2, "" if rule == "paper" else class_names, p.max_new_tokens,
                                   p.caption_prompt, p.min_new_tokens)

@@ -87,13 +87,29 @@ def test_clip_label_refuses_bad_naming_inputs(client, upload, inputs, message):
     assert message in str(err.value)
 
 
-def test_segment_everything_paper_rule_needs_its_models(client, upload):
+@pytest.mark.parametrize("class_names, with_blip, message", [(VOC, False, "blip2"), ("", True, "class_names")])
+def test_segment_everything_paper_rule_needs_its_inputs(client, upload, class_names, with_blip, message):
     g = Graph()
     image = g.node("LoadImage", image=upload(48, 48, seed=25))
-    ckpt, clip_model, _ = models(g)
+    ckpt, clip_model, blip = models(g)
+    extra = {"blip2": blip[0]} if with_blip else {}
     pipe = g.node("FreeSegPipeline", model=ckpt[0], vae=ckpt[2], image=image[0], clip_model=clip_model[0],
-                  class_names=VOC, n_clusters=2, seed=0, rule="paper", clip=ckpt[1])
+                  class_names=class_names, n_clusters=2, seed=0, rule="paper", clip=ckpt[1], **extra)
     g.probe(pipe[2])
     with pytest.raises(ComfyError) as err:
         client.run(g.prompt)
-    assert "blip2" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_features_without_clip_warn_once_about_zero_conditioning(server, client, upload):
+    """Without the CLIP input the UNet is conditioned on zeros, not the paper's empty prompt:
+    the log says so once per session, however often it happens."""
+    for seed in (26, 27):
+        g = Graph()
+        image = g.node("LoadImage", image=upload(48, 48, seed=seed))
+        ckpt = g.node("CheckpointLoaderSimple", ckpt_name=MODEL_LINKS["sd15_ckpt"][1])
+        feats = g.node("FreeSegDiffusionFeatures", model=ckpt[0], vae=ckpt[2], image=image[0], timestep=0,
+                       resolution=128, source="cross_attn_queries", seed=seed)
+        g.probe(g.node("FreeSegClusterMasks", features=feats[0], n_clusters=2, method="kmeans", seed=0)[1])
+        client.run(g.prompt)
+    assert server.log().count("conditioned on zeros instead of the empty-prompt embedding") == 1

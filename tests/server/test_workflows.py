@@ -224,8 +224,9 @@ def test_freeseg_vocabulary_runs(client, prepare):
     result = client.run(prompt)
     (preview,) = images(client, result, prompt, "Save preview")
     assert preview.size == (WIDTH, HEIGHT)
-    labels, _ = check_named_masks(client, result, prompt, "Labels (one per mask)", "Save masks", [typed])
-    assert len(labels) == len(set(labels))  # each typed name goes to at most one mask
+    labels, records = check_named_masks(client, result, prompt, "Labels (one per mask)", "Save masks", [typed])
+    # open rule: a typed name may name several masks (where it beats the background words)
+    assert all(0.0 < r["score"] <= 1.0 for r in records)
 
 
 def test_freeseg_batch_runs(client, prepare):
@@ -240,21 +241,22 @@ def test_freeseg_batch_runs(client, prepare):
     allowed = [names(wt.TEST_CLASS_NAMES)] * 3  # the captions add no nouns with random weights
     _, records = check_named_masks(client, result, prompt, "Labels (one per mask)", "Save every named mask",
                                    allowed, batch=3)
-    assert {r["image"] for r in records} == {0, 1, 2}  # every image has named masks
-    for b in range(3):  # per image, a name is used at most once
-        per_image = [r["label"] for r in records if r["image"] == b]
-        assert len(per_image) == len(set(per_image))
+    # open rule: each record names a mask of one of the three images, by a name that beat the
+    # background words there (random weights: some images may have none)
+    assert {r["image"] for r in records} <= {0, 1, 2} and all(0.0 < r["score"] <= 1.0 for r in records)
 
 
 def test_freeseg_inpaint_runs_and_changes_only_the_masked_region(client, prepare):
     prompt, uploaded = prepare("freeseg_inpaint")
+    # random weights: "dog" need not beat the background words, so pick mask 0 by index
+    prompt[node_id(prompt, "FreeSegSelectMask")]["inputs"]["labels"] = "0"
     ckpt = node_id(prompt, "CheckpointLoaderSimple")
     for class_type in ("KSampler", "InpaintModelConditioning", "VAEDecode", "FreeSegDiffusionFeatures"):
         node = prompt[node_id(prompt, class_type)]["inputs"]
         assert all(v[0] == ckpt for k, v in node.items() if k in ("model", "vae", "clip")), class_type
     result = client.run(prompt)
     labels = text(result, prompt, "Labels").splitlines()
-    assert labels and [m["label"] for m in saved_segments(client, result, prompt)["masks"]] == labels
+    assert [m["label"] for m in saved_segments(client, result, prompt)["masks"]] == labels
     (out,) = images(client, result, prompt, "Save inpainted image")
     assert out.size == (WIDTH, HEIGHT)
     (mask,) = images(client, result, prompt, "Inpaint mask", "PreviewImage")
@@ -268,9 +270,10 @@ def test_freeseg_inpaint_runs_and_changes_only_the_masked_region(client, prepare
 
 def test_freeseg_cutout_is_rgba_and_opaque_only_where_selected(client, prepare):
     prompt, uploaded = prepare("freeseg_cutout")
+    # random weights: "dog" need not beat the background words, so pick mask 0 by index
+    prompt[node_id(prompt, "FreeSegSelectMask")]["inputs"]["labels"] = "0"
     result = client.run(prompt)
     labels = text(result, prompt, "Labels").splitlines()
-    assert "dog" in labels  # the only user name always wins a mask
     assert [m["label"] for m in saved_segments(client, result, prompt)["masks"]] == labels
     (cut,) = images(client, result, prompt, "Save cut-out (RGBA PNG)")
     (mask,) = images(client, result, prompt, "Save selected mask")
