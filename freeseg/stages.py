@@ -426,6 +426,17 @@ def cluster_segments(features: DiffusionFeatures, n_clusters: Union[int, Sequenc
     return Segments.unlabelled(torch.cat(masks))
 
 
+def _check_inputs(segments: Segments, images: torch.Tensor,
+                  class_lists: Optional[Sequence[Sequence[str]]] = None) -> None:
+    """ValueError unless ``images`` ``[B,H,W,3]`` (and ``class_lists``, B lists) fit ``segments``."""
+    b = segments.batch_size
+    if images.shape[0] != b or tuple(images.shape[1:3]) != segments.image_size:
+        raise ValueError(f"image: {tuple(images.shape[:3])} does not match the segments "
+                         f"({b} images of {segments.image_size}); use the same images")
+    if class_lists is not None and len(class_lists) != b:
+        raise ValueError(f"class_lists has {len(class_lists)} lists for {b} images")
+
+
 def label_segments_shared(segments: Segments, images: torch.Tensor, clip_model: ModelOrGetter,
                           preprocess_cfg: dict[str, Any], tokenizer: Callable,
                           class_lists: Sequence[Sequence[str]], crop_mode: str = "masked", prompt: str = "bare",
@@ -445,11 +456,7 @@ def label_segments_shared(segments: Segments, images: torch.Tensor, clip_model: 
         image and ``class_names`` = the merged list for every image.
     """
     b = segments.batch_size
-    if images.shape[0] != b or tuple(images.shape[1:3]) != segments.image_size:
-        raise ValueError(f"image: {tuple(images.shape[:3])} does not match the segments "
-                         f"({b} images of {segments.image_size}); use the same images")
-    if len(class_lists) != b:
-        raise ValueError(f"class_lists has {len(class_lists)} lists for {b} images")
+    _check_inputs(segments, images, class_lists)
     names: list[str] = []
     for lst in class_lists:
         names = merge_names(names, list(lst))
@@ -585,11 +592,7 @@ def label_segments(segments: Segments, images: torch.Tensor, clip_model: ModelOr
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     b = segments.batch_size
-    if images.shape[0] != b or tuple(images.shape[1:3]) != segments.image_size:
-        raise ValueError(f"image: {tuple(images.shape[:3])} does not match the segments "
-                         f"({b} images of {segments.image_size}); use the same images")
-    if len(class_lists) != b:
-        raise ValueError(f"class_lists has {len(class_lists)} lists for {b} images")
+    _check_inputs(segments, images, class_lists)
     if rule == "paper" and (candidates is None or len(candidates) != b):
         raise ValueError(f"rule 'paper' needs candidates: one list of candidate classes per image ({b})")
     lists = [list(names) for names in class_lists]
@@ -636,9 +639,7 @@ def refine_segments(segments: Segments, images: torch.Tensor, method: str = "crf
         ``Segments`` with the same names over the refined ``[B,K,H,W]`` float32 CPU masks.
     """
     b = segments.batch_size
-    if images.shape[0] != b or tuple(images.shape[1:3]) != segments.image_size:
-        raise ValueError(f"image: {tuple(images.shape[:3])} does not match the segments "
-                         f"({b} images of {segments.image_size}); use the same images")
+    _check_inputs(segments, images)
     out = []
     for i in range(b):
         _check(progress)
