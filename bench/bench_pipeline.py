@@ -3,8 +3,10 @@ irreducible passes measured side by side on the same server.
 
 Usage::
 
-    nice -n 5 .venv/bin/python bench/bench_pipeline.py            # 512 px, batch 4 (minutes)
-    nice -n 5 .venv/bin/python bench/bench_pipeline.py --quick    # 256 px, batch 2 (development)
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py             # 512 px, batch 4 (long)
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --batch 2   # 512 px, batch 2
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --quick     # 256 px, batch 2, 10-token captions
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --fixtures --quick  # the script itself, minutes
 
 What it does:
 
@@ -32,13 +34,17 @@ What it does:
    the features) and then only the refinement changed (crf -> guided), and finally one prompt
    with the whole batch of images (core ``ImageBatch``).
 4. Times every node from the server's websocket ``executing`` messages (a node runs from its
-   message to the next one), samples the server's RSS every 20 ms (``/proc/<pid>/status``).
+   message to the next one), samples the server's RSS and CPU time every 20 ms
+   (``/proc/<pid>/status``, ``/proc/<pid>/stat``). Every figure is given in wall seconds and in
+   the server's CPU seconds: on a shared machine the CPU seconds move less with the load of
+   other processes (``--threads 1`` makes them exact, without idle spinning of worker threads).
 5. Stops the server and, at 512 px, checks the features of the warm-up image against the
    diffusers backend (``freeseg.backends.diffusers.FreeSegPipeline`` loading the same
    checkpoint): 6400 channels from input 7, 8 and output 3, 4, 5 at 32x32, cosine >= 0.999
    per block.
 
-Ratios (medians over the images; each from passes of the same image in the same run):
+Ratios (medians over the images; each from passes of the same image in the same run; the
+baseline runs on the first ``--baselines`` images, default 2):
 pipeline / irreducible sum, features node / (VAEEncode + KSampler), re-run after changing only
 K or only the refinement / full run, batch / sum of the single runs. The last line printed is
 one JSON object with every figure. No figure is asserted except the real-size correctness

@@ -25,11 +25,15 @@ def test_defaults_and_quick(bench):
     assert (args.resolution, args.batch, args.n_clusters, args.quick) == (512, 4, 4, False)
     quick = bench.parse_args(["--quick"])
     assert (quick.resolution, quick.batch) == (256, 2)
+    assert (quick.max_new_tokens, quick.baselines, quick.fixtures, quick.threads) == (10, 2, False, None)
     assert bench.parse_args(["--quick", "--resolution", "384", "--batch", "3"]).resolution == 384
+    assert bench.parse_args(["--batch", "1"]).baselines == 1  # never more baselines than images
+    assert bench.parse_args([]).max_new_tokens == 30
 
 
 @pytest.mark.parametrize("argv", [["--resolution", "500"], ["--resolution", "64"], ["--batch", "0"],
-                                  ["--n-clusters", "1"]])
+                                  ["--n-clusters", "1"], ["--threads", "0"], ["--baselines", "0"],
+                                  ["--max-new-tokens", "0"]])
 def test_bad_arguments_are_refused(bench, argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
@@ -39,6 +43,14 @@ def test_node_windows_run_until_the_next_node(bench):
     prompt = {"1": {"class_type": "LoadImage"}, "7": {"class_type": "FreeSegDiffusionFeatures"}}
     windows = bench.node_windows([("1", 10.0), ("7", 10.5)], 14.0, prompt)
     assert windows == [("1", "LoadImage", 10.0, 10.5), ("7", "FreeSegDiffusionFeatures", 10.5, 14.0)]
+
+
+def test_cpu_seconds_interpolate_between_samples(bench):
+    sampler = bench.ProcSampler(pid=0)
+    sampler.samples = [(0.0, 100, 1.0), (1.0, 300, 2.0), (2.0, 200, 4.0)]
+    assert sampler.cpu_at(0.5) == pytest.approx(1.5) and sampler.cpu_at(5.0) == 4.0
+    assert bench.span(0.5, 1.5, sampler) == pytest.approx(1.5) and bench.span(0.5, 1.5) == 1.0
+    assert sampler.peak(0.5, 2.0) == 300 and sampler.at(1.5) == 300
 
 
 def test_run_collects_websocket_events(bench):
