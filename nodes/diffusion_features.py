@@ -3,7 +3,7 @@ capturing the features FreeSeg-Diff clusters."""
 
 from __future__ import annotations
 
-import uuid
+import weakref
 
 import torch
 
@@ -75,6 +75,30 @@ def empty_prompt(clip, context_dim: int, pooled_dim: int) -> tuple[torch.Tensor,
     return torch.zeros((1, 77, context_dim)), torch.zeros((1, pooled_dim))
 
 
+# CLIP object -> (what the conditioning depends on, cond, pooled): the checkpoint loader's CLIP is
+# the same object in every prompt, so its empty-prompt encode (0.1-0.2 s, a full CLIP-L pass)
+# runs once, not once per prompt. Weak keys: the entry goes with the CLIP.
+_EMPTY_PROMPT_CACHE: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+
+
+def cached_empty_prompt(clip, context_dim: int, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`empty_prompt`, remembered per CLIP object while its patches (`patches_uuid`, e.g. a LoRA
+    added in place) and clip layer stay the same; zeros (no clip) are not cached."""
+    if clip is None:
+        return empty_prompt(clip, context_dim, pooled_dim)
+    state = (getattr(getattr(clip, "patcher", None), "patches_uuid", None), getattr(clip, "layer_idx", None),
+             context_dim, pooled_dim)
+    hit = _EMPTY_PROMPT_CACHE.get(clip)
+    if hit is not None and hit[0] == state:
+        return hit[1], hit[2]
+    cond, pooled = empty_prompt(clip, context_dim, pooled_dim)
+    try:
+        _EMPTY_PROMPT_CACHE[clip] = (state, cond, pooled)
+    except TypeError:  # not weak-referenceable: no caching
+        pass
+    return cond, pooled
+
+
 def timestep_sigma(model_sampling, timestep: int, device: torch.device) -> torch.Tensor:
     """Sigma `[1]` of an integer DDPM timestep (0..999). Discrete schedules index their table
     (t=0 keeps the small noise of the first step, as diffusers' add_noise does); continuous
@@ -126,7 +150,7 @@ def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, reso
     dm = base.diffusion_model
     context_dim = base.model_config.unet_config.get("context_dim") or 768
     pooled_dim = 1280 if base.adm_channels else 768
-    cond, pooled = empty_prompt(clip, context_dim, pooled_dim)
+    cond, pooled = cached_empty_prompt(clip, context_dim, pooled_dim)
     model_sampling = unet.get_model_object("model_sampling")
     latent_format = unet.get_model_object("latent_format")
     grid = (resolution // 16, resolution // 16) if detail == "paper" else (resolution // 8, resolution // 8)
