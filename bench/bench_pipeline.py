@@ -54,7 +54,6 @@ checks (channels, blocks, grid, parity); goals are printed next to the figures.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics

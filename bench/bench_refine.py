@@ -32,12 +32,12 @@ pydensecrf is never a dependency of this project; build it for this benchmark
 only, in a separate venv (its wheel is old; the sdist's pre-generated C++ does
 not compile on Python 3.11):
 
-    python3.11 -m venv /work/venv-perf
-    /work/venv-perf/bin/pip install "cython<3" numpy setuptools wheel
-    /work/venv-perf/bin/pip download --no-deps --no-binary :all: pydensecrf==1.0rc3
+    python3.11 -m venv venv-pydensecrf
+    venv-pydensecrf/bin/pip install "cython<3" numpy setuptools wheel
+    venv-pydensecrf/bin/pip download --no-deps --no-binary :all: pydensecrf==1.0rc3
     tar xzf pydensecrf-1.0rc3.tar.gz && cd pydensecrf-1.0rc3
     rm pydensecrf/eigen.cpp pydensecrf/densecrf.cpp
-    /work/venv-perf/bin/python setup.py build_ext --inplace
+    venv-pydensecrf/bin/python setup.py build_ext --inplace
     cd .. && PYTHONPATH=$PWD/pydensecrf-1.0rc3 .venv/bin/python bench/bench_refine.py --against-pydensecrf
 
 (the extension is built against the same numpy version as the project's venv.)

@@ -3,6 +3,7 @@ capturing the features FreeSeg-Diff clusters."""
 
 from __future__ import annotations
 
+import uuid
 import weakref
 
 import torch

@@ -86,6 +86,14 @@ def has_control(name: str, kind: str, opts: dict) -> bool:
     return kind == "INT" and (bool(control) if control is not None else name in ("seed", "noise_seed"))
 
 
+UPLOAD_OPTIONS = ("image_upload", "animated_image_upload", "video_upload", "audio_upload")
+
+
+def has_upload(kind: str, opts: dict) -> bool:
+    """A combo the frontend gives an upload button (it saves the value "image" for it)."""
+    return kind == "COMBO" and any(opts.get(o) for o in UPLOAD_OPTIONS)
+
+
 def widget_layout(node_def: dict) -> list[tuple[str, str]]:
     """`widgets_values` layout: (input name, "value" | "control" | "upload") per entry."""
     layout = []
@@ -95,7 +103,7 @@ def widget_layout(node_def: dict) -> list[tuple[str, str]]:
         layout.append((name, "value"))
         if has_control(name, kind, opts):
             layout.append((name, "control"))
-        if kind == "COMBO" and opts.get("image_upload"):
+        if has_upload(kind, opts):
             layout.append((name, "upload"))
     return layout
 
@@ -109,7 +117,7 @@ def slot_list(node_def: dict) -> list[dict]:
     for n, k, o, _ in specs:
         if is_widget(k, o):
             slots.append({"localized_name": n, "name": n, "type": k, "widget": {"name": n}})
-        if k == "COMBO" and o.get("image_upload"):
+        if has_upload(k, o):
             slots.append({"localized_name": "choose file to upload", "name": "upload", "type": "IMAGEUPLOAD",
                           "widget": {"name": "upload"}})
     return slots

@@ -21,6 +21,7 @@ NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabular
          "freeseg_video")
 
 SOCKETLESS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # types the frontend draws as widgets
+UPLOAD_OPTIONS = ("image_upload", "animated_image_upload", "video_upload", "audio_upload")  # combos with an upload button
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # virtual nodes: saved in the UI file, never queued
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 MUTED_MODES = {2, 4}  # "never" and "bypass": graphToPrompt leaves these nodes out
@@ -67,8 +68,8 @@ def widget_entries(node_def: dict) -> list[tuple[str, str]]:
 
     The frontend makes a widget of every INT/FLOAT/STRING/BOOLEAN/COMBO input (unless
     forceInput), follows INT inputs named seed/noise_seed (or flagged control_after_generate)
-    with a "control after generate" combo, and image_upload combos with an upload button whose
-    saved value is "image"."""
+    with a "control after generate" combo, and upload combos (image, video, audio) with an
+    upload button whose saved value is "image"."""
     entries = []
     for name, kind, opts, _ in declared_inputs(node_def):
         if kind not in SOCKETLESS or opts.get("forceInput"):
@@ -77,7 +78,7 @@ def widget_entries(node_def: dict) -> list[tuple[str, str]]:
         control = opts.get("control_after_generate")
         if kind == "INT" and (control if control is not None else name in ("seed", "noise_seed")):
             entries.append((name, "control"))
-        if kind == "COMBO" and opts.get("image_upload"):
+        if kind == "COMBO" and any(opts.get(o) for o in UPLOAD_OPTIONS):
             entries.append((name, "upload"))
     return entries
 
@@ -243,11 +244,13 @@ def validate_ui(ui: dict, object_info: dict, check_files: bool = True) -> list[s
 
 def fixture_values(class_type: str, node_id, images: dict, current: dict) -> dict:
     """{input name: value} the tests put into a node: fixture model names, uploaded images
-    (`images` maps the LoadImage node id to an uploaded name), faster settings, and class
+    (`images` maps LoadImage / LoadVideo node ids to uploaded names), faster settings, and class
     names for a captioner left without any. `current`: the node's widget values by name."""
     values = {name: v for (ct, name), v in {**TEST_MODELS, **TEST_SPEED}.items() if ct == class_type}
     if class_type == "LoadImage":
         values["image"] = images[str(node_id)]
+    if class_type == "LoadVideo" and str(node_id) in images:
+        values["file"] = images[str(node_id)]
     if class_type == "FreeSegCaption" and not current.get("class_names"):
         values["class_names"] = TEST_CLASS_NAMES
     return values
@@ -273,6 +276,29 @@ def adapt_ui(ui: dict, object_info: dict, images: dict) -> dict:
         for name, value in fixture_values(node["type"], node["id"], images, current).items():
             node["widgets_values"][entries.index((name, "value"))] = value
     return out
+
+
+def write_clip(path: str, frames: int = 4, width: int = 96, height: int = 64) -> str:
+    """A tiny H.264 clip: a square moving right over a gradient."""
+    import av
+    import numpy as np
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        yy, xx = np.mgrid[0:height, 0:width]
+        for t in range(frames):
+            img = np.stack([xx * 255 // width, yy * 255 // height, np.full_like(xx, 80)], -1).astype(np.uint8)
+            img[20:44, 10 + 12 * t:34 + 12 * t] = (230, 40, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def load_video_ids(api: dict) -> list[str]:
+    return sorted((k for k, n in api.items() if n["class_type"] == "LoadVideo"), key=int)
 
 
 def load_image_ids(api: dict) -> list[str]:

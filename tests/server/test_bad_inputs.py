@@ -115,13 +115,14 @@ def loader(g: Graph, kind: str = "FreeSegCLIPLoader", model_name: str = CLIP, do
 
 def chain(g: Graph, image, n_clusters: int = 2, class_names: str = "dog, cat", method: str = "none",
           resolution: int = 128, **label_inputs):
-    """Checkpoint -> features (zero conditioning) -> clusters -> CLIP label -> refine on `image`."""
+    """Checkpoint -> features (zero conditioning) -> clusters -> CLIP label -> refine on `image`.
+    No background words (unless given): with random weights every mask then takes its best name."""
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=CKPT)
     clip_model = g.node("FreeSegCLIPLoader", model_name=CLIP, download=False, repo_id="")
     feats = g.node("FreeSegDiffusionFeatures", model=ckpt[0], vae=ckpt[2], image=image, timestep=0,
                    resolution=resolution, source="cross_attn_queries", seed=random.randrange(2**31))
     clusters = g.node("FreeSegClusterMasks", features=feats[0], n_clusters=n_clusters, method="kmeans", seed=0)
-    inputs = {"crop_mode": "masked", "prompt": "bare", "threshold": 0.0, **label_inputs}
+    inputs = {"crop_mode": "masked", "prompt": "bare", "threshold": 0.0, "background": "", **label_inputs}
     labelled = g.node("FreeSegCLIPLabel", segments=clusters[0], image=image, clip_model=clip_model[0],
                       class_names=class_names, **inputs)
     refined = g.node("FreeSegRefineMasks", segments=labelled[0], image=image, method=method)
@@ -230,7 +231,7 @@ def test_threshold_must_be_a_finite_number_in_range(client, upload, threshold):
     refused(client, g.prompt, labelled.id, "threshold")
 
 
-@pytest.mark.parametrize("input_name,value", [("n_clusters", 0), ("n_clusters", 65), ("resolution", 100),
+@pytest.mark.parametrize("input_name,value", [("n_clusters", -1), ("n_clusters", 65), ("resolution", 100),
                                               ("timestep", 1000), ("seed", -1)])
 def test_integers_out_of_range_are_refused(client, upload, input_name, value):
     g = Graph()
@@ -411,7 +412,7 @@ def test_select_mask_edge_cases(client, upload):
         assert m["shape"] == [1, 28, 36] and m["dtype"] == "float32"
     for labels in ("", " , ", "99", "-1", "giraffe"):
         assert got[labels]["max"] == 0.0, labels
-    assert got["DOG"]["max"] == 1.0  # names match case-insensitively; the only name always wins a mask
+    assert got["DOG"]["max"] == 1.0  # names match case-insensitively; no background words: "dog" names a mask
     assert got["0"]["max"] > 0.0 and probed(result, unnamed)["max"] > 0.0  # indices work before naming
 
 

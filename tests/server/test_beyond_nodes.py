@@ -142,32 +142,13 @@ def test_bad_beyond_inputs_are_refused(client, upload, node, inputs, message):
     assert node in str(err.value) and message in str(err.value)
 
 
-def write_clip(path: str, frames: int = 4, width: int = 96, height: int = 64) -> str:
-    """A tiny H.264 clip: a square moving right over a gradient."""
-    import av
-    import numpy as np
-
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        yy, xx = np.mgrid[0:height, 0:width]
-        for t in range(frames):
-            img = np.stack([xx * 255 // width, yy * 255 // height, np.full_like(xx, 80)], -1).astype(np.uint8)
-            img[20:44, 10 + 12 * t:34 + 12 * t] = (230, 40, 40)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 def test_video_workflow_runs_with_one_labelling(client, tmp_path):
     import workflow_tools as wt
 
     with open(f"{wt.API_DIR}/freeseg_video.json") as f:
         prompt = wt.adapt_api(json.load(f), {})
-    name = client.upload_image(write_clip(str(tmp_path / "freeseg_clip.mp4")))
-    (video_id,) = [k for k, n in prompt.items() if n["class_type"] == "LoadVideo"]
+    name = client.upload_image(wt.write_clip(str(tmp_path / "freeseg_clip.mp4")))
+    (video_id,) = wt.load_video_ids(prompt)
     prompt[video_id]["inputs"]["file"] = name
     result = client.run(prompt)
     by_title = {n["_meta"]["title"]: k for k, n in prompt.items()}

@@ -17,7 +17,8 @@ def test_sd2_checkpoint_runs_the_full_graph(models_client, models_upload):
     clusters = g.node("FreeSegClusterMasks", features=feats[0], n_clusters=3, method="kmeans", seed=seed)
     clip_model = g.node("FreeSegCLIPLoader", model_name=MODEL_LINKS["open_clip_dir"][1], download=False, repo_id="")
     labelled = g.node("FreeSegCLIPLabel", segments=clusters[0], image=image[0], clip_model=clip_model[0],
-                      class_names="dog, cat, grass", crop_mode="masked", prompt="bare", threshold=0.0)
+                      class_names="dog, cat, grass", crop_mode="masked", prompt="bare", threshold=0.0,
+                      background="")  # no background words: random weights name every mask
     refined = g.node("FreeSegRefineMasks", segments=labelled[0], image=image[0], method="crf")
     model_probe, feats_probe = g.probe(ckpt[0]), g.probe(feats[0])
     masks, labels, union = g.probe(refined[1]), g.probe(refined[2]), g.probe(refined[3])

@@ -248,7 +248,8 @@ def test_freeseg_batch_runs(client, prepare):
 
 def test_freeseg_inpaint_runs_and_changes_only_the_masked_region(client, prepare):
     prompt, uploaded = prepare("freeseg_inpaint")
-    # random weights: "dog" need not beat the background words, so pick mask 0 by index
+    # random weights: "dog" need not beat the background words; without them mask 0 is named
+    prompt[node_id(prompt, "FreeSegCLIPLabel")]["inputs"]["background"] = ""
     prompt[node_id(prompt, "FreeSegSelectMask")]["inputs"]["labels"] = "0"
     ckpt = node_id(prompt, "CheckpointLoaderSimple")
     for class_type in ("KSampler", "InpaintModelConditioning", "VAEDecode", "FreeSegDiffusionFeatures"):
@@ -270,7 +271,8 @@ def test_freeseg_inpaint_runs_and_changes_only_the_masked_region(client, prepare
 
 def test_freeseg_cutout_is_rgba_and_opaque_only_where_selected(client, prepare):
     prompt, uploaded = prepare("freeseg_cutout")
-    # random weights: "dog" need not beat the background words, so pick mask 0 by index
+    # random weights: "dog" need not beat the background words; without them mask 0 is named
+    prompt[node_id(prompt, "FreeSegCLIPLabel")]["inputs"]["background"] = ""
     prompt[node_id(prompt, "FreeSegSelectMask")]["inputs"]["labels"] = "0"
     result = client.run(prompt)
     labels = text(result, prompt, "Labels").splitlines()

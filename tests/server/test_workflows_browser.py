@@ -114,10 +114,17 @@ def slots(node: dict) -> tuple:
             [(s["name"], s["type"], sorted(s.get("links") or [])) for s in node.get("outputs", [])])
 
 
-def load_in_page(page, workflow: dict) -> dict:
+def load_in_page(page, workflow: dict, models_here: bool = True) -> dict:
+    """Load `workflow` in the page and check it loads cleanly. `models_here` False: its models
+    are not on the test server (a published workflow), so the missing-model dialog is expected
+    and closed."""
     page.messages.clear()
     state = page.evaluate(LOAD_JS, workflow)
     assert state["missingNodes"] == [] and state["unknown"] == [], state["missingNodes"] or state["unknown"]
+    if not models_here:
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+        return state
     assert state["missingModels"] == []
     assert state["dialogs"] == [] and state["toasts"] == []
     assert page.messages == [], page.messages
@@ -159,7 +166,7 @@ def write_pictures(page, name: str, ui: dict) -> None:
     """Thumbnail (and for freeseg_full the README picture) of the published workflow."""
     from PIL import Image
 
-    load_in_page(page, ui)
+    load_in_page(page, ui, models_here=False)
     thumb = Image.open(io.BytesIO(screenshot(page, size=THUMBNAIL_WINDOW))).convert("RGB")
     thumb.thumbnail(THUMBNAIL_SIZE, Image.LANCZOS)  # the template browser shows it whole (object-contain)
     thumb.save(os.path.join(wt.WORKFLOW_DIR, f"{name}.jpg"),
@@ -180,7 +187,7 @@ def example_png(client, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", wt.NAMES)
-def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_png):
+def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_png, tmp_path):
     with open(os.path.join(wt.WORKFLOW_DIR, f"{name}.json")) as f:
         ui = json.load(f)
     with open(os.path.join(wt.API_DIR, f"{name}.json")) as f:
@@ -189,6 +196,8 @@ def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_
         write_pictures(page, name, ui)
 
     images = {node_id: upload(96, 64, seed=10 + i) for i, node_id in enumerate(wt.load_image_ids(api))}
+    for node_id in wt.load_video_ids(api):
+        images[node_id] = client.upload_image(wt.write_clip(str(tmp_path / f"clip_{node_id}.mp4")))
     info = client.object_info()
     workflow, prompt = wt.adapt_ui(ui, info, images), wt.adapt_api(api, images)
     state = load_in_page(page, workflow)
@@ -200,11 +209,13 @@ def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_
         assert theirs[node["id"]]["widgets_values"] == node["widgets_values"], node["type"]
         assert slots(theirs[node["id"]]) == slots(node), node["type"]
     assert state["serialized"]["links"] == workflow["links"]
-    # ...and to the API twin (less PreviewAny's display-only `preview`, which the server ignores).
+    # ...and to the API twin (less the display-only `preview` of PreviewAny and `video-preview` of
+    # LoadVideo, which the server ignores).
     sent = state["prompt"]
+    display_only = {"PreviewAny": "preview", "LoadVideo": "video-preview"}
     for node in sent.values():
-        if node["class_type"] == "PreviewAny":
-            node["inputs"].pop("preview", None)
+        if node["class_type"] in display_only:
+            node["inputs"].pop(display_only[node["class_type"]], None)
     assert sent == prompt
 
     # Queue it from the page: the server accepts it and runs it.
@@ -220,8 +231,7 @@ def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_
         time.sleep(0.25)
     assert entry["status"]["status_str"] == "success"
     queued = entry["prompt"][2]
-    assert {k: (n["class_type"], {i: v for i, v in n["inputs"].items() if not (n["class_type"] == "PreviewAny"
-                                                                               and i == "preview")})
+    assert {k: (n["class_type"], {i: v for i, v in n["inputs"].items() if i != display_only.get(n["class_type"])})
             for k, n in queued.items()} == {k: (n["class_type"], n["inputs"]) for k, n in prompt.items()}
     assert entry["prompt"][3]["extra_pnginfo"]["workflow"]["nodes"]  # the UI graph travels with it
     dialogs = page.evaluate("() => [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent !== null)"
