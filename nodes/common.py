@@ -10,12 +10,10 @@ from typing import Iterable, Optional
 
 import torch
 
-# The pinned V3 node API; `latest` only on a ComfyUI that does not ship v0_0_2. Every node
-# module (and the extension in __init__.py) imports `io` / `ComfyExtension` from here.
-try:
-    from comfy_api.v0_0_2 import ComfyExtension, io
-except ImportError:  # pragma: no cover - older or newer cores without the pinned version
-    from comfy_api.latest import ComfyExtension, io
+# The pinned V3 node API (shipped by every ComfyUI this pack supports: 0.3.75 and newer, checked
+# up to 0.33.0). Every node module (and the extension in __init__.py) imports `io` /
+# `ComfyExtension` from here.
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 import comfy.model_management as mm
 import comfy.model_patcher

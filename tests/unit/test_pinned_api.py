@@ -16,9 +16,9 @@ def comfy_api_imports(path: str) -> list[str]:
             if a.name.startswith("comfy_api")]
 
 
-def test_only_nodes_common_imports_comfy_api_and_it_prefers_v0_0_2():
+def test_only_nodes_common_imports_comfy_api_and_only_v0_0_2():
     files = [os.path.join(REPO, "__init__.py"), *glob.glob(os.path.join(REPO, "nodes", "*.py")),
              *glob.glob(os.path.join(REPO, "freeseg", "**", "*.py"), recursive=True)]
     found = {os.path.relpath(f, REPO): comfy_api_imports(f) for f in files}
     assert {f: m for f, m in found.items() if m} == {os.path.join("nodes", "common.py"):
-                                                     ["comfy_api.v0_0_2", "comfy_api.latest"]}
+                                                     ["comfy_api.v0_0_2"]}
