@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -221,11 +223,33 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+# model -> {(tokenizer id, device, dtype, text): [D] float32 CPU embedding}, the most recent
+# TEXT_CACHE_ITEMS texts per model. A loaded model keeps its weights, so a text it has encoded
+# (the background words, a dataset's class list) is not encoded again for the next image or
+# prompt. Weak keys: the entries go with the model.
+TEXT_CACHE_ITEMS = 4096
+_TEXT_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
 def _encode_text_normalised(model: torch.nn.Module, tokenizer: Callable, texts: list[str],
                             device: torch.device) -> torch.Tensor:
-    """[len(texts), D] float32 L2-normalised text embeddings, one encoder batch."""
-    tokens = tokenizer(texts).to(device)
-    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+    """[len(texts), D] float32 L2-normalised text embeddings on ``device``: the texts not
+    in the model's cache go through the encoder in one batch."""
+    memo = _TEXT_CACHE.setdefault(model, OrderedDict())
+    state = (id(tokenizer), str(_model_device(model)), str(next((p.dtype for p in model.parameters()), None)))
+    missing = list(dict.fromkeys(t for t in texts if (*state, t) not in memo))
+    if missing:
+        tokens = tokenizer(missing).to(device)
+        rows = F.normalize(model.encode_text(tokens).float(), dim=-1).cpu()
+        for text, row in zip(missing, rows):
+            memo[(*state, text)] = row
+    out = []
+    for text in texts:
+        memo.move_to_end((*state, text))
+        out.append(memo[(*state, text)])
+    while len(memo) > TEXT_CACHE_ITEMS:
+        memo.popitem(last=False)
+    return torch.stack(out).to(device)
 
 
 @torch.no_grad()
@@ -236,7 +260,8 @@ def encode_names(model: torch.nn.Module, tokenizer: Callable, names: list[str], 
     Returns [N,D] float32, L2-normalised rows, on ``device`` (default: the model's).
     prompt "bare": the names alone (as in the paper); "ensemble": for each name
     the mean of the normalised embeddings of ``ENSEMBLE_TEMPLATES``, renormalised
-    (like open_clip's zero-shot classifier).  All texts go through one batch.
+    (like open_clip's zero-shot classifier).  The texts the model has not encoded
+    yet (of the last ``TEXT_CACHE_ITEMS``) go through one batch.
     """
     if not names:
         raise ValueError("names: expected at least one class name")

@@ -7,7 +7,9 @@ aggregation of per-block maps into one feature grid.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,37 @@ class DiffusionFeatures:
     blocks: list[str] = field(default_factory=list)
 
 
+class StopPass(Exception):
+    """Raised by the forward hook of the last layer a feature pass uses, so the rest of the UNet
+    (at 512 px SD1.5: the 32x32 and 64x64 decoder levels, about 40% of a forward) is never
+    computed. The extractors catch it."""
+
+
+def wanted_factors(factors: Iterable[int], source: str = SOURCE_QUERIES, fine: bool = False) -> set[int]:
+    """The downscale factors (of the latent) whose layers FreeSeg-Diff uses, given the factors
+    of all candidate layers.
+
+    queries: latent/4 (the nearest level when the model has none there, the coarser one on a
+    tie), plus half that factor with ``fine``; decoder: latent/4 and latent/2."""
+    present = set(factors)
+    if not present:
+        raise ValueError("no UNet layer to choose from")
+    if source == SOURCE_QUERIES:
+        best = min(present, key=lambda f: (abs(math.log2(f) - 2), -f))
+        return {best, best // 2} if fine else {best}
+    return {2, 4}
+
+
+def last_used_layer(layer_factors: Sequence[tuple[str, int]], source: str = SOURCE_QUERIES,
+                    fine: bool = False) -> str | None:
+    """Name of the last layer, in forward order, whose factor is wanted (``wanted_factors``);
+    None when no layer is. ``layer_factors``: (name, downscale factor) of every candidate
+    layer in forward order."""
+    wanted = wanted_factors((f for _, f in layer_factors), source, fine)
+    used = [name for name, f in layer_factors if f in wanted]
+    return used[-1] if used else None
+
+
 def block_factor(n_tokens: int, latent_hw: tuple[int, int], max_factor: int = 64) -> int:
     """The downscale factor f of a block whose token count is `n_tokens` for a latent of
     `latent_hw`, i.e. the f with ceil(h/f) * ceil(w/f) == n_tokens (UNet blocks round up).
@@ -53,6 +86,12 @@ def block_factor(n_tokens: int, latent_hw: tuple[int, int], max_factor: int = 64
             return f
         f *= 2
     raise ValueError(f"{n_tokens} tokens match no power-of-two downscale of a {h}x{w} latent")
+
+
+def output_factor(output: torch.Tensor, latent_hw: tuple[int, int]) -> int:
+    """Downscale factor of a captured layer output: `[B,N,C]` tokens or a `[B,C,h,w]` map."""
+    n = output.shape[1] if output.ndim == 3 else output.shape[-2] * output.shape[-1]
+    return block_factor(n, latent_hw)
 
 
 def tokens_to_map(tokens: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:

@@ -30,7 +30,6 @@ instead of the paper's closed-vocabulary protocol, which needs a dataset's full 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
 
@@ -43,8 +42,8 @@ from .caption import (PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAM
 from .clip_label import CROP_MODES, PROMPTS, encode_names, score_masks
 from .cluster import METHODS as CLUSTER_METHODS
 from .cluster import cluster_features, cluster_features_shared, labels_to_masks
-from .features import SOURCE_QUERIES, SOURCES, DiffusionFeatures, aggregate_maps, block_factor, \
-    tokens_to_map
+from .features import SOURCE_QUERIES, SOURCES, DiffusionFeatures, aggregate_maps, output_factor, \
+    tokens_to_map, wanted_factors
 from .nouns import caption_words, extract_nouns
 from .refine import REFINE_METHODS, refine_masks
 from .segments import Segments
@@ -325,11 +324,6 @@ def seeded_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
 
 
-def _tokens(t: torch.Tensor) -> int:
-    """Spatial size of a captured output: N of ``[B,N,C]`` tokens or h*w of a ``[B,C,h,w]`` map."""
-    return t.shape[1] if t.ndim == 3 else t.shape[-2] * t.shape[-1]
-
-
 def select_blocks(captured: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
                   source: str = SOURCE_QUERIES, fine: bool = False) -> list[str]:
     """Names of the captured layers FreeSeg-Diff uses, in ``captured``'s order.
@@ -338,14 +332,10 @@ def select_blocks(captured: Mapping[str, torch.Tensor], latent_hw: tuple[int, in
     those at latent/4 (the 16x16 blocks at 512 px; the nearest level when the model has none
     there, the coarser one on a tie), plus with ``fine`` those at half that factor (the 32x32
     blocks at 512 px); for decoder features: those at latent/4 and latent/2."""
-    factors = {name: block_factor(_tokens(t), latent_hw) for name, t in captured.items()}
+    factors = {name: output_factor(t, latent_hw) for name, t in captured.items()}
     if not factors:
         raise ValueError("no UNet layer was captured")
-    if source == SOURCE_QUERIES:
-        best = min(set(factors.values()), key=lambda f: (abs(math.log2(f) - 2), -f))
-        wanted = {best, best // 2} if fine else {best}
-    else:
-        wanted = {2, 4}
+    wanted = wanted_factors(factors.values(), source, fine)
     return [name for name in captured if factors[name] in wanted]
 
 

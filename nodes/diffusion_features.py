@@ -12,9 +12,10 @@ import comfy.model_management as mm
 import comfy.model_sampling
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
 
-from ..freeseg.features import SOURCE_QUERIES, SOURCES, DiffusionFeatures
+from ..freeseg.features import SOURCE_QUERIES, SOURCES, DiffusionFeatures, StopPass, last_used_layer, \
+    output_factor
 from ..freeseg.stages import captured_to_features, resize_square, seeded_noise
 from .common import CATEGORY, Features, Progress, check_choice, first_problem, io, log, to_rgb
 
@@ -35,22 +36,39 @@ def check_family(model) -> str:
     return family
 
 
-def unet_layers(dm: UNetModel, source: str) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module to hook) for every candidate layer of `source`.
+def _resamples(layer: torch.nn.Module, kind: type) -> bool:
+    """Whether `layer` is a `kind` (Downsample / Upsample) or a ResBlock resampling with one."""
+    return isinstance(layer, kind) or (getattr(layer, "updown", False) and isinstance(layer.h_upd, kind))
+
+
+def unet_layers(dm: UNetModel, source: str) -> list[tuple[str, torch.nn.Module, int]]:
+    """(name, module to hook, downscale factor of its output) for every candidate layer of
+    `source`, in forward order.
 
     queries: the `attn2.to_q` of the first transformer block of each SpatialTransformer
     (input and output blocks; the middle block is left out, as in the paper).
-    decoder: the last layer of every output block."""
+    decoder: the last layer of every output block.
+    The factor is the block's level: it doubles after an input block with a Downsample and
+    halves after an output block with an Upsample (a decoder block ending in its Upsample
+    outputs the finer level)."""
     layers = []
-    if source == SOURCE_QUERIES:
-        for part, blocks in (("input", dm.input_blocks), ("output", dm.output_blocks)):
-            for i, block in enumerate(blocks):
-                for layer in block:
-                    if isinstance(layer, SpatialTransformer):
-                        layers.append((f"{part}_{i}.attn2.to_q", layer.transformer_blocks[0].attn2.to_q))
-    else:
-        for i, block in enumerate(dm.output_blocks):
-            layers.append((f"output_{i}", block[-1]))
+    factor = 1
+    for i, block in enumerate(dm.input_blocks):
+        if source == SOURCE_QUERIES:
+            layers += [(f"input_{i}.attn2.to_q", layer.transformer_blocks[0].attn2.to_q, factor)
+                       for layer in block if isinstance(layer, SpatialTransformer)]
+        if any(_resamples(layer, Downsample) for layer in block):
+            factor *= 2
+    for i, block in enumerate(dm.output_blocks):
+        upsamples = any(_resamples(layer, Upsample) for layer in block)
+        if source == SOURCE_QUERIES:
+            layers += [(f"output_{i}.attn2.to_q", layer.transformer_blocks[0].attn2.to_q, factor)
+                       for layer in block if isinstance(layer, SpatialTransformer)]
+        else:
+            last = block[-1]
+            layers.append((f"output_{i}", last, factor // 2 if _resamples(last, Upsample) else factor))
+        if upsamples:
+            factor //= 2
     return layers
 
 
@@ -126,15 +144,34 @@ def pass_options(unet, sigma: torch.Tensor, cond_uuid: uuid.UUID) -> dict:
     return options
 
 
+def run_unet(base, layers, hook, captured: dict, x: torch.Tensor, sigma: torch.Tensor, options: dict,
+             kwargs: dict) -> None:
+    """One `apply_model` pass with `hook(name)` on every layer of `layers` (removed after);
+    `captured` is cleared first. A hook may end the pass early by raising StopPass."""
+    handles = [module.register_forward_hook(hook(name)) for name, module, _ in layers]
+    captured.clear()
+    try:
+        base.apply_model(x, sigma, transformer_options=options, **kwargs)
+    except StopPass:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 DETAILS = ("paper", "fine")
 
 
 def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, resolution: int = 512,
-            source: str = SOURCE_QUERIES, seed: int = 0, detail: str = "paper") -> DiffusionFeatures:
+            source: str = SOURCE_QUERIES, seed: int = 0, detail: str = "paper",
+            stop_early: bool = True) -> DiffusionFeatures:
     """Features of each image of `images` `[B,H,W,C]` from one UNet forward pass per image.
 
     detail "paper": a grid of resolution/16 (32x32 at 512 px). "fine": resolution/8, and for
     the queries source the latent/2 blocks too (``freeseg.stages.select_blocks``).
+
+    The pass stops after the last layer used (`stop_early`; False runs the whole UNet, for
+    checks): the decoder levels finer than the features are never computed.
 
     The user's MODEL is cloned, never patched; forward hooks on the shared UNet are removed
     before returning. Returns features `[B,C,resolution/16,resolution/16]` float16 on
@@ -159,10 +196,15 @@ def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, reso
 
     layers = unet_layers(dm, source)
     captured: dict[str, torch.Tensor] = {}
+    # The pass ends at the last layer used (StopPass). That layer comes from the factors
+    # unet_layers reads off the UNet's structure; the captured shapes are checked against them.
+    stop = [last_used_layer([(name, f) for name, _, f in layers], source, detail == "fine") if stop_early else None]
 
     def hook(name):
         def fn(_module, _inputs, output):
             captured[name] = output.detach()
+            if name == stop[0]:
+                raise StopPass
         return fn
 
     progress = Progress(b)
@@ -182,15 +224,16 @@ def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, reso
                                  target_width=resolution, target_height=resolution,
                                  device=device, noise=x, latent_image=x0)
         kwargs = {k: v.cond.to(device) for k, v in conds.items()}
-        options = pass_options(unet, s, cond_uuid)
-        handles = [module.register_forward_hook(hook(name)) for name, module in layers]
-        captured.clear()
-        try:
-            base.apply_model(x, s, transformer_options=options, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        feats, names = captured_to_features(captured, tuple(x0.shape[-2:]), grid, source, detail == "fine")
+        while True:
+            run_unet(base, layers, hook, captured, x, s, pass_options(unet, s, cond_uuid), kwargs)
+            latent_hw = tuple(x0.shape[-2:])
+            feats, names = captured_to_features(captured, latent_hw, grid, source, detail == "fine")
+            if stop[0] is None or all(output_factor(captured[n], latent_hw) == f for n, _, f in layers
+                                      if n in captured):
+                break
+            log.warning("FreeSeg-Diff Diffusion Features: the %s UNet's levels are not where expected "
+                        "(used %s); running the whole UNet from now on", family, names)
+            stop[0] = None
         out.append(feats.to(mm.intermediate_device(), torch.float16))
         captured.clear()
         progress.step()

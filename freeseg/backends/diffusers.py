@@ -81,7 +81,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..features import SOURCE_QUERIES, DiffusionFeatures
+from ..features import SOURCE_QUERIES, DiffusionFeatures, StopPass, last_used_layer, output_factor
 from ..segments import Segments, draw_overlay
 from ..vocab import cached_embed
 from ..stages import (DEFAULTS, PAPER, FreeSegSettings, caption_images, captured_to_features,
@@ -622,41 +622,57 @@ class FreeSegPipeline:
         ids = self.sd.tokenize(list(texts)).to(next(te.parameters()).device)
         return te(input_ids=ids)[0].float().cpu()
 
-    def _layers(self, source: str) -> list[tuple[str, torch.nn.Module]]:
-        """(name, module) of every candidate layer of ``source`` in forward order.
+    def _layers(self, source: str) -> list[tuple[str, torch.nn.Module, int]]:
+        """(name, module, downscale factor of its output) of every candidate layer of
+        ``source`` in forward order.
 
         queries: ``attn2.to_q`` of ``transformer_blocks[0]`` of every attention of the down
         and up blocks (ComfyUI: of every SpatialTransformer of the input / output blocks).
         decoder: the last layer of every ComfyUI output block, i.e. per up-block layer j the
-        upsampler (last j of a block that has one), else the attention, else the resnet."""
+        upsampler (last j of a block that has one), else the attention, else the resnet.
+        The factor doubles after a down block with a downsampler and halves after an up
+        block with an upsampler (whose own output is at the finer level)."""
         unet = self.sd.unet
-        out: list[tuple[str, torch.nn.Module]] = []
-        if source == SOURCE_QUERIES:
-            for part in ("down_blocks", "up_blocks"):
-                for i, block in enumerate(getattr(unet, part)):
+        out: list[tuple[str, torch.nn.Module, int]] = []
+        factor = 1
+        for part in ("down_blocks", "up_blocks"):
+            for i, block in enumerate(getattr(unet, part)):
+                if source == SOURCE_QUERIES:
                     for j, attn in enumerate(getattr(block, "attentions", None) or []):
                         blocks = getattr(attn, "transformer_blocks", None)
                         if blocks and getattr(blocks[0], "attn2", None) is not None:
                             out.append((f"{part}.{i}.attentions.{j}.transformer_blocks.0.attn2.to_q",
-                                        blocks[0].attn2.to_q))
-            return out
-        for i, block in enumerate(unet.up_blocks):
-            n = len(block.resnets)
-            attentions = getattr(block, "attentions", None)
-            upsamplers = getattr(block, "upsamplers", None)
-            for j in range(n):
-                if j == n - 1 and upsamplers:
-                    out.append((f"up_blocks.{i}.upsamplers.0", upsamplers[0]))
-                elif attentions is not None and j < len(attentions) and attentions[j] is not None:
-                    out.append((f"up_blocks.{i}.attentions.{j}", attentions[j]))
-                else:
-                    out.append((f"up_blocks.{i}.resnets.{j}", block.resnets[j]))
+                                        blocks[0].attn2.to_q, factor))
+                elif part == "up_blocks":
+                    out += self._decoder_layers(i, block, factor)
+                if part == "down_blocks" and getattr(block, "downsamplers", None):
+                    factor *= 2
+                if part == "up_blocks" and getattr(block, "upsamplers", None):
+                    factor //= 2
+        return out
+
+    @staticmethod
+    def _decoder_layers(i: int, block: torch.nn.Module, factor: int) -> list[tuple[str, torch.nn.Module, int]]:
+        """The decoder-source layers of up block ``i`` at ``factor`` (see ``_layers``)."""
+        n = len(block.resnets)
+        attentions = getattr(block, "attentions", None)
+        upsamplers = getattr(block, "upsamplers", None)
+        out = []
+        for j in range(n):
+            if j == n - 1 and upsamplers:
+                out.append((f"up_blocks.{i}.upsamplers.0", upsamplers[0], factor // 2))
+            elif attentions is not None and j < len(attentions) and attentions[j] is not None:
+                out.append((f"up_blocks.{i}.attentions.{j}", attentions[j], factor))
+            else:
+                out.append((f"up_blocks.{i}.resnets.{j}", block.resnets[j], factor))
         return out
 
     @torch.no_grad()
     def unet_pass(self, x0: torch.Tensor, seed: int = 0, timestep: int = 0,
-                  source: str = SOURCE_QUERIES) -> dict[str, torch.Tensor]:
-        """One UNet pass on ONE scaled latent; returns every candidate layer's output.
+                  source: str = SOURCE_QUERIES, stop_early: bool = True) -> dict[str, torch.Tensor]:
+        """One UNet pass on ONE scaled latent; returns every candidate layer's output up to
+        the last one FreeSeg-Diff uses, where the pass stops (``stop_early``; False: the
+        whole UNet, every candidate layer).
 
         Args:
             x0: ``[1,4,h,w]`` scaled latent (VAE latent x scaling_factor), any float dtype.
@@ -677,19 +693,29 @@ class FreeSegPipeline:
         x = self.sd.scheduler.add_noise(x0, noise, t).to(dt)
         cond = self.empty_prompt_embedding()
         captured: dict[str, torch.Tensor] = {}
+        layers = self._layers(source)
+        stop = last_used_layer([(name, f) for name, _, f in layers], source) if stop_early else None
 
         def hook(name: str):
             def fn(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
                 value = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
                 captured[name] = value.detach()
+                if name == stop:
+                    raise StopPass
             return fn
 
-        handles = [module.register_forward_hook(hook(name)) for name, module in self._layers(source)]
+        handles = [module.register_forward_hook(hook(name)) for name, module, _ in layers]
         try:
             unet(x, t.to(dev), encoder_hidden_states=cond, return_dict=False)
+        except StopPass:
+            pass
         finally:
             for handle in handles:
                 handle.remove()
+        latent_hw = (int(x0.shape[-2]), int(x0.shape[-1]))
+        if stop is not None and any(output_factor(captured[n], latent_hw) != f for n, _, f in layers if n in captured):
+            # The UNet's levels are not where its structure says: capture everything instead.
+            return self.unet_pass(x0, seed, timestep, source, stop_early=False)
         return captured
 
     @torch.no_grad()

@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
                 raw[name] = output.detach().float().clone()
             return fn
 
-        handles = [module.register_forward_hook(hook(name)) for name, module in layers]
+        handles = [module.register_forward_hook(hook(name)) for name, module, _ in layers]
         try:
             feats = df.extract(model, LatentVAE(latent), images, clip, timestep=int(job["timestep"]),
                                resolution=int(job["resolution"]), source=source, seed=int(job["seed"]))

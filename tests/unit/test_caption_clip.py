@@ -304,6 +304,24 @@ def test_encode_names(clip: tuple) -> None:
         encode_names(model, tokenizer, [])
 
 
+def test_encode_names_encodes_each_text_once_per_model(clip: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second image's names reuse the first's embeddings: only new texts reach the encoder,
+    and the cached rows equal a fresh encode."""
+    model, _, tokenizer = clip
+    batches = []
+    real = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda tokens, *a, **k: batches.append(len(tokens)) or real(tokens))
+    first = encode_names(model, tokenizer, ["zebra one", "zebra two"])
+    both = encode_names(model, tokenizer, ["zebra two", "zebra three", "zebra one", "zebra three"])
+    assert batches == [2, 1]  # only "zebra three" was new, once although asked twice
+    assert torch.equal(both[2], first[0]) and torch.equal(both[0], first[1]) and torch.equal(both[1], both[3])
+    with torch.no_grad():
+        fresh = torch.nn.functional.normalize(real(tokenizer(["zebra three"])).float(), dim=-1)
+    assert torch.allclose(both[1], fresh[0], atol=1e-6)
+    encode_names(model, tokenizer, ["zebra one"], prompt="ensemble")  # template texts are new texts
+    assert batches[-1] == len(ENSEMBLE_TEMPLATES)
+
+
 def test_score_masks_one_batch(clip: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     model, cfg, tokenizer = clip
     calls: list[tuple[int, ...]] = []

@@ -135,9 +135,31 @@ def test_diffusers_features_match_comfyui(fixture_paths: dict[str, str], sd_conf
 
 
 def test_query_layers_are_the_first_transformer_blocks_of_down_and_up(pipe: FreeSegPipeline) -> None:
-    names = [n for n, _ in pipe._layers(SOURCE_QUERIES)]
-    assert names == [f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn2.to_q" for i in range(3)] + \
+    layers = pipe._layers(SOURCE_QUERIES)
+    assert [n for n, _, _ in layers] == \
+        [f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn2.to_q" for i in range(3)] + \
         [f"up_blocks.{i}.attentions.{j}.transformer_blocks.0.attn2.to_q" for i in range(3) for j in range(2)]
+    assert [f for _, _, f in layers] == [1, 2, 4, 4, 4, 2, 2, 1, 1]
+
+
+@pytest.mark.parametrize("source", [SOURCE_QUERIES, SOURCE_DECODER])
+def test_unet_pass_stops_after_the_last_used_layer(pipe: FreeSegPipeline, source: str) -> None:
+    """The early stop skips the finer decoder layers and changes none of the used ones."""
+    x0 = torch.randn(1, 4, RESOLUTION // 8, RESOLUTION // 8, generator=torch.Generator().manual_seed(5))
+    calls = []
+    handle = pipe.sd.unet.conv_out.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        stopped = pipe.unet_pass(x0, seed=SEED, source=source)
+        full = pipe.unet_pass(x0, seed=SEED, source=source, stop_early=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # only the whole pass reached the output convolution
+    assert list(stopped) == list(full)[:len(stopped)] and len(stopped) < len(full)
+    latent_hw = (RESOLUTION // 8, RESOLUTION // 8)
+    used = select_blocks(full, latent_hw, source)
+    assert select_blocks(stopped, latent_hw, source) == used and used[-1] == list(stopped)[-1]
+    for name in stopped:
+        assert torch.equal(stopped[name], full[name]), name
 
 
 # --------------------------------------------------------------------------- end to end
