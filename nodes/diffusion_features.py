@@ -129,27 +129,53 @@ def timestep_sigma(model_sampling, timestep: int, device: torch.device) -> torch
 
 
 def pass_options(unet, sigma: torch.Tensor, cond_uuid: uuid.UUID) -> dict:
-    """The `transformer_options` of one UNet pass at `sigma` `[1]`, built as ComfyUI's sampler
+    """The `transformer_options` of one UNet pass at `sigma` `[n]` (one per image of the pass,
+    all equal), built as ComfyUI's sampler
     builds them (comfy/samplers.py: CFGGuider.inner_sample and _calc_cond_batch): the MODEL's
     own options copied with core's nested-dict copy (the dicts and lists are new, the patches
     and objects in them are shared: `copy.deepcopy` would duplicate modules and GPU tensors a
     patch holds, or fail on objects that cannot be copied), then what the sampler sets for the
     patches that read it: the schedule (`sample_sigmas`: this one step, then 0), the current
-    `sigmas`, and per batch entry whether it is the cond (0) and the uuid of its conditioning."""
+    `sigmas`, and per conditioning chunk (one here: every image is the cond) whether it is the
+    cond (0) and its uuid."""
     options = comfy.patcher_extension.copy_nested_dicts(unet.model_options.get("transformer_options", {}))
-    options["sample_sigmas"] = torch.cat([sigma, sigma.new_zeros(1)])
+    options["sample_sigmas"] = torch.cat([sigma[:1], sigma.new_zeros(1)])
     options["sigmas"] = sigma
     options["cond_or_uncond"] = [0]
     options["uuids"] = [cond_uuid]
     return options
 
 
-def run_unet(base, layers, hook, captured: dict, x: torch.Tensor, sigma: torch.Tensor, options: dict,
-             kwargs: dict) -> None:
-    """One `apply_model` pass with `hook(name)` on every layer of `layers` (removed after);
-    `captured` is cleared first. A hook may end the pass early by raising StopPass."""
+def images_per_pass(unet, batch: int, latent_shape: tuple[int, int, int]) -> int:
+    """How many of `batch` images one UNet pass takes: the most whose estimated memory fits the
+    free memory of the UNet's device with the margin ComfyUI's sampler keeps (x1.5 the
+    model's `memory_required` estimate, comfy/samplers.py), at least 1. Call it with the
+    UNet loaded."""
+    free = mm.get_free_memory(unet.load_device)
+    n = max(int(batch), 1)
+    while n > 1 and unet.memory_required([n, *latent_shape]) * 1.5 >= free:
+        n -= 1
+    return n
+
+
+def capture(base, layers: list[tuple[str, torch.nn.Module, int]], stop: str | None, x: torch.Tensor,
+            sigma: torch.Tensor, options: dict, kwargs: dict, check=None) -> dict[str, torch.Tensor]:
+    """The outputs of `layers` (`unet_layers`) in one `apply_model` pass of `x` at `sigma`
+    `[n]`, which ends after layer `stop` (None: the whole UNet). `check()` runs at every
+    captured layer (the interrupt check: a cancel stops a long pass midway). Hooks are
+    removed after."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_module, _inputs, output):
+            captured[name] = output.detach()
+            if check is not None:
+                check()
+            if name == stop:
+                raise StopPass
+        return fn
+
     handles = [module.register_forward_hook(hook(name)) for name, module, _ in layers]
-    captured.clear()
     try:
         base.apply_model(x, sigma, transformer_options=options, **kwargs)
     except StopPass:
@@ -157,6 +183,13 @@ def run_unet(base, layers, hook, captured: dict, x: torch.Tensor, sigma: torch.T
     finally:
         for handle in handles:
             handle.remove()
+    return captured
+
+
+def levels_match(captured: dict[str, torch.Tensor], layers: list[tuple[str, torch.nn.Module, int]],
+                 latent_hw: tuple[int, int]) -> bool:
+    """Whether every captured output is at the level `unet_layers` gave its layer."""
+    return all(output_factor(captured[name], latent_hw) == f for name, _, f in layers if name in captured)
 
 
 DETAILS = ("paper", "fine")
@@ -165,7 +198,9 @@ DETAILS = ("paper", "fine")
 def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, resolution: int = 512,
             source: str = SOURCE_QUERIES, seed: int = 0, detail: str = "paper",
             stop_early: bool = True) -> DiffusionFeatures:
-    """Features of each image of `images` `[B,H,W,C]` from one UNet forward pass per image.
+    """Features of each image of `images` `[B,H,W,C]` from one UNet forward pass per image;
+    one pass takes as many images as fit in memory (`images_per_pass`), each with its own
+    noise (`seed` + its index).
 
     detail "paper": a grid of resolution/16 (32x32 at 512 px). "fine": resolution/8, and for
     the queries source the latent/2 blocks too (``freeseg.stages.select_blocks``).
@@ -195,48 +230,45 @@ def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, reso
     cond_uuid = uuid.uuid4()  # the sampler gives each conditioning one uuid for the whole run
 
     layers = unet_layers(dm, source)
-    captured: dict[str, torch.Tensor] = {}
-    # The pass ends at the last layer used (StopPass). That layer comes from the factors
-    # unet_layers reads off the UNet's structure; the captured shapes are checked against them.
-    stop = [last_used_layer([(name, f) for name, _, f in layers], source, detail == "fine") if stop_early else None]
-
-    def hook(name):
-        def fn(_module, _inputs, output):
-            captured[name] = output.detach()
-            if name == stop[0]:
-                raise StopPass
-        return fn
+    # The pass ends after the last layer used. That layer comes from the levels unet_layers
+    # reads off the UNet's structure; the captured shapes are checked against them.
+    stop = last_used_layer([(name, f) for name, _, f in layers], source, detail == "fine") if stop_early else None
 
     progress = Progress(b)
     out, names = [], []
-    for i in range(b):
+    latent_shape = (4, resolution // 8, resolution // 8)
+    mm.load_models_gpu([unet], memory_required=unet.memory_required([1, *latent_shape]))
+    per_pass = images_per_pass(unet, b, latent_shape)
+    for start in range(0, b, per_pass):
         progress.check()
-        px = resize_square(pixels[i:i + 1], resolution).movedim(1, -1)
+        n = min(per_pass, b - start)
+        px = resize_square(pixels[start:start + n], resolution).movedim(1, -1)
         latent = vae.encode(px)
-        mm.load_models_gpu([unet], memory_required=unet.memory_required([1, *latent.shape[1:]]))
+        mm.load_models_gpu([unet], memory_required=unet.memory_required([n, *latent.shape[1:]]))
         device = unet.load_device
         x0 = latent_format.process_in(latent.to(device))
-        noise = seeded_noise(x0.shape, seed + i).to(device)
-        s = timestep_sigma(model_sampling, timestep, device)
+        noise = torch.cat([seeded_noise((1, *x0.shape[1:]), seed + start + k) for k in range(n)]).to(device)
+        s = timestep_sigma(model_sampling, timestep, device).expand(n)  # per image, as the sampler's
         x = model_sampling.noise_scaling(s, noise, x0)
-        conds = base.extra_conds(cross_attn=cond.to(device), pooled_output=pooled.to(device),
+        conds = base.extra_conds(cross_attn=cond.to(device).expand(n, -1, -1),
+                                 pooled_output=pooled.to(device).expand(n, -1),
                                  width=resolution, height=resolution, crop_w=0, crop_h=0,
                                  target_width=resolution, target_height=resolution,
                                  device=device, noise=x, latent_image=x0)
         kwargs = {k: v.cond.to(device) for k, v in conds.items()}
-        while True:
-            run_unet(base, layers, hook, captured, x, s, pass_options(unet, s, cond_uuid), kwargs)
-            latent_hw = tuple(x0.shape[-2:])
-            feats, names = captured_to_features(captured, latent_hw, grid, source, detail == "fine")
-            if stop[0] is None or all(output_factor(captured[n], latent_hw) == f for n, _, f in layers
-                                      if n in captured):
-                break
-            log.warning("FreeSeg-Diff Diffusion Features: the %s UNet's levels are not where expected "
-                        "(used %s); running the whole UNet from now on", family, names)
-            stop[0] = None
+        options = pass_options(unet, s, cond_uuid)
+        captured = capture(base, layers, stop, x, s, options, kwargs, progress.check)
+        latent_hw = tuple(x0.shape[-2:])
+        if stop is not None and not levels_match(captured, layers, latent_hw):
+            log.warning("FreeSeg-Diff Diffusion Features: the %s UNet's levels are not where its structure "
+                        "says; running the whole UNet instead", family)
+            stop = None
+            captured = capture(base, layers, stop, x, s, options, kwargs, progress.check)
+        feats, names = captured_to_features(captured, latent_hw, grid, source, detail == "fine")
         out.append(feats.to(mm.intermediate_device(), torch.float16))
-        captured.clear()
-        progress.step()
+        del captured
+        for _ in range(n):
+            progress.step()
     feats = torch.cat(out)
     log.info("FreeSeg-Diff features: %s %s from %d blocks %s -> %s", family, source, len(names), names,
              tuple(feats.shape))

@@ -20,9 +20,10 @@ def test_attention_patch_sees_the_sampler_entries_and_is_not_deep_copied(client,
     result = client.run(g.prompt)
     seen = probed(result, report)
     calls = seen["calls"]
-    assert calls and len(calls) % 2 == 0, "the attn2 patch did not run for both images"
+    assert calls and sum(call["batch"] for call in calls) % 2 == 0, "the attn2 patch did not run for both images"
     for call in calls:
-        (sigma,) = call["sigmas"]
+        sigma = call["sigmas"][0]
+        assert call["sigmas"] == [sigma] * call["batch"]  # one sigma per image of the pass, as the sampler's
         assert sigma > 0 and call["sample_sigmas"] == [sigma, 0.0]  # one step from the pass's sigma to 0
         assert call["cond_or_uncond"] == [0] and call["state_is_shared"]
     uuids = {u for call in calls for u in call["uuids"]}

@@ -63,12 +63,41 @@ def test_early_stop_gives_the_whole_pass_features(df, models, family: str, sourc
                                     detail=detail, stop_early=stop)
         finally:
             counter.handle.remove()
-        # The batch runs one pass per image; the stopped passes never reach the output layer.
-        assert counter.calls == (0 if stop else 2), (stop, counter.calls)
+        # Both images fit one pass here; the stopped pass never reaches the output layer.
+        assert counter.calls == (0 if stop else 1), (stop, counter.calls)
     assert outs[True].blocks == outs[False].blocks and outs[True].blocks
     assert torch.equal(outs[True].features, outs[False].features)
     assert not any(h for m in dm.modules() for h in m._forward_hooks.values()
-                   if getattr(h, "__qualname__", "").startswith("extract")), "a hook was left on the UNet"
+                   if getattr(h, "__qualname__", "").startswith("capture")), "a hook was left on the UNet"
+
+
+@pytest.mark.parametrize("family", ["SD15", "SDXL"])
+def test_images_share_a_pass_as_memory_allows(df, models, family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three images in one pass, or one per pass when the free memory only fits one: the same
+    features as three single-image runs with the seeds they get in the batch."""
+    import comfy.model_management as mm
+
+    model, vae, clip, res = models[family]
+    images = torch.rand(3, 48, 40, 3, generator=torch.Generator().manual_seed(4))
+    singles = torch.cat([df.extract(model, vae, images[i:i + 1], clip, timestep=300, resolution=res,
+                                    seed=7 + i).features for i in range(3)])
+    dm = model.model.diffusion_model
+    one = model.model.memory_required([1, 4, res // 8, res // 8])
+    for free, passes in ((None, 1), (one * 1.6, 3)):
+        if free is not None:
+            real = mm.get_free_memory
+            # What the node sees; attention's own query (torch_free_too) is left alone.
+            monkeypatch.setattr(mm, "get_free_memory",
+                                lambda dev=None, torch_free_too=False: real(dev, True) if torch_free_too else free)
+        counter = CallCount(dm.input_blocks[0][0])  # the first convolution
+        try:
+            batch = df.extract(model, vae, images, clip, timestep=300, resolution=res, seed=7)
+        finally:
+            counter.handle.remove()
+        assert counter.calls == passes
+        assert batch.features.shape == singles.shape
+        assert torch.allclose(batch.features.float(), singles.float(), atol=2e-3, rtol=2e-3), \
+            (batch.features.float() - singles.float()).abs().max()
 
 
 @pytest.mark.parametrize("family", ["SD15", "SDXL"])

@@ -108,6 +108,7 @@ class FreeSegTestAttnPatch:
 
         def attn2(n, context, value, extra_options):
             record["calls"].append({
+                "batch": int(n.shape[0]),
                 "sigmas": [float(v) for v in extra_options["sigmas"].flatten()],
                 "sample_sigmas": [float(v) for v in extra_options["sample_sigmas"].flatten()],
                 "cond_or_uncond": list(extra_options["cond_or_uncond"]),
