@@ -553,7 +553,7 @@ def _bilateral_features(image_hw3: torch.Tensor, sxy: float, srgb: float) -> tor
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=dev),
                             torch.arange(w, dtype=torch.float32, device=dev), indexing="ij")
     pos = torch.stack([xs, ys], dim=-1).reshape(h * w, 2) / sxy
-    rgb = image_hw3.reshape(h * w, 3).clamp(0.0, 1.0) * (255.0 / srgb)
+    rgb = (image_hw3.reshape(h * w, 3).clamp(0.0, 1.0) * 255.0) / srgb
     return torch.cat([pos, rgb], dim=1)
 
 
@@ -591,59 +591,63 @@ class _PermutohedralLattice:
         d1 = d + 1
         dev = feats.device
         self.n, self.d = n, d
-        elevated = feats @ _elevation_matrix(d, dev).to(torch.float32)
+        elevated = _elevate(feats)                                       # [d+1,N]
         rem0, rank, bary = _simplex_vertices(elevated)
         del elevated
-        z0 = torch.div(rem0[:, :d], d1, rounding_mode="floor")            # [N,d]; rem0 is a multiple of d+1
-        above = d - rank[:, :d]                                          # vertex r has z = z0 - [above < r]
+        z0 = torch.div(rem0[:d], d1, rounding_mode="floor")               # [d,N]; rem0 is a multiple of d+1
+        above = d - rank[:d]                                             # vertex r has z = z0 - [above < r]
         del rem0, rank
         radix = _class_radix(z0)
         keys = None
         if radix is not None:      # every vertex and blur neighbour fits one mixed-radix code
             codes = _class_codes(z0, above, radix)                       # [d+1,N]
         else:                      # huge coordinate ranges (tiny srgb/sxy): rank-compressed keys
-            keys = _LatticeKeys([torch.cat([_class_z(z0, above, r)[:, i] for r in range(d1)])
-                                 for i in range(d)])
+            keys = _LatticeKeys([torch.cat([_class_z(z0, above, r)[i] for r in range(d1)]) for i in range(d)])
             codes = keys.codes.view(d1, n)
-        uniq, reps, starts, orders, inverse = [], [], [], [], []
-        offset = 0
+        # vertices class by class, in code order; every class has one vertex of every pixel
+        col = torch.empty((d1, n), dtype=torch.int32, device=dev)       # splat: pixels by vertex
+        splat_values = torch.empty((d1, n), dtype=torch.float32, device=dev)
+        inverse = torch.empty((n, d1), dtype=torch.int32, device=dev)   # slice: vertex of each pixel
+        uniq, rep_z, crow, offsets = [], [], [], [0]
         for r in range(d1):
             sorted_codes, order = torch.sort(codes[r], stable=True)
-            first = torch.ones_like(sorted_codes, dtype=torch.bool)
-            first[1:] = sorted_codes[1:] != sorted_codes[:-1]
-            vertex = torch.cumsum(first, dim=0).sub_(1 - offset)           # vertex of each sorted pixel
-            inverse.append(torch.empty_like(vertex).scatter_(0, order, vertex))
-            start = torch.nonzero(first).squeeze(1)
-            uniq.append(sorted_codes[start])
-            reps.append(order[start])
-            starts.append(start + r * n)
-            orders.append(order)
-            offset += int(start.numel())
+            first = torch.ones(n, dtype=torch.bool, device=dev)
+            torch.ne(sorted_codes[1:], sorted_codes[:-1], out=first[1:])
+            vertex = torch.cumsum(first, dim=0, dtype=torch.int32).sub_(1)   # of each sorted pixel
+            size = int(vertex[-1]) + 1
+            inverse[:, r].scatter_(0, order, vertex + offsets[r])
+            uniq.append(torch.empty(size, dtype=codes.dtype, device=dev).scatter_(0, vertex.long(), sorted_codes))
+            if keys is not None:  # every pixel of a vertex writes the same z
+                z = _class_z(z0, above, r)[:, order]
+                rep_z.append(torch.empty((d, size), dtype=z.dtype, device=dev).scatter_(
+                    1, vertex.long().expand(d, n), z).t())
+            else:
+                rep_z.append(None)
+            counts = torch.bincount(vertex, minlength=size)
+            crow.append(torch.cumsum(counts, dim=0).sub_(counts).add_(r * n))  # row starts
+            col[r].copy_(order)
+            torch.index_select(bary[r], 0, order, out=splat_values[r])
+            offsets.append(offsets[r] + size)
         del codes
-        self.m = m = offset
-        sizes = [int(u.numel()) for u in uniq]
-        offsets = [sum(sizes[:r]) for r in range(d1)]
-        rep_z = [_class_z(z0[p], above[p], r) if keys is not None else None for r, p in enumerate(reps)]
+        self.m = m = offsets[d1]
         self.neighbours = []
         for j in range(d1):
-            first_j = torch.full((m + 1,), m, dtype=torch.long, device=dev)
+            first_j = torch.empty(m + 1, dtype=torch.int32, device=dev)
+            first_j[m] = m
+            miss = first_j[m]                                           # M as a tensor, for where(out=)
             for r in range(d1):
                 t = (r - 1) % d1
-                code = _class_neighbour(uniq[r], r, j, radix, keys, rep_z[r])
-                pos = torch.searchsorted(uniq[t], code).clamp_max_(sizes[t] - 1)
-                hit = torch.index_select(uniq[t], 0, pos) == code
-                first_j[offsets[r]:offsets[r] + sizes[r]] = torch.where(hit, pos + offsets[t], m)
-            second_j = torch.full((m + 1,), m, dtype=torch.long, device=dev)
-            own = torch.arange(m, device=dev)
-            second_j.scatter_(0, first_j[:m], torch.where(first_j[:m] < m, own, m))  # misses hit row M
-            self.neighbours.append((first_j.to(torch.int32), second_j.to(torch.int32)))
-        crow = torch.cat(starts + [torch.full((2,), n * d1, dtype=torch.long, device=dev)])  # row M empty
-        bary_t = bary.t()
-        splat_values = torch.cat([bary_t[r][orders[r]] for r in range(d1)])
-        self.splat = _csr(crow, torch.cat(orders), splat_values, (m + 1, n))
-        pixel_crow = torch.arange(0, n * d1 + 1, d1, dtype=torch.long, device=dev)
-        columns = torch.stack(inverse, dim=1).reshape(-1)                 # classes in order: sorted per row
-        self.slice = _csr(pixel_crow, columns, bary.reshape(-1), (n, m + 1))
+                found = _lookup(uniq[t], _class_neighbour(uniq[r], r, j, radix, keys, rep_z[r]))
+                torch.where(found >= 0, found + offsets[t], miss, out=first_j[offsets[r]:offsets[r + 1]])
+            second_j = torch.full((m + 1,), m, dtype=torch.int32, device=dev)
+            own = torch.arange(m, dtype=torch.int32, device=dev)
+            second_j.scatter_(0, first_j[:m].long(), torch.where(first_j[:m] < m, own, m))  # misses: row M
+            self.neighbours.append((first_j, second_j))
+        crow.append(torch.full((2,), n * d1, dtype=torch.long, device=dev))       # row M (dummy) is empty
+        self.splat = _csr(torch.cat(crow), col.view(-1), splat_values.view(-1), (m + 1, n))
+        pixel_crow = torch.arange(0, n * d1 + 1, d1, dtype=torch.int32, device=dev)
+        # a pixel's vertices come class by class, so its slice columns are in increasing order
+        self.slice = _csr(pixel_crow, inverse.view(-1), bary.t().reshape(-1), (n, m + 1))
         self._scratch: Dict[int, Tuple[torch.Tensor, ...]] = {}
 
     def apply(self, values_nc: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -722,75 +726,104 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: Tupl
                                        dtype=torch.float32)
 
 
-def _elevation_matrix(d: int, device: torch.device) -> torch.Tensor:
-    """``[d,d+1]`` float64 map from features to the hyperplane ``sum = 0`` of the lattice.
+def _elevate(features_nd: torch.Tensor) -> torch.Tensor:
+    """Features ``[N,d]`` float32 -> ``[d+1,N]`` float32 points on the lattice's plane ``sum = 0``.
 
-    Includes the per-axis scale ``sqrt(2/3) (d+1) / sqrt((i+1)(i+2))`` of
-    Adams et al. / pydensecrf (the lattice blur then approximates a Gaussian
-    of roughly unit standard deviation in feature space).
+    pydensecrf's elevation, step for step in float32 (``permutohedral.cpp``):
+    ``cf_j = f_j * scale_j`` with ``scale_j = sqrt(2/3) (d+1) / sqrt((j+1)(j+2))``
+    (the lattice blur then approximates a Gaussian of roughly unit standard
+    deviation in feature space), ``e_j = s_j - j cf_{j-1}`` with ``s_j`` the
+    sum of ``cf`` above ``j-1``, and ``e_0 = s_0``, the sum of all.
     """
-    inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
-    scale = torch.tensor([inv_std / math.sqrt((i + 1) * (i + 2)) for i in range(d)],
-                         dtype=torch.float64, device=device)
-    cf = torch.diag(scale)
-    e = torch.zeros((d, d + 1), dtype=torch.float64, device=device)
-    e[:, d] = -d * cf[:, d - 1]
-    for i in range(d - 1, 0, -1):
-        e[:, i] = e[:, i + 1] - i * cf[:, i - 1] + (i + 2) * cf[:, i]
-    e[:, 0] = e[:, 1] + 2 * cf[:, 0]
-    return e
+    n, d = features_nd.shape
+    inv_std = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
+    elevated = torch.empty((d + 1, n), dtype=torch.float32, device=features_nd.device)
+    total = torch.zeros(n, dtype=torch.float32, device=features_nd.device)
+    for j in range(d, 0, -1):
+        cf = features_nd[:, j - 1] * (1.0 / math.sqrt((j + 1) * j) * inv_std)
+        torch.sub(total, cf * j, out=elevated[j])                        # no fused multiply-add
+        total += cf
+    elevated[0] = total
+    return elevated
 
 
 def _simplex_vertices(elevated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Enclosing simplex of each elevated point (pydensecrf's float32 arithmetic).
 
     Args:
-        elevated: ``[N,d+1]`` float32 points on the plane ``sum = 0``.
+        elevated: ``[d+1,N]`` float32 points on the plane ``sum = 0`` (coordinate-major).
 
     Returns:
-        rem0 ``[N,d+1]`` int32 (nearest remainder-0 lattice point),
-        rank ``[N,d+1]`` int32 (simplex permutation) and barycentric
-        weights ``[N,d+1]`` float32 of the d+1 vertices.
+        rem0 ``[d+1,N]`` int32 (nearest remainder-0 lattice point),
+        rank ``[d+1,N]`` int32 (simplex permutation) and barycentric
+        weights ``[d+1,N]`` float32 of the d+1 vertices.
     """
-    n, d1 = elevated.shape
+    d1, n = elevated.shape
     d = d1 - 1
     # nearest multiple of d+1, ties down (pydensecrf: up if up - x < x - down, else down)
-    rem0 = torch.ceil(elevated * (1.0 / d1) - 0.5) * d1
-    total = torch.round(rem0.sum(dim=1) * (1.0 / d1)).to(torch.int32)
+    rem0 = torch.ceil(elevated * (1.0 / d1) - 0.5).mul_(d1)
+    total = torch.round(rem0.sum(dim=0) * (1.0 / d1)).to(torch.int32)      # exact: small integers
     # pydensecrf's rank: for each pair i < j the coordinate with the smaller remainder moves one
-    # place down (i on ties), counted column by column
-    diff = (elevated - rem0).t().contiguous()                             # [d+1,N]
-    rank_t = torch.zeros((d1, n), dtype=torch.int32, device=elevated.device)
+    # place down (i on ties), counted row by row
+    diff = elevated - rem0
+    rank = total.expand(d1, n).contiguous()
     for i in range(d1):
         for j in range(i + 1, d1):
             lower = diff[i] < diff[j]
-            rank_t[i] += lower
-            rank_t[j] += ~lower
-    rank = rank_t.t() + total.unsqueeze(1)
-    wrap = (rank < 0).to(torch.int32) - (rank > d).to(torch.int32)
-    rank += d1 * wrap
-    rem0 = rem0.to(torch.int32) + d1 * wrap
+            rank[i] += lower
+            rank[j] += ~lower
+    wrap = (rank < 0).to(torch.int32).sub_((rank > d).to(torch.int32))
+    rank.add_(wrap, alpha=d1)
+    rem0 = rem0.to(torch.int32).add_(wrap, alpha=d1)
     # vertex r's weight is delta at slot d - rank minus delta at slot d - rank + 1 (slot d+1 wraps to 0)
     slot = torch.empty_like(elevated)
-    slot.scatter_(1, (d - rank).long(), (elevated - rem0) * (1.0 / d1))
-    bary = slot - torch.roll(slot, 1, dims=1)
-    bary[:, 0] += 1.0
+    slot.scatter_(0, (d - rank).long(), (elevated - rem0) * (1.0 / d1))
+    bary = torch.empty_like(slot)
+    torch.sub(slot[1:], slot[:-1], out=bary[1:])
+    torch.sub(slot[0], slot[d], out=bary[0])
+    bary[0] += 1.0
     return rem0, rank, bary
 
 
+def _lookup(table: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Position in ``table`` of each query, -1 where absent.
+
+    Args:
+        table: ``[T]`` sorted distinct codes (none negative).
+        queries: ``[Q]`` codes of the same dtype (sorted makes it fastest).
+
+    Returns:
+        ``[Q]`` int32.
+
+    One stable sort of the two concatenated (quick for two sorted runs, and
+    faster than ``searchsorted`` then) counts the table entries ``<=`` each
+    query (equal ones sort first); the last of them is the only candidate.
+    """
+    t = table.numel()
+    source = torch.sort(torch.cat([table, queries]), stable=True)[1]
+    below = torch.cumsum(source < t, dim=0, dtype=torch.int32)            # table entries so far
+    count = torch.empty_like(below).scatter_(0, source, below)[t:]        # per query: entries <= it
+    candidate = (count - 1).clamp_min_(0)
+    hit = torch.index_select(table, 0, candidate) == queries
+    return torch.where(hit, candidate, -1)
+
+
 def _class_radix(z0: torch.Tensor) -> Optional[Tuple[List[int], List[int]]]:
-    """Mixed-radix (lows, strides) for the ``z`` of vertices and blur neighbours, or None on overflow.
+    """Mixed-radix (lows, strides + [bound]) for the ``z`` of vertices and blur neighbours, or None.
+
+    Args:
+        z0: ``[d,N]`` int32, ``rem0 / (d+1)`` of every pixel.
 
     A vertex has ``z`` in ``[z0 - 1, z0]`` and a first blur neighbour in
     ``[z0 - 1, z0 + 1]`` (``_class_neighbour``), so coordinate i ranges over
     ``[min z0_i - 1, max z0_i + 1]``; codes ``sum_i stride_i (z_i - low_i)``
     over these ranges are distinct for distinct ``z`` and lie in
-    ``[0, prod spans)``. None when that product reaches ``_LatticeKeys._LIMIT``.
+    ``[0, bound)``. None when ``bound`` reaches ``_LatticeKeys._LIMIT``.
     """
     lows, strides, bound = [], [], 1
-    for i in range(z0.shape[1]):
-        low = int(z0[:, i].min()) - 1
-        span = int(z0[:, i].max()) + 1 - low + 1
+    for i in range(z0.shape[0]):
+        low = int(z0[i].min()) - 1
+        span = int(z0[i].max()) + 1 - low + 1
         lows.append(low)
         strides.append(bound)
         bound *= span
@@ -802,32 +835,36 @@ def _class_radix(z0: torch.Tensor) -> Optional[Tuple[List[int], List[int]]]:
 def _class_codes(z0: torch.Tensor, above: torch.Tensor, radix: Tuple[List[int], List[int]]) -> torch.Tensor:
     """Mixed-radix codes ``[d+1,N]`` of ``z`` of every pixel's vertex of each class r (row r).
 
-    Vertex r has ``z = z0 - [above < r]`` (``_class_z``), so its code is
-    ``base - S_r`` with ``base`` the code of ``z0`` and ``S_r`` the summed
-    strides of the coordinates with ``above < r``: an exclusive cumulative sum
-    of the strides placed at slot ``above`` (distinct slots: ranks are a
-    permutation). int32 when every code fits, else int64.
+    Args:
+        z0, above: ``[d,N]`` int32 (``_class_z``).
+        radix: ``_class_radix``'s result.
+
+    Vertex r has ``z = z0 - [above < r]``, so its code is ``base - S_r`` with
+    ``base`` the code of ``z0`` and ``S_r`` the summed strides of the
+    coordinates with ``above < r``: an exclusive cumulative sum of the strides
+    placed at slot ``above`` (distinct slots: ranks are a permutation).
+    int32 when every code fits, else int64.
     """
     lows, strides = radix[0], radix[1][:-1]
-    n, d = z0.shape
+    d, n = z0.shape
     dtype = torch.int32 if radix[1][-1] < 2 ** 31 else torch.long
     dev = z0.device
-    stride = torch.tensor(strides, dtype=dtype, device=dev)
-    low = torch.tensor(lows, dtype=dtype, device=dev)
-    base = ((z0.to(dtype) - low) * stride).sum(dim=1, dtype=dtype)            # [N]
-    by_slot = torch.zeros((n, d + 1), dtype=dtype, device=dev)
-    by_slot.scatter_(1, above.long(), stride.expand(n, d))
-    s_r = torch.cumsum(by_slot, dim=1, dtype=dtype).sub_(by_slot)             # exclusive: S_r
-    return (base.unsqueeze(1) - s_r).t().contiguous()
+    stride = torch.tensor(strides, dtype=dtype, device=dev).view(d, 1)
+    low = torch.tensor(lows, dtype=dtype, device=dev).view(d, 1)
+    base = (z0.to(dtype) - low).mul_(stride).sum(dim=0, dtype=dtype)            # [N]
+    by_slot = torch.zeros((d + 1, n), dtype=dtype, device=dev)
+    by_slot.scatter_(0, above.long(), stride.expand(d, n))
+    s_r = torch.cumsum(by_slot, dim=0, dtype=dtype).sub_(by_slot)              # exclusive: S_r
+    return torch.sub(base, s_r, out=s_r)
 
 
 def _class_z(z0: torch.Tensor, above: torch.Tensor, r: int) -> torch.Tensor:
-    """``z`` ``[N,d]`` int32 of every pixel's class-r vertex: coordinate ``i`` is ``r + (d+1) z_i``.
+    """``z`` ``[d,N]`` int32 of every pixel's class-r vertex: its coordinate ``i`` is ``r + (d+1) z_i``.
 
-    pydensecrf's vertex r has coordinate ``rem0_i + r - (d+1) [rank_i > d - r]``
-    with ``rem0_i = (d+1) z0_i``; ``above = d - rank``.
+    pydensecrf's vertex r has coordinate ``rem0_i + r - (d+1) [rank_i > d - r]``;
+    here ``z0 = rem0 / (d+1)`` and ``above = d - rank`` (first d coordinates).
     """
-    return (z0 - (above < r).to(z0.dtype)).to(torch.int32)
+    return z0 - (above < r).to(z0.dtype)
 
 
 def _class_neighbour(uniq: torch.Tensor, r: int, j: int, radix: Optional[Tuple[List[int], List[int]]],
