@@ -760,8 +760,11 @@ def _simplex_vertices(elevated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     """
     d1, n = elevated.shape
     d = d1 - 1
-    # nearest multiple of d+1, ties down (pydensecrf: up if up - x < x - down, else down)
-    rem0 = torch.ceil(elevated * (1.0 / d1) - 0.5).mul_(d1)
+    # nearest multiple of d+1 as pydensecrf rounds: up if up - x < x - down, else down
+    scaled = elevated * (1.0 / d1)
+    up, down = torch.ceil(scaled).mul_(d1), torch.floor(scaled).mul_(d1)
+    rem0 = torch.where(up - elevated < elevated - down, up, down)
+    del scaled, up, down
     total = torch.round(rem0.sum(dim=0) * (1.0 / d1)).to(torch.int32)      # exact: small integers
     # pydensecrf's rank: for each pair i < j the coordinate with the smaller remainder moves one
     # place down (i on ties), counted row by row
@@ -780,8 +783,7 @@ def _simplex_vertices(elevated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     slot.scatter_(0, (d - rank).long(), (elevated - rem0) * (1.0 / d1))
     bary = torch.empty_like(slot)
     torch.sub(slot[1:], slot[:-1], out=bary[1:])
-    torch.sub(slot[0], slot[d], out=bary[0])
-    bary[0] += 1.0
+    bary[0] = slot[0].double().sub_(slot[d].double()).add_(1.0)         # pydensecrf adds in double
     return rem0, rank, bary
 
 
