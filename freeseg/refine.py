@@ -435,10 +435,11 @@ def _mean_field(unary_nl: torch.Tensor, filters: List[Tuple[float, _GaussianFilt
     q = torch.softmax(neg_unary, dim=1)
     scaled, filtered, logits = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
     for _ in range(iterations):
-        logits.copy_(neg_unary)
-        for (weight, filt), norm in zip(filters, norms):
+        if not filters:
+            logits.copy_(neg_unary)
+        for k, ((weight, filt), norm) in enumerate(zip(filters, norms)):
             filt.apply(torch.mul(q, norm, out=scaled), out=filtered)
-            logits.addcmul_(norm, filtered, value=weight)
+            torch.addcmul(neg_unary if k == 0 else logits, norm, filtered, value=weight, out=logits)
         torch.softmax(logits, dim=1, out=q)
     return q
 
@@ -476,10 +477,9 @@ def _binary_mean_field(unary_gap: torch.Tensor, filters: List[Tuple[float, _Gaus
     q, scaled, filtered = q[:, :m].contiguous(), scaled[:, :m].contiguous(), filtered[:, :m].contiguous()
     for _ in range(iterations - 1):
         torch.sigmoid(logit, out=q)
-        logit.copy_(base)
-        for (weight, filt), norm in zip(filters, norms):
+        for k, ((weight, filt), norm) in enumerate(zip(filters, norms)):
             filt.apply(torch.mul(q, norm, out=scaled), out=filtered)
-            logit.addcmul_(norm, filtered, value=2.0 * weight)
+            torch.addcmul(base if k == 0 else logit, norm, filtered, value=2.0 * weight, out=logit)
     return logit
 
 
