@@ -70,10 +70,12 @@ Filtering:
   away from the border);
 * the bilateral (5-D) Gaussian uses a permutohedral lattice (Adams, Baek &
   Davis 2010), the same algorithm as pydensecrf's ``permutohedral.cpp``
-  (same feature scaling, simplex rounding, ``[1/2, 1, 1/2]`` blur, neighbour
-  rule), vectorised in torch with sort/searchsorted instead of a hash
-  table and sparse matrices for splatting and slicing. Its size is bounded by ``H*W*6`` vertices whatever ``srgb``/``sxy``
-  are, so no colour-bin clamp is needed (a bilateral grid would need one);
+  (same float32 feature scaling and simplex rounding, so the same vertices
+  and weights; same ``[1/2, 1, 1/2]`` blur and neighbour rule), vectorised
+  in torch with sorted integer codes instead of a hash table and sparse
+  matrices for splatting and slicing. Its size is bounded by ``H*W*6``
+  vertices whatever ``srgb``/``sxy`` are, so no colour-bin clamp is needed
+  (a bilateral grid would need one);
   small ``srgb``/``sxy`` only cost time (more distinct vertices, e.g. about
   5x slower at ``bilateral_srgb=1`` than at 20). Like pydensecrf's, the
   lattice only approximates the Gaussian (about 0.97 correlation with the
@@ -567,22 +569,24 @@ class _PermutohedralLattice:
     d+1 vertices of its enclosing simplex with barycentric weights, blur with
     ``[1/2, 1, 1/2]`` along each of the d+1 lattice directions, slice back
     with the same weights. This is the algorithm of pydensecrf's
-    ``permutohedral.cpp`` (same scaling, float32 rounding, blur and neighbour
-    rule), vectorised: vertices are found by sorting integer-encoded keys
-    instead of a hash table, and splat and slice are two sparse (CSR)
+    ``permutohedral.cpp`` (same float32 elevation and simplex rounding, same
+    vertices, weights, blur and neighbour rule; tests/unit/test_refine_lattice.py
+    checks it against a plain re-implementation), vectorised: sorted integer
+    codes instead of a hash table, and splat and slice as two sparse (CSR)
     matrices built once, ``[M,N]`` and ``[N,M]`` with d+1 entries per pixel,
     so every filter call is two sparse products and the blur's gathers. CSR
     products need the CPU or CUDA (``_crf_device``). Memory: ``O(N (d+1))``,
     at most ``N (d+1)`` vertices, whatever the feature scales.
 
-    Vertex ``r`` of a pixel's simplex has every coordinate ``= r (mod d+1)``
-    (its "class"), so the vertices are keyed by (class, ``z``) with
-    ``coordinate = r + (d+1) z``: each class holds exactly one vertex of every
-    pixel, so the build sorts d+1 arrays of N codes of ``z`` alone (small
-    enough for int32 at the defaults) instead of one of ``N (d+1)`` full keys,
-    vertices are numbered class by class (which leaves every pixel's d+1 slice
-    columns in increasing order), and a vertex's blur neighbours lie in the
-    previous class (``_class_neighbour``).
+    Keys: vertex ``r`` of a pixel's simplex has every coordinate ``= r (mod
+    d+1)`` (its "class"), so a vertex is (class r, ``z``) with coordinate
+    ``i = r + (d+1) z_i``, and every class holds exactly one vertex of every
+    pixel. The build therefore sorts d+1 arrays of N codes of ``z`` alone
+    (int32 at the defaults) rather than one array of ``N (d+1)`` full keys;
+    vertices are numbered class by class (so a pixel's d+1 slice columns come
+    in increasing order), and a vertex's blur neighbours lie in the previous
+    class at a constant code offset (``_class_neighbour``), found for a whole
+    class at once by one merge of two sorted arrays (``_lookup``).
     """
 
     def __init__(self, features_nd: torch.Tensor):
