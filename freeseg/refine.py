@@ -634,17 +634,19 @@ class _PermutohedralLattice:
             offsets.append(offsets[r] + size)
         del codes
         self.m = m = offsets[d1]
+        # first neighbours along every direction, one class at a time (one lookup per class)
+        first = torch.empty((d1, m + 1), dtype=torch.int32, device=dev)
+        first[:, m] = m
+        miss = first[0, m]                                               # M as a tensor, for where(out=)
+        for r in range(d1):
+            t = (r - 1) % d1
+            codes_r = torch.cat([_class_neighbour(uniq[r], r, j, radix, keys, rep_z[r]) for j in range(d1)])
+            found = _lookup(uniq[t], codes_r).view(d1, -1)
+            torch.where(found >= 0, found + offsets[t], miss, out=first[:, offsets[r]:offsets[r + 1]])
+        own = torch.arange(m, dtype=torch.int32, device=dev)
         self.neighbours = []
-        for j in range(d1):
-            first_j = torch.empty(m + 1, dtype=torch.int32, device=dev)
-            first_j[m] = m
-            miss = first_j[m]                                           # M as a tensor, for where(out=)
-            for r in range(d1):
-                t = (r - 1) % d1
-                found = _lookup(uniq[t], _class_neighbour(uniq[r], r, j, radix, keys, rep_z[r]))
-                torch.where(found >= 0, found + offsets[t], miss, out=first_j[offsets[r]:offsets[r + 1]])
+        for first_j in first:
             second_j = torch.full((m + 1,), m, dtype=torch.int32, device=dev)
-            own = torch.arange(m, dtype=torch.int32, device=dev)
             second_j.scatter_(0, first_j[:m].long(), torch.where(first_j[:m] < m, own, m))  # misses: row M
             self.neighbours.append((first_j, second_j))
         crow.append(torch.full((2,), n * d1, dtype=torch.long, device=dev))       # row M (dummy) is empty
