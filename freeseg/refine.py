@@ -637,7 +637,7 @@ class _PermutohedralLattice:
         # first neighbours along every direction, one class at a time (one lookup per class)
         first = torch.empty((d1, m + 1), dtype=torch.int32, device=dev)
         first[:, m] = m
-        miss = first[0, m]                                               # M as a tensor, for where(out=)
+        miss = torch.tensor(m, dtype=torch.int32, device=dev)           # a tensor, for where(out=)
         for r in range(d1):
             t = (r - 1) % d1
             codes_r = torch.cat([_class_neighbour(uniq[r], r, j, radix, keys, rep_z[r]) for j in range(d1)])
