@@ -620,7 +620,8 @@ class _PermutohedralLattice:
             vertex = torch.cumsum(first, dim=0, dtype=torch.int32).sub_(1)   # of each sorted pixel
             size = int(vertex[-1]) + 1
             inverse[:, r].scatter_(0, order, vertex + offsets[r])
-            uniq.append(torch.empty(size, dtype=codes.dtype, device=dev).scatter_(0, vertex.long(), sorted_codes))
+            uniq.append(torch.empty(size, dtype=codes.dtype, device=dev).scatter_(  # a vertex's pixels
+                0, vertex.long(), sorted_codes))                                   # write one code
             if keys is not None:  # every pixel of a vertex writes the same z
                 z = _class_z(z0, above, r)[:, order]
                 rep_z.append(torch.empty((d, size), dtype=z.dtype, device=dev).scatter_(
@@ -877,7 +878,7 @@ def _class_z(z0: torch.Tensor, above: torch.Tensor, r: int) -> torch.Tensor:
 
 def _class_neighbour(uniq: torch.Tensor, r: int, j: int, radix: Optional[Tuple[List[int], List[int]]],
                      keys: Optional["_LatticeKeys"], rep_z: Optional[torch.Tensor]) -> torch.Tensor:
-    """Codes, in class ``r - 1 (mod d+1)``, of the first blur neighbours along direction j of class-r vertices.
+    """Codes, in class ``r - 1 (mod d+1)``, of the first blur neighbours along j of class-r vertices.
 
     pydensecrf's first neighbour of key k along j is ``k - 1 + (d+1) e_j``
     (for j = d only the implied last coordinate moves: ``k - 1``). For a

@@ -15,7 +15,7 @@ from freeseg.refine import _LatticeKeys, _lookup, _PermutohedralLattice
 
 
 def reference_filter(feats: np.ndarray, values: np.ndarray):
-    """pydensecrf's lattice filter (without its constant ``alpha``): returns (vertex count, ``[N,C]`` float64)."""
+    """pydensecrf's lattice filter (less its constant ``alpha``) -> (vertex count, ``[N,C]`` float64)."""
     n, d = feats.shape
     d1 = d + 1
     f32 = np.float32
@@ -119,7 +119,8 @@ def test_compressed_keys_match_the_reference(monkeypatch):
     monkeypatch.setattr(_LatticeKeys, "_LIMIT", 2 ** 16)
     encoded = []
     encode = _LatticeKeys.encode
-    monkeypatch.setattr(_LatticeKeys, "encode", lambda self, cols: encoded.append(self) or encode(self, cols))
+    monkeypatch.setattr(_LatticeKeys, "encode",
+                        lambda self, cols: encoded.append(self) or encode(self, cols))
     feats = image_like_features(250, 6)
     values = torch.rand(250, 2, generator=torch.Generator().manual_seed(7))
     m, expected = reference_filter(feats.numpy(), values.double().numpy())
@@ -138,7 +139,8 @@ def test_apply_any_channel_count_matches_one_channel_at_a_time(channels):
     got = lattice.apply(values)
     assert got.shape == (400, channels) and got.dtype == torch.float32
     for c in range(channels):
-        assert torch.allclose(got[:, c], lattice.apply(values[:, c:c + 1].clone())[:, 0], rtol=1e-5, atol=1e-6)
+        alone = lattice.apply(values[:, c:c + 1].clone())[:, 0]
+        assert torch.allclose(got[:, c], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_apply_into_out_and_repeatable():
