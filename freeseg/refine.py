@@ -774,14 +774,16 @@ def _simplex_vertices(elevated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     del scaled, up, down
     total = torch.round(rem0.sum(dim=0) * (1.0 / d1)).to(torch.int32)      # exact: small integers
     # pydensecrf's rank: for each pair i < j the coordinate with the smaller remainder moves one
-    # place down (i on ties), counted row by row
+    # place down (i on ties), counted row by row: i gains lower_ij, j gains 1 - lower_ij
     diff = elevated - rem0
     rank = total.expand(d1, n).contiguous()
+    rank += torch.arange(d1, dtype=torch.int32, device=elevated.device).view(d1, 1)  # the 1s of j
+    lower = torch.empty(n, dtype=torch.int32, device=elevated.device)
     for i in range(d1):
         for j in range(i + 1, d1):
-            lower = diff[i] < diff[j]
+            torch.lt(diff[i], diff[j], out=lower)
             rank[i] += lower
-            rank[j] += ~lower
+            rank[j] -= lower
     wrap = (rank < 0).to(torch.int32).sub_((rank > d).to(torch.int32))
     rank.add_(wrap, alpha=d1)
     rem0 = rem0.to(torch.int32).add_(wrap, alpha=d1)
