@@ -767,11 +767,11 @@ def _simplex_vertices(elevated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     """
     d1, n = elevated.shape
     d = d1 - 1
-    # nearest multiple of d+1 as pydensecrf rounds: up if up - x < x - down, else down
-    scaled = elevated * (1.0 / d1)
-    up, down = torch.ceil(scaled).mul_(d1), torch.floor(scaled).mul_(d1)
-    rem0 = torch.where(up - elevated < elevated - down, up, down)
-    del scaled, up, down
+    # nearest multiple of d+1 as pydensecrf rounds: up if up - x < x - down, else down, with
+    # up = down + d+1 (exact; where x/(d+1) is an integer up = down, and x - down ~ 0 picks down)
+    down = torch.floor(elevated * (1.0 / d1)).mul_(d1)
+    rem0 = down.add((down + d1).sub_(elevated) < (elevated - down), alpha=d1)
+    del down
     total = torch.round(rem0.sum(dim=0) * (1.0 / d1)).to(torch.int32)      # exact: small integers
     # pydensecrf's rank: for each pair i < j the coordinate with the smaller remainder moves one
     # place down (i on ties), counted row by row: i gains lower_ij, j gains 1 - lower_ij
