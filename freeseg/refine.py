@@ -70,10 +70,12 @@ Filtering:
   away from the border);
 * the bilateral (5-D) Gaussian uses a permutohedral lattice (Adams, Baek &
   Davis 2010), the same algorithm as pydensecrf's ``permutohedral.cpp``
-  (same feature scaling, simplex rounding, ``[1/2, 1, 1/2]`` blur, neighbour
-  rule), vectorised in torch with sort/searchsorted instead of a hash
-  table and sparse matrices for splatting and slicing. Its size is bounded by ``H*W*6`` vertices whatever ``srgb``/``sxy``
-  are, so no colour-bin clamp is needed (a bilateral grid would need one);
+  (same float32 feature scaling and simplex rounding, so the same vertices
+  and weights; same ``[1/2, 1, 1/2]`` blur and neighbour rule), vectorised
+  in torch with sorted integer codes instead of a hash table and sparse
+  matrices for splatting and slicing. Its size is bounded by ``H*W*6``
+  vertices whatever ``srgb``/``sxy`` are, so no colour-bin clamp is needed
+  (a bilateral grid would need one);
   small ``srgb``/``sxy`` only cost time (more distinct vertices, e.g. about
   5x slower at ``bilateral_srgb=1`` than at 20). Like pydensecrf's, the
   lattice only approximates the Gaussian (about 0.97 correlation with the
@@ -404,9 +406,17 @@ def _unary_from_labels(labels_hw: torch.Tensor, n_labels: int, gt_prob: float) -
 class _GaussianFilter(Protocol):
     """Anything that blurs ``[N,C]`` float32 values with a fixed (unnormalised) Gaussian kernel."""
 
-    def apply(self, values_nc: torch.Tensor) -> torch.Tensor:
-        """``[N,C]`` float32 -> ``[N,C]`` float32 (N pixels, C channels)."""
+    def apply(self, values_nc: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[N,C]`` float32 -> ``[N,C]`` float32 (N pixels, C channels), written into ``out``
+        when given (an ``[N,C]`` float32 tensor not overlapping ``values_nc``)."""
         ...
+
+
+def _normalisers(filters: List[Tuple[float, _GaussianFilter]], n: int,
+                 device: torch.device) -> List[torch.Tensor]:
+    """``D_k^-1/2 = (K_k 1)^-1/2`` of every filter, ``[N,1]`` float32 each."""
+    ones = torch.ones((n, 1), dtype=torch.float32, device=device)
+    return [f.apply(ones).clamp_min_(1e-20).rsqrt_() for _, f in filters]
 
 
 def _mean_field(unary_nl: torch.Tensor, filters: List[Tuple[float, _GaussianFilter]],
@@ -422,15 +432,17 @@ def _mean_field(unary_nl: torch.Tensor, filters: List[Tuple[float, _GaussianFilt
     Returns:
         Q ``[N,L]`` float32 marginals.
     """
-    n = unary_nl.shape[0]
-    ones = torch.ones((n, 1), dtype=torch.float32, device=unary_nl.device)
-    norms = [torch.rsqrt(f.apply(ones).clamp_min(1e-20)) for _, f in filters]
-    q = torch.softmax(-unary_nl, dim=1)
+    neg_unary = -unary_nl.contiguous()
+    norms = _normalisers(filters, neg_unary.shape[0], neg_unary.device)
+    q = torch.softmax(neg_unary, dim=1)
+    scaled, filtered, logits = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
     for _ in range(iterations):
-        logits = -unary_nl
-        for (weight, filt), norm in zip(filters, norms):
-            logits = logits + weight * norm * filt.apply(q * norm)
-        q = torch.softmax(logits, dim=1)
+        if not filters:
+            logits.copy_(neg_unary)
+        for k, ((weight, filt), norm) in enumerate(zip(filters, norms)):
+            filt.apply(torch.mul(q, norm, out=scaled), out=filtered)
+            torch.addcmul(neg_unary if k == 0 else logits, norm, filtered, value=weight, out=logits)
+        torch.softmax(logits, dim=1, out=q)
     return q
 
 
@@ -453,20 +465,23 @@ def _binary_mean_field(unary_gap: torch.Tensor, filters: List[Tuple[float, _Gaus
     n, m = unary_gap.shape
     if iterations == 0:
         return unary_gap
-    ones = torch.ones((n, 1), dtype=torch.float32, device=unary_gap.device)
-    norms = [torch.rsqrt(f.apply(ones).clamp_min(1e-20)) for _, f in filters]
+    norms = _normalisers(filters, n, unary_gap.device)
     # the first update filters q and the constant Kn 1 term together (one call per filter)
-    q = torch.sigmoid(unary_gap)
-    base, logit = unary_gap, unary_gap
+    q = torch.ones((n, m + 1), dtype=torch.float32, device=unary_gap.device)
+    torch.sigmoid(unary_gap, out=q[:, :m])
+    scaled, filtered = torch.empty_like(q), torch.empty_like(q)
+    base, logit = unary_gap.contiguous().clone(), unary_gap.contiguous().clone()
     for (weight, filt), norm in zip(filters, norms):
-        out = filt.apply(torch.cat([q, ones], dim=1) * norm)            # [N,M+1]
-        base = torch.addcmul(base, norm, out[:, m:], value=-weight)
-        logit = torch.addcmul(logit, norm, 2.0 * out[:, :m] - out[:, m:], value=weight)
+        filt.apply(torch.mul(q, norm, out=scaled), out=filtered)       # [N,M+1]
+        base.addcmul_(norm, filtered[:, m:], value=-weight)
+        logit.addcmul_(norm, filtered[:, :m], value=2.0 * weight)
+        logit.addcmul_(norm, filtered[:, m:], value=-weight)
+    q, scaled, filtered = q[:, :m].contiguous(), scaled[:, :m].contiguous(), filtered[:, :m].contiguous()
     for _ in range(iterations - 1):
-        q = torch.sigmoid(logit)
-        logit = base
-        for (weight, filt), norm in zip(filters, norms):
-            logit = torch.addcmul(logit, norm, filt.apply(q * norm), value=2.0 * weight)
+        torch.sigmoid(logit, out=q)
+        for k, ((weight, filt), norm) in enumerate(zip(filters, norms)):
+            filt.apply(torch.mul(q, norm, out=scaled), out=filtered)
+            torch.addcmul(base if k == 0 else logit, norm, filtered, value=2.0 * weight, out=logit)
     return logit
 
 
@@ -489,8 +504,8 @@ class _SpatialGaussian:
         self.kernel_h = _gaussian_kernel_1d(sigma, math.ceil(h / f), device)
         self.kernel_w = _gaussian_kernel_1d(sigma, math.ceil(w / f), device)
 
-    def apply(self, values_nc: torch.Tensor) -> torch.Tensor:
-        """Blur ``[N,C]`` float32 values; returns ``[N,C]`` float32."""
+    def apply(self, values_nc: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Blur ``[N,C]`` float32 values into ``out`` (``[N,C]`` float32, allocated if None)."""
         c = values_nc.shape[1]
         x = values_nc.reshape(1, self.h, self.w, c).permute(0, 3, 1, 2)   # channels-last [1,C,H,W]
         f = self.factor
@@ -501,7 +516,10 @@ class _SpatialGaussian:
             x = F.interpolate(x, size=(x.shape[2] * f, x.shape[3] * f), mode="bilinear",
                               align_corners=False)
             x = x[:, :, : self.h, : self.w]
-        return x.permute(0, 2, 3, 1).reshape(self.h * self.w, c)
+        if out is None:
+            out = torch.empty((self.h * self.w, c), dtype=torch.float32, device=values_nc.device)
+        out.view(1, self.h, self.w, c).copy_(x.permute(0, 2, 3, 1))
+        return out
 
 
 def _gaussian_kernel_1d(sigma: float, size: int, device: torch.device) -> torch.Tensor:
@@ -537,7 +555,7 @@ def _bilateral_features(image_hw3: torch.Tensor, sxy: float, srgb: float) -> tor
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=dev),
                             torch.arange(w, dtype=torch.float32, device=dev), indexing="ij")
     pos = torch.stack([xs, ys], dim=-1).reshape(h * w, 2) / sxy
-    rgb = image_hw3.reshape(h * w, 3).clamp(0.0, 1.0) * (255.0 / srgb)
+    rgb = (image_hw3.reshape(h * w, 3).clamp(0.0, 1.0) * 255.0) / srgb
     return torch.cat([pos, rgb], dim=1)
 
 
@@ -551,66 +569,159 @@ class _PermutohedralLattice:
     d+1 vertices of its enclosing simplex with barycentric weights, blur with
     ``[1/2, 1, 1/2]`` along each of the d+1 lattice directions, slice back
     with the same weights. This is the algorithm of pydensecrf's
-    ``permutohedral.cpp`` (same scaling, float32 rounding, blur and neighbour
-    rule), vectorised: vertices are found by sorting integer-encoded keys
-    instead of a hash table, and splat and slice are two sparse (CSR)
+    ``permutohedral.cpp`` (same float32 elevation and simplex rounding, same
+    vertices, weights, blur and neighbour rule; tests/unit/test_refine_lattice.py
+    checks it against a plain re-implementation), vectorised: sorted integer
+    codes instead of a hash table, and splat and slice as two sparse (CSR)
     matrices built once, ``[M,N]`` and ``[N,M]`` with d+1 entries per pixel,
     so every filter call is two sparse products and the blur's gathers. CSR
     products need the CPU or CUDA (``_crf_device``). Memory: ``O(N (d+1))``,
     at most ``N (d+1)`` vertices, whatever the feature scales.
+
+    Keys: vertex ``r`` of a pixel's simplex has every coordinate ``= r (mod
+    d+1)`` (its "class"), so a vertex is (class r, ``z``) with coordinate
+    ``i = r + (d+1) z_i``, and every class holds exactly one vertex of every
+    pixel. The build therefore sorts d+1 arrays of N codes of ``z`` alone
+    (int32 at the defaults) rather than one array of ``N (d+1)`` full keys;
+    vertices are numbered class by class (so a pixel's d+1 slice columns come
+    in increasing order), and a vertex's blur neighbours lie in the previous
+    class at a constant code offset (``_class_neighbour``), found for a whole
+    class at once by one merge of two sorted arrays (``_lookup``).
     """
 
     def __init__(self, features_nd: torch.Tensor):
         feats = features_nd.to(torch.float32)
         n, d = feats.shape
+        d1 = d + 1
         dev = feats.device
         self.n, self.d = n, d
-        elevated = feats @ _elevation_matrix(d, dev).to(torch.float32)
+        elevated = _elevate(feats)                                       # [d+1,N]
         rem0, rank, bary = _simplex_vertices(elevated)
         del elevated
-        radix = _radix_strides(rem0)
-        if radix is not None:     # every key and blur neighbour fits one mixed-radix int64 code
-            codes = _radix_codes(rem0, rank, radix)
-            keys, columns = None, []
-        else:                     # huge coordinate ranges (tiny srgb/sxy): rank-compressed keys
-            columns = [_vertex_coordinate(rem0, rank, i) for i in range(d)]   # d x [N*(d+1)] int32
-            keys = _LatticeKeys(columns)
-            codes = keys.codes
+        z0 = torch.div(rem0[:d], d1, rounding_mode="floor")               # [d,N]; rem0 is a multiple of d+1
+        above = d - rank[:d]                                             # vertex r has z = z0 - [above < r]
         del rem0, rank
-        codes, order = torch.sort(codes, stable=True)
-        first = torch.ones_like(codes, dtype=torch.bool)
-        first[1:] = codes[1:] != codes[:-1]
-        uniq = codes[first]
-        self.m = m = int(uniq.numel())
-        vertex_of_sorted = torch.cumsum(first, dim=0) - 1                   # vertex of each sorted entry
-        inverse = torch.empty_like(vertex_of_sorted).scatter_(0, order, vertex_of_sorted)  # vertex of each entry
-        weights = bary.reshape(-1)                                          # [N*(d+1)] float32
-        if keys is None:
-            self.neighbours = _radix_neighbours(uniq, radix)
-        else:
-            rep = order[first]                                              # one entry per vertex
-            self.neighbours = _blur_neighbours([c[rep] for c in columns], uniq, keys)
-        del columns
-        counts = torch.bincount(vertex_of_sorted, minlength=m)
-        crow = torch.zeros(m + 2, dtype=torch.long, device=dev)             # row m (dummy) stays empty
-        crow[1:m + 1] = torch.cumsum(counts, dim=0)
-        crow[m + 1] = crow[m]
-        self.splat = _csr(crow, order // (d + 1), torch.index_select(weights, 0, order), (m + 1, n))
-        self.neighbours = [(a.to(torch.int32), b.to(torch.int32)) for a, b in self.neighbours]
-        pixel_crow = torch.arange(0, n * (d + 1) + 1, d + 1, dtype=torch.long, device=dev)
-        inverse, within = torch.sort(inverse.view(n, d + 1).to(torch.int32), dim=1)  # columns in order
-        weights = weights.view(n, d + 1).gather(1, within.long())
-        self.slice = _csr(pixel_crow, inverse.reshape(-1), weights.reshape(-1), (n, m + 1))
+        radix = _class_radix(z0)
+        keys = None
+        if radix is not None:      # every vertex and blur neighbour fits one mixed-radix code
+            codes = _class_codes(z0, above, radix)                       # [d+1,N]
+        else:                      # huge coordinate ranges (tiny srgb/sxy): rank-compressed keys
+            keys = _LatticeKeys([torch.cat([_class_z(z0, above, r)[i] for r in range(d1)]) for i in range(d)])
+            codes = keys.codes.view(d1, n)
+        # vertices class by class, in code order; every class has one vertex of every pixel
+        col = torch.empty((d1, n), dtype=torch.int32, device=dev)       # splat: pixels by vertex
+        splat_values = torch.empty((d1, n), dtype=torch.float32, device=dev)
+        inverse = torch.empty((n, d1), dtype=torch.int32, device=dev)   # slice: vertex of each pixel
+        uniq, rep_z, crow, offsets = [], [], [], [0]
+        for r in range(d1):
+            sorted_codes, order = torch.sort(codes[r], stable=True)
+            first = torch.ones(n, dtype=torch.bool, device=dev)
+            torch.ne(sorted_codes[1:], sorted_codes[:-1], out=first[1:])
+            vertex = torch.cumsum(first, dim=0, dtype=torch.int32).sub_(1)   # of each sorted pixel
+            size = int(vertex[-1]) + 1
+            inverse[:, r].scatter_(0, order, vertex + offsets[r])
+            uniq.append(torch.empty(size, dtype=codes.dtype, device=dev).scatter_(  # a vertex's pixels
+                0, vertex.long(), sorted_codes))                                   # write one code
+            if keys is not None:  # every pixel of a vertex writes the same z
+                z = _class_z(z0, above, r)[:, order]
+                rep_z.append(torch.empty((d, size), dtype=z.dtype, device=dev).scatter_(
+                    1, vertex.long().expand(d, n), z).t())
+            else:
+                rep_z.append(None)
+            counts = torch.bincount(vertex, minlength=size)
+            crow.append(torch.cumsum(counts, dim=0).sub_(counts).add_(r * n))  # row starts
+            col[r].copy_(order)
+            torch.index_select(bary[r], 0, order, out=splat_values[r])
+            offsets.append(offsets[r] + size)
+        del codes
+        self.m = m = offsets[d1]
+        # first neighbours along every direction, one class at a time (one lookup per class)
+        first = torch.empty((d1, m + 1), dtype=torch.int32, device=dev)
+        first[:, m] = m
+        miss = torch.tensor(m, dtype=torch.int32, device=dev)           # a tensor, for where(out=)
+        for r in range(d1):
+            t = (r - 1) % d1
+            codes_r = torch.cat([_class_neighbour(uniq[r], r, j, radix, keys, rep_z[r]) for j in range(d1)])
+            found = _lookup(uniq[t], codes_r).view(d1, -1)
+            torch.where(found >= 0, found + offsets[t], miss, out=first[:, offsets[r]:offsets[r + 1]])
+        own = torch.arange(m, dtype=torch.int32, device=dev)
+        self.neighbours = []
+        for first_j in first:
+            second_j = torch.full((m + 1,), m, dtype=torch.int32, device=dev)
+            second_j.scatter_(0, first_j[:m].long(), torch.where(first_j[:m] < m, own, m))  # misses: row M
+            self.neighbours.append((first_j, second_j))
+        crow.append(torch.full((2,), n * d1, dtype=torch.long, device=dev))       # row M (dummy) is empty
+        self.splat = _csr(torch.cat(crow), col.view(-1), splat_values.view(-1), (m + 1, n))
+        pixel_crow = torch.arange(0, n * d1 + 1, d1, dtype=torch.int32, device=dev)
+        # a pixel's vertices come class by class, so its slice columns are in increasing order
+        self.slice = _csr(pixel_crow, inverse.view(-1), bary.t().reshape(-1), (n, m + 1))
+        self._scratch: Dict[int, Tuple[torch.Tensor, ...]] = {}
 
-    def apply(self, values_nc: torch.Tensor) -> torch.Tensor:
-        """Filter ``[N,C]`` float32 values; returns ``[N,C]`` float32."""
-        lattice = self.splat @ values_nc.contiguous()                       # [M+1,C]; row M is 0
-        both = torch.empty_like(lattice)
+    def apply(self, values_nc: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Filter ``[N,C]`` float32 values into ``out`` (``[N,C]`` float32, allocated if None).
+
+        Four channels at a time (``_filter_narrow``).
+        """
+        n, c = values_nc.shape
+        if out is None:
+            out = torch.empty((n, c), dtype=torch.float32, device=values_nc.device)
+        for lo in range(0, c, 4):
+            self._filter_narrow(values_nc[:, lo:lo + 4], out[:, lo:lo + 4])
+        return out
+
+    def _filter_narrow(self, values: torch.Tensor, out: torch.Tensor) -> None:
+        """Filter ``[N,k]`` values (k <= 4) into ``out`` ``[N,k]``.
+
+        The blur gathers whole lattice rows, and torch gathers a 1-D tensor far
+        faster (about 3x) than the rows of a 2-D one, so each lattice row is
+        viewed as one number: float32 for k = 1, complex64 for k = 2,
+        complex128 for k = 4 (k = 3 is padded to 4). The lattice keeps its
+        scratch buffers between calls (fresh multi-MiB tensors cost page faults).
+        """
+        k = values.shape[1]
+        width = 4 if k == 3 else k
+        src, lattice, both, gathered, result = self._buffers(width, values.device)
+        if width != k or not values.is_contiguous():
+            src[:, :k].copy_(values)
+            values = src
+        torch.addmm(lattice, self.splat, values, beta=0.0, out=lattice)  # [M+1,width]; row M is 0
+        wide = _as_row_numbers(lattice)
+        both_f = _as_float_rows(both, lattice.shape)
+        gathered_f = _as_float_rows(gathered, lattice.shape)
         for n1, n2 in self.neighbours:
-            torch.index_select(lattice, 0, n1, out=both)
-            both.add_(torch.index_select(lattice, 0, n2))
-            lattice.add_(both, alpha=0.5)                                   # row M stays 0
-        return self.slice @ lattice
+            torch.index_select(wide, 0, n1, out=both)
+            torch.index_select(wide, 0, n2, out=gathered)
+            both_f.add_(gathered_f)
+            lattice.add_(both_f, alpha=0.5)                                 # row M stays 0
+        if width == k and out.is_contiguous():
+            torch.addmm(out, self.slice, lattice, beta=0.0, out=out)
+        else:
+            torch.addmm(result, self.slice, lattice, beta=0.0, out=result)
+            out.copy_(result[:, :k])
+
+    def _buffers(self, width: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+        """Zeroed scratch for ``width`` channels: input ``[N,w]``, lattice ``[M+1,w]``, two gather
+        targets ``[M+1]`` (``_as_row_numbers``) and output ``[N,w]``; made once per width."""
+        if width not in self._scratch:
+            lattice = torch.zeros((self.m + 1, width), dtype=torch.float32, device=device)
+            self._scratch[width] = (
+                torch.zeros((self.n, width), dtype=torch.float32, device=device), lattice,
+                torch.zeros_like(_as_row_numbers(lattice)), torch.zeros_like(_as_row_numbers(lattice)),
+                torch.zeros((self.n, width), dtype=torch.float32, device=device))
+        return self._scratch[width]
+
+
+_ROW_NUMBER = {1: torch.float32, 2: torch.complex64, 4: torch.complex128}
+
+
+def _as_row_numbers(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous float32 ``[R,C]`` (C = 1, 2 or 4) viewed as ``[R]`` numbers of C float32 each."""
+    return x.view(_ROW_NUMBER[x.shape[1]]).view(-1)
+
+
+def _as_float_rows(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The float32 ``[R,C]`` view (``shape``) of ``_as_row_numbers``'s result."""
+    return x.view(torch.float32).view(shape)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -622,153 +733,179 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: Tupl
                                        dtype=torch.float32)
 
 
-def _elevation_matrix(d: int, device: torch.device) -> torch.Tensor:
-    """``[d,d+1]`` float64 map from features to the hyperplane ``sum = 0`` of the lattice.
+def _elevate(features_nd: torch.Tensor) -> torch.Tensor:
+    """Features ``[N,d]`` float32 -> ``[d+1,N]`` float32 points on the lattice's plane ``sum = 0``.
 
-    Includes the per-axis scale ``sqrt(2/3) (d+1) / sqrt((i+1)(i+2))`` of
-    Adams et al. / pydensecrf (the lattice blur then approximates a Gaussian
-    of roughly unit standard deviation in feature space).
+    pydensecrf's elevation, step for step in float32 (``permutohedral.cpp``):
+    ``cf_j = f_j * scale_j`` with ``scale_j = sqrt(2/3) (d+1) / sqrt((j+1)(j+2))``
+    (the lattice blur then approximates a Gaussian of roughly unit standard
+    deviation in feature space), ``e_j = s_j - j cf_{j-1}`` with ``s_j`` the
+    sum of ``cf`` above ``j-1``, and ``e_0 = s_0``, the sum of all.
     """
-    inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
-    scale = torch.tensor([inv_std / math.sqrt((i + 1) * (i + 2)) for i in range(d)],
-                         dtype=torch.float64, device=device)
-    cf = torch.diag(scale)
-    e = torch.zeros((d, d + 1), dtype=torch.float64, device=device)
-    e[:, d] = -d * cf[:, d - 1]
-    for i in range(d - 1, 0, -1):
-        e[:, i] = e[:, i + 1] - i * cf[:, i - 1] + (i + 2) * cf[:, i]
-    e[:, 0] = e[:, 1] + 2 * cf[:, 0]
-    return e
+    n, d = features_nd.shape
+    inv_std = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
+    elevated = torch.empty((d + 1, n), dtype=torch.float32, device=features_nd.device)
+    total = torch.zeros(n, dtype=torch.float32, device=features_nd.device)
+    for j in range(d, 0, -1):
+        cf = features_nd[:, j - 1] * (1.0 / math.sqrt((j + 1) * j) * inv_std)
+        torch.sub(total, cf * j, out=elevated[j])                        # no fused multiply-add
+        total += cf
+    elevated[0] = total
+    return elevated
 
 
 def _simplex_vertices(elevated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Enclosing simplex of each elevated point (pydensecrf's float32 arithmetic).
 
     Args:
-        elevated: ``[N,d+1]`` float32 points on the plane ``sum = 0``.
+        elevated: ``[d+1,N]`` float32 points on the plane ``sum = 0`` (coordinate-major).
 
     Returns:
-        rem0 ``[N,d+1]`` int32 (nearest remainder-0 lattice point),
-        rank ``[N,d+1]`` int32 (simplex permutation) and barycentric
-        weights ``[N,d+1]`` float32 of the d+1 vertices.
+        rem0 ``[d+1,N]`` int32 (nearest remainder-0 lattice point),
+        rank ``[d+1,N]`` int32 (simplex permutation) and barycentric
+        weights ``[d+1,N]`` float32 of the d+1 vertices.
     """
-    n, d1 = elevated.shape
+    d1, n = elevated.shape
     d = d1 - 1
-    # nearest multiple of d+1, ties down (pydensecrf: up if up - x < x - down, else down)
-    rem0 = torch.ceil(elevated * (1.0 / d1) - 0.5) * d1
-    total = torch.round(rem0.sum(dim=1) * (1.0 / d1)).to(torch.int32)
+    # nearest multiple of d+1 as pydensecrf rounds: up if up - x < x - down, else down, with
+    # up = down + d+1 (exact; where x/(d+1) is an integer up = down, and x - down ~ 0 picks down)
+    down = torch.floor(elevated * (1.0 / d1)).mul_(d1)
+    rem0 = down.add((down + d1).sub_(elevated) < (elevated - down), alpha=d1)
+    del down
+    total = torch.round(rem0.sum(dim=0) * (1.0 / d1)).to(torch.int32)      # exact: small integers
     # pydensecrf's rank: for each pair i < j the coordinate with the smaller remainder moves one
-    # place down (i on ties), counted column by column
-    diff = (elevated - rem0).t().contiguous()                             # [d+1,N]
-    rank_t = torch.zeros((d1, n), dtype=torch.int32, device=elevated.device)
+    # place down (i on ties), counted row by row: i gains lower_ij, j gains 1 - lower_ij
+    diff = elevated - rem0
+    rank = total.expand(d1, n).contiguous()
+    rank += torch.arange(d1, dtype=torch.int32, device=elevated.device).view(d1, 1)  # the 1s of j
+    lower = torch.empty(n, dtype=torch.int32, device=elevated.device)
     for i in range(d1):
         for j in range(i + 1, d1):
-            lower = diff[i] < diff[j]
-            rank_t[i] += lower
-            rank_t[j] += ~lower
-    rank = rank_t.t() + total.unsqueeze(1)
-    wrap = (rank < 0).to(torch.int32) - (rank > d).to(torch.int32)
-    rank += d1 * wrap
-    rem0 = rem0.to(torch.int32) + d1 * wrap
+            torch.lt(diff[i], diff[j], out=lower)
+            rank[i] += lower
+            rank[j] -= lower
+    wrap = (rank < 0).to(torch.int32).sub_((rank > d).to(torch.int32))
+    rank.add_(wrap, alpha=d1)
+    rem0 = rem0.to(torch.int32).add_(wrap, alpha=d1)
     # vertex r's weight is delta at slot d - rank minus delta at slot d - rank + 1 (slot d+1 wraps to 0)
     slot = torch.empty_like(elevated)
-    slot.scatter_(1, (d - rank).long(), (elevated - rem0) * (1.0 / d1))
-    bary = slot - torch.roll(slot, 1, dims=1)
-    bary[:, 0] += 1.0
+    slot.scatter_(0, (d - rank).long(), (elevated - rem0) * (1.0 / d1))
+    bary = torch.empty_like(slot)
+    torch.sub(slot[1:], slot[:-1], out=bary[1:])
+    bary[0] = slot[0].double().sub_(slot[d].double()).add_(1.0)         # pydensecrf adds in double
     return rem0, rank, bary
 
 
-def _radix_strides(rem0: torch.Tensor) -> Optional[Tuple[List[int], List[int]]]:
-    """Mixed-radix (lows, strides) of the first d lattice coordinates, or None if codes could overflow.
+def _lookup(table: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Position in ``table`` of each query, -1 where absent.
 
-    Vertex coordinates lie within ``[rem0 - d, rem0 + d]`` and their blur
-    neighbours one more step out (``-1`` or ``+d``), so coordinate i ranges
-    over ``[min rem0_i - d - 1, max rem0_i + 2d]``; codes
-    ``sum_i stride_i (c_i - low_i)`` over these ranges are distinct for
-    distinct keys and lie in ``[0, prod spans)``. None when that product
-    reaches ``_LatticeKeys._LIMIT``.
+    Args:
+        table: ``[T]`` sorted distinct codes (none negative).
+        queries: ``[Q]`` codes of the same dtype (sorted makes it fastest).
+
+    Returns:
+        ``[Q]`` int32.
+
+    One stable sort of the two concatenated (quick for two sorted runs, and
+    faster than ``searchsorted`` then) counts the table entries ``<=`` each
+    query (equal ones sort first); the last of them is the only candidate.
     """
-    d = rem0.shape[1] - 1
+    t = table.numel()
+    source = torch.sort(torch.cat([table, queries]), stable=True)[1]
+    below = torch.cumsum(source < t, dim=0, dtype=torch.int32)            # table entries so far
+    count = torch.empty_like(below).scatter_(0, source, below)[t:]        # per query: entries <= it
+    candidate = (count - 1).clamp_min_(0)
+    hit = torch.index_select(table, 0, candidate) == queries
+    return torch.where(hit, candidate, -1)
+
+
+def _class_radix(z0: torch.Tensor) -> Optional[Tuple[List[int], List[int]]]:
+    """Mixed-radix (lows, strides + [bound]) for the ``z`` of vertices and blur neighbours, or None.
+
+    Args:
+        z0: ``[d,N]`` int32, ``rem0 / (d+1)`` of every pixel.
+
+    A vertex has ``z`` in ``[z0 - 1, z0]`` and a first blur neighbour in
+    ``[z0 - 1, z0 + 1]`` (``_class_neighbour``), so coordinate i ranges over
+    ``[min z0_i - 1, max z0_i + 1]``; codes ``sum_i stride_i (z_i - low_i)``
+    over these ranges are distinct for distinct ``z`` and lie in
+    ``[0, bound)``. None when ``bound`` reaches ``_LatticeKeys._LIMIT``.
+    """
     lows, strides, bound = [], [], 1
-    for i in range(d):
-        low = int(rem0[:, i].min()) - d - 1
-        span = int(rem0[:, i].max()) + 2 * d - low + 1
+    for i in range(z0.shape[0]):
+        low = int(z0[i].min()) - 1
+        span = int(z0[i].max()) + 1 - low + 1
         lows.append(low)
         strides.append(bound)
         bound *= span
         if bound >= _LatticeKeys._LIMIT:
             return None
-    return lows, strides
+    return lows, strides + [bound]
 
 
-def _radix_codes(rem0: torch.Tensor, rank: torch.Tensor, radix: Tuple[List[int], List[int]]) -> torch.Tensor:
-    """Mixed-radix codes ``[N*(d+1)]`` int64 of the d+1 simplex vertices of every point (point-major).
+def _class_codes(z0: torch.Tensor, above: torch.Tensor, radix: Tuple[List[int], List[int]]) -> torch.Tensor:
+    """Mixed-radix codes ``[d+1,N]`` of ``z`` of every pixel's vertex of each class r (row r).
 
-    Vertex r has coordinates ``rem0_i + r - (d+1) [rank_i > d - r]`` (as in
-    ``_vertex_coordinate``), so its code is ``base + r T - (d+1) S_r`` with
-    ``base = sum_i stride_i (rem0_i - low_i)``, ``T = sum_i stride_i`` and
-    ``S_r`` the summed strides of the coordinates with ``d - rank_i < r``
-    (an exclusive cumulative sum of the strides placed at slot ``d - rank_i``).
+    Args:
+        z0, above: ``[d,N]`` int32 (``_class_z``).
+        radix: ``_class_radix``'s result.
+
+    Vertex r has ``z = z0 - [above < r]``, so its code is ``base - S_r`` with
+    ``base`` the code of ``z0`` and ``S_r`` the summed strides of the
+    coordinates with ``above < r``: an exclusive cumulative sum of the strides
+    placed at slot ``above`` (distinct slots: ranks are a permutation).
+    int32 when every code fits, else int64.
     """
-    lows, strides = radix
-    n, d1 = rem0.shape
-    d = d1 - 1
-    dev = rem0.device
-    stride = torch.tensor(strides + [0], dtype=torch.long, device=dev)  # coordinate d is implied
-    low = torch.tensor(lows + [0], dtype=torch.long, device=dev)
-    base = ((rem0.long() - low) * stride).sum(dim=1, keepdim=True)        # [N,1]
-    by_slot = torch.zeros((n, d1), dtype=torch.long, device=dev)
-    by_slot.scatter_(1, (d - rank).long(), stride.expand(n, d1))
-    s_r = torch.cumsum(by_slot, dim=1).sub_(by_slot)                      # exclusive: S_r
-    step = torch.arange(d1, dtype=torch.long, device=dev).view(1, d1) * int(sum(strides))
-    return (base + step).sub_(s_r.mul_(d1)).reshape(-1)
+    lows, strides = radix[0], radix[1][:-1]
+    d, n = z0.shape
+    dtype = torch.int32 if radix[1][-1] < 2 ** 31 else torch.long
+    dev = z0.device
+    stride = torch.tensor(strides, dtype=dtype, device=dev).view(d, 1)
+    low = torch.tensor(lows, dtype=dtype, device=dev).view(d, 1)
+    base = (z0.to(dtype) - low).mul_(stride).sum(dim=0, dtype=dtype)            # [N]
+    by_slot = torch.zeros((d + 1, n), dtype=dtype, device=dev)
+    by_slot.scatter_(0, above.long(), stride.expand(d, n))
+    s_r = torch.cumsum(by_slot, dim=0, dtype=dtype).sub_(by_slot)              # exclusive: S_r
+    return torch.sub(base, s_r, out=s_r)
 
 
-def _radix_neighbours(sorted_codes: torch.Tensor,
-                      radix: Tuple[List[int], List[int]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """``_blur_neighbours`` for mixed-radix codes: a neighbour's code is the vertex's plus a constant.
+def _class_z(z0: torch.Tensor, above: torch.Tensor, r: int) -> torch.Tensor:
+    """``z`` ``[d,N]`` int32 of every pixel's class-r vertex: its coordinate ``i`` is ``r + (d+1) z_i``.
 
-    The first neighbour along direction j shifts coordinate j by ``+d`` and
-    the others by ``-1`` (for j = d all by ``-1``): code offset
-    ``(d+1) stride_j - sum_i stride_i``. Same return value as ``_blur_neighbours``.
+    pydensecrf's vertex r has coordinate ``rem0_i + r - (d+1) [rank_i > d - r]``;
+    here ``z0 = rem0 / (d+1)`` and ``above = d - rank`` (first d coordinates).
     """
-    strides = radix[1]
-    d = len(strides)
-    m = int(sorted_codes.numel())
-    dev = sorted_codes.device
-    own = torch.arange(m, device=dev)
-    pairs = []
-    for j in range(d + 1):
-        offset = (d + 1) * (strides[j] if j < d else 0) - sum(strides)
-        code = sorted_codes + offset
-        pos = torch.searchsorted(sorted_codes, code).clamp_max(m - 1)
-        hit = torch.index_select(sorted_codes, 0, pos) == code
-        pairs.append(_neighbour_pair(pos, hit, own, m))
-    return pairs
+    return z0 - (above < r).to(z0.dtype)
 
 
-def _neighbour_pair(pos: torch.Tensor, hit: torch.Tensor, own: torch.Tensor,
-                    m: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """First and second neighbour indices ``[M+1]`` from the first neighbours' lookup (missing -> M)."""
-    first = torch.full((m + 1,), m, dtype=torch.long, device=pos.device)
-    second = torch.full((m + 1,), m, dtype=torch.long, device=pos.device)
-    first[:m] = torch.where(hit, pos, m)
-    second.scatter_(0, first[:m], torch.where(hit, own, m))  # misses write M into the dummy row M
-    return first, second
+def _class_neighbour(uniq: torch.Tensor, r: int, j: int, radix: Optional[Tuple[List[int], List[int]]],
+                     keys: Optional["_LatticeKeys"], rep_z: Optional[torch.Tensor]) -> torch.Tensor:
+    """Codes, in class ``r - 1 (mod d+1)``, of the first blur neighbours along j of class-r vertices.
 
+    pydensecrf's first neighbour of key k along j is ``k - 1 + (d+1) e_j``
+    (for j = d only the implied last coordinate moves: ``k - 1``). For a
+    class-r vertex with r >= 1 that is the class r-1 key ``z + e_j``; for
+    r = 0 the class d key ``z - 1 + e_j`` (``e_d`` is 0 on the d kept
+    coordinates). With radix codes that is a constant offset of ``uniq``;
+    with compressed keys ``keys`` encodes the shifted ``rep_z`` (-1 where no
+    vertex can match).
 
-def _vertex_coordinate(rem0: torch.Tensor, rank: torch.Tensor, i: int) -> torch.Tensor:
-    """Lattice coordinate ``i`` of the d+1 simplex vertices of every point, ``[N*(d+1)]`` int32.
+    Args:
+        uniq: ``[M_r]`` sorted codes of the class-r vertices.
+        r, j: the vertices' class and the blur direction (0..d).
+        radix: ``_class_radix``'s result, or None with compressed keys.
+        keys: the compressed keys (None with radix codes).
+        rep_z: ``[M_r,d]`` int32 ``z`` of the vertices (compressed keys only).
 
-    Vertex ``r`` of a point has coordinate ``rem0[i] + r - (d+1) * (rank[i] > d - r)``
-    (pydensecrf's rule; only the first d coordinates are kept, the last is
-    implied by ``sum = 0``). Flattened point-major: entry ``p*(d+1) + r``.
+    Returns:
+        ``[M_r]`` codes of the dtype of ``uniq``.
     """
-    d1 = rem0.shape[1]
-    d = d1 - 1
-    r = torch.arange(d1, device=rem0.device).view(1, d1)
-    coord = rem0[:, i:i + 1] + r - d1 * (rank[:, i:i + 1] > d - r).to(torch.int32)
-    return coord.reshape(-1).to(torch.int32)
+    if radix is not None:
+        strides = radix[1][:-1]
+        offset = (strides[j] if j < len(strides) else 0) - (sum(strides) if r == 0 else 0)
+        return uniq + offset
+    shift = [int(i == j) - int(r == 0) for i in range(rep_z.shape[1])]
+    return keys.encode([rep_z[:, i] + s for i, s in enumerate(shift)])
 
 
 class _LatticeKeys:
@@ -817,38 +954,6 @@ class _LatticeKeys:
             valid &= (c >= 0) & (c < span)
             code = code * span + c
         return torch.where(valid, code, torch.full_like(code, -1))
-
-
-def _blur_neighbours(vertex_columns: List[torch.Tensor], sorted_codes: torch.Tensor,
-                     keys: _LatticeKeys) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Index pairs of the two neighbours of every vertex along each of the d+1 lattice directions.
-
-    Along direction j the neighbours of key k are ``k - 1 + (d+1) e_j`` and
-    ``k + 1 - (d+1) e_j`` (for j = d: ``k - 1`` and ``k + 1``), as in pydensecrf.
-    The second is the inverse shift of the first, so only the first is looked
-    up: if B is A's first neighbour, A is B's second.
-
-    Args:
-        vertex_columns: d arrays ``[M]`` int32, the keys of the vertices in code order.
-        sorted_codes: ``[M]`` int64 sorted vertex codes.
-        keys: the encoder that produced ``sorted_codes``.
-
-    Returns:
-        d+1 pairs of ``[M+1]`` int64 indices; a missing neighbour (and the
-        dummy row M itself) points at row M, which always holds zeros.
-    """
-    d = len(vertex_columns)
-    m = int(sorted_codes.numel())
-    dev = sorted_codes.device
-    own = torch.arange(m, device=dev)
-    pairs = []
-    for j in range(d + 1):
-        shifted = [c + (d if i == j else -1) for i, c in enumerate(vertex_columns)]
-        code = keys.encode(shifted)
-        pos = torch.searchsorted(sorted_codes, code).clamp_max(m - 1)
-        hit = (code >= 0) & (sorted_codes[pos] == code)
-        pairs.append(_neighbour_pair(pos, hit, own, m))
-    return pairs
 
 
 # ----------------------------------------------------------------------------------------------
