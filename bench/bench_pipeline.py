@@ -7,20 +7,35 @@ Usage::
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --batch 2   # 512 px, batch 2
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --quick     # 256 px, batch 2, 10-token captions
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --fixtures --quick  # the script itself, minutes
+    flock /tmp/freeseg-heavy.lock nice -n 5 .venv/bin/python bench/bench_pipeline.py --sdxl   # 1024 px, batch 1
+    flock /tmp/freeseg-heavy.lock nice -n 5 .venv/bin/python bench/bench_pipeline.py --blip2  # BLIP-2 captioner
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --sdxl --fixtures --quick   # their code paths, minutes
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --blip2 --fixtures --quick [--caption-only]
 
 What it does:
 
 1. Builds once (cached in ``$FREESEG_BENCH_CACHE`` or ``~/.cache/freeseg-bench``, outside git)
    random-weight models at the real architectures and on-disk formats
    (``bench/realsize_models.py``, in a subprocess): an SD1.5 single-file LDM checkpoint (real
-   UNet, KL VAE, CLIP-L), open_clip ViT-B-32, BLIP base.
+   UNet, KL VAE, CLIP-L), open_clip ViT-B-32, BLIP base; with ``--sdxl`` an SDXL base
+   single-file checkpoint (real UNet, KL VAE, CLIP-L + OpenCLIP bigG) instead of SD1.5, with
+   ``--blip2`` a BLIP-2 of the OPT-2.7B shape instead of BLIP base. ``--fixtures``: the test
+   fixtures (``--sdxl``: their reduced SDXL-family UNet with the full-size text encoders).
+
+   Memory first: before building and again before starting the server it estimates what the
+   CPU server will hold (parameters x the bytes of the dtype ComfyUI and the pack use on the
+   CPU: fp32 UNet, VAE and captioner, fp16 text encoders; plus activations, the process and a
+   margin) against MemAvailable. When the full graph does not fit it prints both figures and
+   skips (exit 0; the JSON line says ``"skipped": true`` and why), except ``--blip2``, which
+   then runs the caption stage alone (``--caption-only`` forces that layout): the BLIP-2
+   loader and FreeSegCaption against the captioner's bare ``generate``.
 2. Starts ComfyUI (``freeseg.app.server.ComfyServer``, ``--cpu``) with the models linked into
    its ``models/`` folder, this pack, and the benchmark probes of ``bench/probe_pack``.
 3. Runs ``workflows/api/freeseg_full.json`` (the graph users run) at ``--resolution`` with
    class names "dog, cat, tree": once cold (on a warm-up image; it also saves the features for
    the parity check), then once per image of a batch of ``--batch`` images, each followed by
-   the BASELINE prompt on the same image: the irreducible passes, on the same server and
-   models:
+   the BASELINE prompt on the first ``--baselines`` images: the irreducible passes, on the
+   same server and models (loader inputs copied from the workflow, so no model reloads):
 
    * VAE encode: core ``VAEEncode`` (after a core ``ImageScale`` to the same square);
    * one UNet forward: core ``KSampler`` with 1 step, cfg 1.0 (ComfyUI skips the unconditional
@@ -31,8 +46,8 @@ What it does:
      input size and one ``encode_text`` batch of the class names.
 
    Then the same graph again with only K changed (K+1: ComfyUI's cache keeps the caption and
-   the features) and then only the refinement changed (crf -> guided), and finally one prompt
-   with the whole batch of images (core ``ImageBatch``).
+   the features) and then only the refinement changed (crf -> guided), and finally (with 2
+   images or more) one prompt with the whole batch of images (core ``ImageBatch``).
 4. Times every node from the server's websocket ``executing`` messages (a node runs from its
    message to the next one), samples the server's RSS and CPU time every 20 ms
    (``/proc/<pid>/status``, ``/proc/<pid>/stat``). Every figure is given in wall seconds and in
@@ -41,7 +56,9 @@ What it does:
 5. Stops the server and, at 512 px, checks the features of the warm-up image against the
    diffusers backend (``freeseg.backends.diffusers.FreeSegPipeline`` loading the same
    checkpoint): 6400 channels from input 7, 8 and output 3, 4, 5 at 32x32, cosine >= 0.999
-   per block.
+   per block. With ``--sdxl``: the SDXL family, 6400 channels from input 7, 8 and output 0, 1,
+   2 at resolution/16, and the diffusers backend refusing the checkpoint (it supports SD1.x /
+   SD2.x only, so there is no SDXL parity check).
 
 Ratios (medians over the images; each from passes of the same image in the same run; the
 baseline runs on the first ``--baselines`` images, default 2):
@@ -451,7 +468,7 @@ def get_models(args: argparse.Namespace, setup: Setup) -> dict[str, str]:
 NOMINAL_PARAMS: dict[str, dict[str, float]] = {
     "sd15": {"unet": 859.5e6, "vae": 83.7e6, "text": 123.1e6},
     "sdxl": {"unet": 2567.5e6, "vae": 83.7e6, "text": 817.7e6},
-    "sdxl_reduced": {"unet": 390e6, "vae": 2.4e6, "text": 817.7e6},
+    "sdxl_reduced": {"unet": 76.3e6, "vae": 2.4e6, "text": 817.7e6},
     "blip": {"captioner": 224.0e6},
     "blip2": {"captioner": 3744.7e6},
     "open_clip": {"clip": 151.3e6},
@@ -683,6 +700,8 @@ def plan(args: argparse.Namespace, setup: Setup, models: Optional[dict[str, str]
             "full_weights_gib": {k: gib(v) for k, v in full["weights"].items()}}
     if not args.caption_only:
         if full["total"] <= avail:
+            print(f"memory: the full graph needs {describe_need(full)}; MemAvailable {gib(avail)} GiB: it fits",
+                  flush=True)
             return "full", info
         print(f"memory: the full graph with {setup.ckpt_key} + {setup.captioner_key} at {args.resolution} px needs "
               f"{describe_need(full)}; MemAvailable is {gib(avail)} GiB: it does not fit", flush=True)
