@@ -773,7 +773,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         server.stop()
     figures.update({"layout": layout, "memory": memory, "models": [setup.ckpt_key, setup.captioner_key]})
     if layout == "full":
-        figures["checks"] = full_checks(args, setup, models, figures, str(warm_path), str(base / "features_warmup.safetensors"))
+        figures["checks"] = full_checks(args, setup, models, figures, str(warm_path),
+                                        str(base / "features_warmup.safetensors"))
         if figures["checks"]:
             print(f"checks: {json.dumps(figures['checks'])}")
     if args.keep:
@@ -950,7 +951,8 @@ def run_caption(args: argparse.Namespace, setup: Setup, server, sampler: ProcSam
     print("| caption stage | cold s | per image, median s (CPU s) |")
     print("|---|---|---|")
     print(f"| FreeSegBLIP2Loader | {wall['loader_cold_s']:.2f} | cached |")
-    print(f"| FreeSegCaption | {wall['caption_cold_s']:.2f} | {wall['caption_node_s']:.2f} ({cpu['caption_node_s']:.2f}) |")
+    print(f"| FreeSegCaption | {wall['caption_cold_s']:.2f} | {wall['caption_node_s']:.2f} "
+          f"({cpu['caption_node_s']:.2f}) |")
     print(f"| bare generate (irreducible) | - | {wall['caption_bare_s']:.2f} ({cpu['caption_bare_s']:.2f}) |")
     print(f"| caption node / bare generate | - | {wall['caption_over_bare']:.3f} ({cpu['caption_over_bare']:.3f}) |")
     print()
