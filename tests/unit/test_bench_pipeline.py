@@ -136,3 +136,29 @@ def test_plan_picks_the_layout_that_fits(bench, monkeypatch, avail_gib, argv, la
     args = bench.parse_args(argv)
     got, info = bench.plan(args, bench.Setup.of(args), None)  # nominal counts: nothing built
     assert got == layout and info["mem_available_gib"] == avail_gib
+
+
+@pytest.fixture(scope="module")
+def realsize():
+    path = BENCH.parent / "realsize_models.py"
+    spec = importlib.util.spec_from_file_location("realsize_models_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_blip2_tokenizer_has_opt_ids(realsize, tmp_path):
+    """The BLIP-2 recipe's tokenizer: OPT's special ids, <image> at the config's image_token_index,
+    every id of the vocabulary decodable; unknown model keys are refused before anything is built."""
+    tok = realsize._opt_tokenizer()
+    cfg = realsize.BLIP2_OPT_2_7B
+    assert len(tok) == realsize.OPT_VOCAB + 1 <= cfg["text_config"]["vocab_size"]
+    assert tok.convert_tokens_to_ids("<image>") == cfg["image_token_index"]
+    text = cfg["text_config"]
+    assert (tok.pad_token_id, tok.bos_token_id) == (text["pad_token_id"], text["bos_token_id"])
+    ids = tok("a picture of").input_ids
+    assert ids[0] == 2 and tok.decode(ids, skip_special_tokens=True) == "a picture of"
+    assert isinstance(tok.decode([50264, cfg["text_config"]["eos_token_id"]]), str)
+    with pytest.raises(KeyError):
+        realsize.build(tmp_path, keys=("sdxl", "nope"))
+    assert not any(tmp_path.iterdir())
