@@ -726,7 +726,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"K={args.n_clusters}, batch {args.batch}, class names {CLASS_NAMES!r}", flush=True)
     fixture_paths = fixture_models() if args.fixtures else None
     layout, memory = plan(args, setup, None if fixture_paths is None else
-                          {"captioner": fixture_paths[setup.captioner_key], "open_clip": fixture_paths["open_clip"]})
+                          {"ckpt": fixture_paths.get(setup.ckpt_key), "captioner": fixture_paths[setup.captioner_key],
+                           "open_clip": fixture_paths["open_clip"]})
     if layout is not None:
         t0 = time.perf_counter()
         models = get_models(args, setup)
