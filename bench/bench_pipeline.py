@@ -7,20 +7,35 @@ Usage::
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --batch 2   # 512 px, batch 2
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --quick     # 256 px, batch 2, 10-token captions
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --fixtures --quick  # the script itself, minutes
+    flock /tmp/freeseg-heavy.lock nice -n 5 .venv/bin/python bench/bench_pipeline.py --sdxl   # 1024 px, batch 1
+    flock /tmp/freeseg-heavy.lock nice -n 5 .venv/bin/python bench/bench_pipeline.py --blip2  # BLIP-2 captioner
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --sdxl --fixtures --quick   # their code paths, minutes
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --blip2 --fixtures --quick [--caption-only]
 
 What it does:
 
 1. Builds once (cached in ``$FREESEG_BENCH_CACHE`` or ``~/.cache/freeseg-bench``, outside git)
    random-weight models at the real architectures and on-disk formats
    (``bench/realsize_models.py``, in a subprocess): an SD1.5 single-file LDM checkpoint (real
-   UNet, KL VAE, CLIP-L), open_clip ViT-B-32, BLIP base.
+   UNet, KL VAE, CLIP-L), open_clip ViT-B-32, BLIP base; with ``--sdxl`` an SDXL base
+   single-file checkpoint (real UNet, KL VAE, CLIP-L + OpenCLIP bigG) instead of SD1.5, with
+   ``--blip2`` a BLIP-2 of the OPT-2.7B shape instead of BLIP base. ``--fixtures``: the test
+   fixtures (``--sdxl``: their reduced SDXL-family UNet with the full-size text encoders).
+
+   Memory first: before building and again before starting the server it estimates what the
+   CPU server will hold (parameters x the bytes of the dtype ComfyUI and the pack use on the
+   CPU: fp32 UNet, VAE and captioner, fp16 text encoders; plus activations, the process and a
+   margin) against MemAvailable. When the full graph does not fit it prints both figures and
+   skips (exit 0; the JSON line says ``"skipped": true`` and why), except ``--blip2``, which
+   then runs the caption stage alone (``--caption-only`` forces that layout): the BLIP-2
+   loader and FreeSegCaption against the captioner's bare ``generate``.
 2. Starts ComfyUI (``freeseg.app.server.ComfyServer``, ``--cpu``) with the models linked into
    its ``models/`` folder, this pack, and the benchmark probes of ``bench/probe_pack``.
 3. Runs ``workflows/api/freeseg_full.json`` (the graph users run) at ``--resolution`` with
    class names "dog, cat, tree": once cold (on a warm-up image; it also saves the features for
    the parity check), then once per image of a batch of ``--batch`` images, each followed by
-   the BASELINE prompt on the same image: the irreducible passes, on the same server and
-   models:
+   the BASELINE prompt on the first ``--baselines`` images: the irreducible passes, on the
+   same server and models (loader inputs copied from the workflow, so no model reloads):
 
    * VAE encode: core ``VAEEncode`` (after a core ``ImageScale`` to the same square);
    * one UNet forward: core ``KSampler`` with 1 step, cfg 1.0 (ComfyUI skips the unconditional
@@ -31,8 +46,8 @@ What it does:
      input size and one ``encode_text`` batch of the class names.
 
    Then the same graph again with only K changed (K+1: ComfyUI's cache keeps the caption and
-   the features) and then only the refinement changed (crf -> guided), and finally one prompt
-   with the whole batch of images (core ``ImageBatch``).
+   the features) and then only the refinement changed (crf -> guided), and finally (with 2
+   images or more) one prompt with the whole batch of images (core ``ImageBatch``).
 4. Times every node from the server's websocket ``executing`` messages (a node runs from its
    message to the next one), samples the server's RSS and CPU time every 20 ms
    (``/proc/<pid>/status``, ``/proc/<pid>/stat``). Every figure is given in wall seconds and in
@@ -41,7 +56,9 @@ What it does:
 5. Stops the server and, at 512 px, checks the features of the warm-up image against the
    diffusers backend (``freeseg.backends.diffusers.FreeSegPipeline`` loading the same
    checkpoint): 6400 channels from input 7, 8 and output 3, 4, 5 at 32x32, cosine >= 0.999
-   per block.
+   per block. With ``--sdxl``: the SDXL family, 6400 channels from input 7, 8 and output 0, 1,
+   2 at resolution/16, and the diffusers backend refusing the checkpoint (it supports SD1.x /
+   SD2.x only, so there is no SDXL parity check).
 
 Ratios (medians over the images; each from passes of the same image in the same run; the
 baseline runs on the first ``--baselines`` images, default 2):
@@ -72,10 +89,15 @@ if str(REPO) not in sys.path:
 
 CLASS_NAMES = "dog, cat, tree"
 CKPT_NAME = "freeseg-bench-sd15.safetensors"
+SDXL_CKPT_NAME = "freeseg-bench-sdxl.safetensors"
 BLIP_NAME = "freeseg-bench-blip-base"
+BLIP2_NAME = "freeseg-bench-blip2"
 CLIP_NAME = "freeseg-bench-vit-b-32"
 REAL_BLOCKS = ["input_7.attn2.to_q", "input_8.attn2.to_q", "output_3.attn2.to_q", "output_4.attn2.to_q",
                "output_5.attn2.to_q"]
+# SDXL base: its latent/4 transformers (1280 channels, 10 blocks deep) are input 7, 8 and output 0, 1, 2.
+SDXL_REAL_BLOCKS = ["input_7.attn2.to_q", "input_8.attn2.to_q", "output_0.attn2.to_q", "output_1.attn2.to_q",
+                    "output_2.attn2.to_q"]
 COS_MIN = 0.999
 GOALS = {"pipeline_over_irreducible": 1.10, "features_over_vae_unet": 1.05, "rerun_k_over_full": 0.05,
          "rerun_refine_over_full": 0.05, "batch_over_singles": 1.0}
@@ -83,19 +105,30 @@ OUTPUT_TYPES = ("SaveImage", "MaskToImage", "PreviewAny")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Command-line options; ``--quick`` sets resolution 256 and batch 2 unless given."""
+    """Command-line options; ``--quick`` halves the resolution and sets batch 2 unless given;
+    ``--sdxl`` / ``--blip2`` default to batch 1 and 1 baseline (their passes take minutes)."""
     p = argparse.ArgumentParser(description="freeseg_full at real model sizes vs its irreducible passes")
-    p.add_argument("--quick", action="store_true", help="development run: resolution 256, batch 2")
-    p.add_argument("--resolution", type=int, default=None, help="features resolution (default 512; quick 256)")
+    big = p.add_mutually_exclusive_group()
+    big.add_argument("--sdxl", action="store_true", help="the SDXL base checkpoint instead of SD1.5 (default "
+                     "resolution 1024, batch 1, 1 baseline); skipped when the memory it needs is not available")
+    big.add_argument("--blip2", action="store_true", help="a BLIP-2 OPT-2.7B captioner instead of BLIP base "
+                     "(batch 1, 1 baseline): the full graph with SD1.5 when the memory allows, else the caption "
+                     "stage alone, else skipped")
+    p.add_argument("--quick", action="store_true", help="development run: half the resolution, batch 2 "
+                   "(SD1.5 only)")
+    p.add_argument("--resolution", type=int, default=None, help="features resolution (default 512, SDXL 1024; "
+                   "quick: half)")
     p.add_argument("--batch", type=int, default=None, help="images of the batch run = single runs (default 4; "
-                   "quick 2)")
+                   "quick 2; --sdxl / --blip2 1: no batch run)")
     p.add_argument("--baselines", type=int, default=None, help="images (the first ones) that also get the "
-                   "irreducible-passes prompt (default 2)")
+                   "irreducible-passes prompt (default 2; --sdxl / --blip2 1)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="caption length of the graph and the bare "
                    "caption (default 30, the node default; quick 10)")
     p.add_argument("--n-clusters", type=int, default=4, help="K of the graph (the K-change run uses K+1)")
     p.add_argument("--cache", default=None, help="model cache (default $FREESEG_BENCH_CACHE or "
                    "~/.cache/freeseg-bench)")
+    p.add_argument("--caption-only", action="store_true", help="run the caption stage alone against the bare "
+                   "generate (what --blip2 does when the full graph does not fit in memory)")
     p.add_argument("--no-parity", action="store_true", help="skip the diffusers parity check")
     p.add_argument("--fixtures", action="store_true", help="use the reduced test fixtures instead of the real-size "
                    "models (checks the script in a few minutes; figures meaningless; no parity)")
@@ -103,13 +136,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "default: torch's choice). On a loaded machine 1 makes CPU seconds reliable")
     p.add_argument("--keep", action="store_true", help="keep the server's base folder (log, outputs)")
     args = p.parse_args(argv)
+    big = args.sdxl or args.blip2
     if args.resolution is None:
-        args.resolution = 256 if args.quick else 512
+        args.resolution = (1024 if args.sdxl else 512) // (2 if args.quick else 1)
     if args.batch is None:
-        args.batch = 2 if args.quick else 4
+        args.batch = 1 if big else 2 if args.quick else 4
     if args.max_new_tokens is None:
         args.max_new_tokens = 10 if args.quick else 30
-    args.baselines = min(args.batch, 2 if args.baselines is None else args.baselines)
+    args.baselines = min(args.batch, (1 if big else 2) if args.baselines is None else args.baselines)
     if args.resolution < 128 or args.resolution % 64:
         p.error("--resolution must be a multiple of 64, at least 128")
     if args.threads is not None and args.threads < 1:
@@ -278,13 +312,14 @@ def node_id(prompt: dict, class_type: str) -> str:
 
 
 def full_prompt(image: str, resolution: int, k: int, refine: str = "crf", save_features: str = "",
-                max_new_tokens: int = 30) -> dict:
-    """workflows/api/freeseg_full.json with the bench models, ``image``, K and refinement;
-    with ``save_features`` a probe also writes the features there."""
+                max_new_tokens: int = 30, ckpt: str = CKPT_NAME, captioner: str = BLIP_NAME) -> dict:
+    """workflows/api/freeseg_full.json with the bench models (checkpoint ``ckpt``, captioner
+    folder ``captioner``), ``image``, K and refinement; with ``save_features`` a probe also
+    writes the features there."""
     from freeseg.app.client import fill_workflow, load_workflow
 
     prompt = fill_workflow(load_workflow(str(REPO / "workflows" / "api" / "freeseg_full.json")), image=image,
-                           class_names=CLASS_NAMES, n_clusters=k, checkpoint=CKPT_NAME, blip2=BLIP_NAME,
+                           class_names=CLASS_NAMES, n_clusters=k, checkpoint=ckpt, blip2=captioner,
                            clip=CLIP_NAME,
                            overrides=[("FreeSegDiffusionFeatures", "resolution", resolution),
                                       ("FreeSegRefineMasks", "method", refine),
@@ -296,9 +331,10 @@ def full_prompt(image: str, resolution: int, k: int, refine: str = "crf", save_f
     return prompt
 
 
-def batch_prompt(images: list[str], resolution: int, k: int, max_new_tokens: int = 30) -> dict:
+def batch_prompt(images: list[str], resolution: int, k: int, max_new_tokens: int = 30, ckpt: str = CKPT_NAME,
+                 captioner: str = BLIP_NAME) -> dict:
     """The full graph on a batch of ``images`` (equal sizes) joined with core ImageBatch nodes."""
-    prompt = full_prompt(images[0], resolution, k, max_new_tokens=max_new_tokens)
+    prompt = full_prompt(images[0], resolution, k, max_new_tokens=max_new_tokens, ckpt=ckpt, captioner=captioner)
     load = node_id(prompt, "LoadImage")
     current = [load, 0]
     for i, name in enumerate(images[1:], start=1):
@@ -315,12 +351,16 @@ def batch_prompt(images: list[str], resolution: int, k: int, max_new_tokens: int
     return prompt
 
 
-def baseline_prompt(image: str, resolution: int, k: int, seed: int, max_new_tokens: int = 30) -> dict:
-    """The irreducible passes on ``image`` with the same loaders (cache hits): ImageScale ->
-    VAEEncode -> KSampler (1 step, cfg 1: one UNet forward), bare caption, bare CLIP batches."""
+def baseline_prompt(image: str, resolution: int, k: int, seed: int, max_new_tokens: int = 30,
+                    ckpt: str = CKPT_NAME, captioner: str = BLIP_NAME) -> dict:
+    """The irreducible passes on ``image`` with the same loaders (cache hits: their inputs are
+    copied from ``full_prompt``, so neither graph reloads a model): ImageScale -> VAEEncode ->
+    KSampler (1 step, cfg 1: one UNet forward), bare caption, bare CLIP batches."""
+    full = full_prompt(image, resolution, k, max_new_tokens=max_new_tokens, ckpt=ckpt, captioner=captioner)
+    loader = {ct: dict(full[node_id(full, ct)]["inputs"]) for ct in ("FreeSegBLIP2Loader", "FreeSegCLIPLoader")}
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": image}},
-        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "3": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bicubic",
                                                       "width": resolution, "height": resolution, "crop": "disabled"}},
         "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["2", 2]}},
@@ -330,25 +370,45 @@ def baseline_prompt(image: str, resolution: int, k: int, seed: int, max_new_toke
                                                     "positive": ["5", 0], "negative": ["5", 0],
                                                     "latent_image": ["4", 0], "denoise": 1.0}},
         "7": {"class_type": "FreeSegBenchSink", "inputs": {"value": ["6", 0]}},
-        "8": {"class_type": "FreeSegBLIP2Loader", "inputs": {"model_name": BLIP_NAME, "download": False,
-                                                              "repo_id": "Salesforce/blip2-opt-2.7b"}},
+        "8": {"class_type": "FreeSegBLIP2Loader", "inputs": loader["FreeSegBLIP2Loader"]},
         "9": {"class_type": "FreeSegBenchBareCaption", "inputs": {"blip2": ["8", 0], "image": ["1", 0],
                                                                    "max_new_tokens": max_new_tokens,
                                                                    "num_beams": 3}},
-        "10": {"class_type": "FreeSegCLIPLoader", "inputs": {"model_name": CLIP_NAME, "download": False,
-                                                              "repo_id": "timm/vit_base_patch32_clip_224.openai"}},
+        "10": {"class_type": "FreeSegCLIPLoader", "inputs": loader["FreeSegCLIPLoader"]},
         "11": {"class_type": "FreeSegBenchBareCLIP", "inputs": {"clip_model": ["10", 0], "class_names": CLASS_NAMES,
                                                                  "n_views": k, "seed": seed}},
     }
+
+
+CAPTION_TYPES = ("LoadImage", "FreeSegBLIP2Loader", "FreeSegCaption")
+
+
+def caption_prompt(image: str, max_new_tokens: int = 30, captioner: str = BLIP_NAME) -> dict:
+    """The caption stage of workflows/api/freeseg_full.json alone (its LoadImage, captioner
+    loader and FreeSegCaption, settings as in the full graph, the class names shown)."""
+    full = full_prompt(image, 512, 4, max_new_tokens=max_new_tokens, captioner=captioner)
+    prompt = {nid: node for nid, node in full.items() if node["class_type"] in CAPTION_TYPES}
+    caption = node_id(prompt, "FreeSegCaption")
+    prompt["950"] = {"class_type": "PreviewAny", "inputs": {"source": [caption, 1]}}
+    return prompt
+
+
+def bare_caption_prompt(image: str, max_new_tokens: int = 30, captioner: str = BLIP_NAME) -> dict:
+    """The captioner's bare ``generate`` on ``image`` (the irreducible caption pass), with the
+    loader of ``caption_prompt`` (a cache hit)."""
+    base = baseline_prompt(image, 512, 4, seed=0, max_new_tokens=max_new_tokens, captioner=captioner)
+    return {nid: base[nid] for nid in ("1", "8", "9")}
 
 
 # ------------------------------------------------------------------------------------------
 # Models, server, parity
 # ------------------------------------------------------------------------------------------
 
-def build_models(cache: Optional[str]) -> dict[str, str]:
-    """Build (or find cached) the real-size models in a subprocess; ``{key: path}``."""
-    cmd = [sys.executable, str(REPO / "bench" / "realsize_models.py")] + ([cache] if cache else [])
+def build_models(cache: Optional[str], keys: list[str]) -> dict[str, str]:
+    """Build (or find cached) the real-size models ``keys`` (of bench/realsize_models.py) in a
+    subprocess; ``{key: path}``."""
+    cmd = [sys.executable, str(REPO / "bench" / "realsize_models.py")] + ([cache] if cache else []) + \
+        ["--only", ",".join(keys)]
     out = subprocess.run(cmd, cwd=str(REPO), stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("MODELS=")]
     if out.returncode != 0 or not lines:
@@ -360,12 +420,132 @@ def build_models(cache: Optional[str]) -> dict[str, str]:
 
 
 def fixture_models() -> dict[str, str]:
-    """The reduced test fixtures (tests/helpers/model_fixtures.py) under the bench's keys."""
+    """The reduced test fixtures (tests/helpers/model_fixtures.py) under the bench's keys (the
+    fixture captioner is a tiny BLIP-2: both captioner keys)."""
     sys.path.insert(0, str(REPO / "tests" / "helpers"))
     from model_fixtures import build_all_subprocess, default_cache_dir
 
     paths = build_all_subprocess(default_cache_dir())
-    return {"sd15": paths["sd15_ckpt"], "blip": paths["blip2_dir"], "open_clip": paths["open_clip_dir"]}
+    return {"sd15": paths["sd15_ckpt"], "blip": paths["blip2_dir"], "blip2": paths["blip2_dir"],
+            "open_clip": paths["open_clip_dir"]}
+
+
+@dataclass
+class Setup:
+    """Which bench models a run uses: cache keys (of realsize_models.MODELS, or the fixtures')
+    and the names the server lists them under."""
+    ckpt_key: str
+    captioner_key: str
+    ckpt_name: str
+    captioner_name: str
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> "Setup":
+        ckpt_key = ("sdxl_reduced" if args.fixtures else "sdxl") if args.sdxl else "sd15"
+        return cls(ckpt_key, "blip2" if args.blip2 else "blip", SDXL_CKPT_NAME if args.sdxl else CKPT_NAME,
+                   BLIP2_NAME if args.blip2 else BLIP_NAME)
+
+
+def get_models(args: argparse.Namespace, setup: Setup) -> dict[str, str]:
+    """``{"ckpt", "captioner", "open_clip": path}``: real-size models built once into the
+    cache, or with ``--fixtures`` the test fixtures (and for ``--sdxl`` the reduced SDXL-family
+    checkpoint of realsize_models, as no fixture is an SDXL single-file checkpoint)."""
+    if args.fixtures:
+        paths = fixture_models()
+        if setup.ckpt_key not in paths:
+            paths.update(build_models(args.cache, [setup.ckpt_key]))
+    else:
+        paths = build_models(args.cache, [setup.ckpt_key, "open_clip", setup.captioner_key])
+    return {"ckpt": paths[setup.ckpt_key], "captioner": paths[setup.captioner_key], "open_clip": paths["open_clip"]}
+
+
+# ------------------------------------------------------------------------------------------
+# Memory check
+# ------------------------------------------------------------------------------------------
+
+# Parameters of the real-size recipes (bench/realsize_models.py), by what the server holds
+# them in, for the check before a model is built; once built, the files' headers are counted.
+NOMINAL_PARAMS: dict[str, dict[str, float]] = {
+    "sd15": {"unet": 859.5e6, "vae": 83.7e6, "text": 123.1e6},
+    "sdxl": {"unet": 2567.5e6, "vae": 83.7e6, "text": 817.7e6},
+    "sdxl_reduced": {"unet": 76.3e6, "vae": 2.4e6, "text": 817.7e6},
+    "blip": {"captioner": 224.0e6},
+    "blip2": {"captioner": 3744.7e6},
+    "open_clip": {"clip": 151.3e6},
+}
+# Bytes per parameter in the CPU server: ComfyUI upcasts the UNet and the VAE to float32 on the
+# CPU (model_management.unet_dtype / vae_dtype) and keeps text encoders in float16
+# (text_encoder_dtype); the pack's loaders use float32 on the CPU (nodes/common.model_dtype),
+# open_clip loads in float32.
+CPU_BYTES = {"unet": 4, "vae": 4, "text": 2, "captioner": 4, "clip": 4}
+GIB = 2**30
+# A CPU ComfyUI server with torch, transformers and open_clip imported, before models, plus
+# allocator slack (the SD1.5 run settles at 6.2-6.5 GiB with 5.0 GiB of weights).
+PROCESS_BASE = 1.3 * GIB
+# Activations of the features node over the loaded models at 512 px (measured on SD1.5:
+# +0.9..1.1 GiB; VAE encode and UNet pass), scaled with the pixel count; the caption pass.
+FEATURES_ACTIVATIONS_512 = 1.0 * GIB
+CAPTION_ACTIVATIONS = 0.5 * GIB
+# Left free for the other processes of a shared machine.
+MEMORY_MARGIN = 2.0 * GIB
+
+
+def safetensors_params(path: str) -> dict[str, int]:
+    """Parameter counts of a checkpoint file by part (unet: ``model.diffusion_model.*``, vae:
+    ``first_stage_model.*``, text: the rest), or of every ``*.safetensors`` of a folder
+    (``{"all": n}``), from the headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).glob("*.safetensors"))
+    counts: dict[str, int] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                part = "all" if Path(path).is_dir() else "unet" if key.startswith("model.diffusion_model.") \
+                    else "vae" if key.startswith("first_stage_model.") else "text"
+                counts[part] = counts.get(part, 0) + n
+    return counts
+
+
+def model_params(key: str, path: Optional[str]) -> dict[str, float]:
+    """Parameters of bench model ``key`` by part: counted in ``path`` when it exists, else the
+    recipe's nominal counts."""
+    nominal = NOMINAL_PARAMS[key]
+    if not path or not Path(path).exists():
+        return dict(nominal)
+    counts = safetensors_params(path)
+    if "all" in counts:
+        return {next(iter(nominal)): float(counts["all"])}
+    return {part: float(n) for part, n in counts.items()}
+
+
+def memory_need(parts: dict[str, dict[str, float]], resolution: Optional[int]) -> dict[str, Any]:
+    """Bytes the CPU server needs to hold the models ``parts`` (key -> part -> parameters) and
+    run the graph: weights in the server's dtypes (``CPU_BYTES``) + the process base + the
+    activations (features at ``resolution``, None: no features pass; the caption pass) + the
+    margin. Returns the total and its terms (bytes)."""
+    weights = {key: sum(n * CPU_BYTES[part] for part, n in p.items()) for key, p in parts.items()}
+    act = CAPTION_ACTIVATIONS + (FEATURES_ACTIVATIONS_512 * (resolution / 512) ** 2 if resolution else 0.0)
+    total = PROCESS_BASE + sum(weights.values()) + act + MEMORY_MARGIN
+    return {"total": total, "weights": weights, "activations": act, "base": PROCESS_BASE, "margin": MEMORY_MARGIN}
+
+
+def mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def describe_need(need: dict[str, Any]) -> str:
+    terms = " + ".join(f"{k} {gib(v)}" for k, v in need["weights"].items())
+    return (f"{gib(need['total'])} GiB (weights {terms} + activations {gib(need['activations'])} + process "
+            f"{gib(need['base'])} + margin {gib(need['margin'])})")
 
 
 def unet_bytes_fp32(ckpt: str) -> int:
@@ -433,29 +613,30 @@ def gib(n: int) -> float:
     return round(n / 2**30, 2)
 
 
-def stage_table(cold: Run, singles: list[Run], batch: Run, baselines: list[Run],
+def stage_table(cold: Run, singles: list[Run], batch: Optional[Run], baselines: list[Run],
                 sampler: Optional[ProcSampler] = None) -> list[tuple[str, str, float, float, float]]:
-    """(stage, prompt kind, cold s, median s of the single runs, s in the batch run) per node
-    class type, pipeline nodes first, then the baseline's."""
+    """(stage, prompt kind, cold s, median s of the single runs, s in the batch run: nan when
+    there is none) per node class type, pipeline nodes first, then the baseline's."""
     rows = []
     for kind, runs in (("pipeline", singles), ("baseline", baselines)):
         order: list[str] = []
-        for run in ([cold] if kind == "pipeline" else []) + runs + ([batch] if kind == "pipeline" else []):
+        for run in ([cold] if kind == "pipeline" else []) + runs + ([batch] if kind == "pipeline" and batch else []):
             for _, ct, _, _ in run.windows():
                 if ct not in order:
                     order.append(ct)
         for ct in order:
             rows.append((ct, kind, cold.seconds(ct, sampler) if kind == "pipeline" else float("nan"),
                          med([r.seconds(ct, sampler) for r in runs]),
-                         batch.seconds(ct, sampler) if kind == "pipeline" else float("nan")))
+                         batch.seconds(ct, sampler) if kind == "pipeline" and batch else float("nan")))
     return rows
 
 
-def ratios(runs: dict[str, Any], sampler: Optional[ProcSampler] = None) -> dict[str, float]:
+def ratios(runs: dict[str, Any], sampler: Optional[ProcSampler] = None) -> dict[str, Optional[float]]:
     """Every timing figure in wall seconds, or in the server's CPU seconds with ``sampler``.
 
     ``runs``: cold, singles (one per image), baselines (the first images), rerun_k,
-    rerun_refine, batch. Per-image ratios pair a single run with the baseline of its image."""
+    rerun_refine, batch (None with one image: the batch figures are None). Per-image ratios
+    pair a single run with the baseline of its image."""
     singles, baselines = runs["singles"], runs["baselines"]
     feat = [r.seconds("FreeSegDiffusionFeatures", sampler) for r in singles]
     vae = [b.seconds("VAEEncode", sampler) for b in baselines]
@@ -465,7 +646,7 @@ def ratios(runs: dict[str, Any], sampler: Optional[ProcSampler] = None) -> dict[
     irreducible = [v + u + c + t for v, u, c, t in zip(vae, unet, cap, clip)]
     full = [r.total_seconds(sampler) for r in singles]
     rerun_k, rerun_refine = runs["rerun_k"].total_seconds(sampler), runs["rerun_refine"].total_seconds(sampler)
-    batch = runs["batch"].total_seconds(sampler)
+    batch = runs["batch"].total_seconds(sampler) if runs["batch"] else float("nan")
     out = {
         "cold_full_s": runs["cold"].total_seconds(sampler), "full_s": med(full),
         "irreducible_s": med(irreducible), "vae_encode_s": med(vae), "unet_forward_s": med(unet),
@@ -480,10 +661,10 @@ def ratios(runs: dict[str, Any], sampler: Optional[ProcSampler] = None) -> dict[
         "rerun_k_over_full": rerun_k / full[0], "rerun_refine_over_full": rerun_refine / full[0],
         "batch_s": batch, "singles_sum_s": sum(full), "batch_over_singles": batch / sum(full),
     }
-    return {k: round(v, 3) for k, v in out.items()}
+    return {k: None if v != v else round(v, 3) for k, v in out.items()}
 
 
-def ratio_rows(f: dict[str, float], batch: int) -> list[tuple[str, str, str]]:
+def ratio_rows(f: dict[str, Any], batch: int) -> list[tuple[str, str, str]]:
     """(key, label, detail) of the five goal ratios, details from the figures ``f``."""
     return [
         ("pipeline_over_irreducible", "pipeline / irreducible passes",
@@ -495,71 +676,151 @@ def ratio_rows(f: dict[str, float], batch: int) -> list[tuple[str, str, str]]:
         ("rerun_refine_over_full", "re-run, only the refinement changed / full",
          f"{f['rerun_refine_s']:.2f} s vs {f['first_full_s']:.2f} s"),
         ("batch_over_singles", f"batch of {batch} / {batch} single runs",
-         f"{f['batch_s']:.2f} s vs {f['singles_sum_s']:.2f} s"),
+         f"{f['batch_s']:.2f} s vs {f['singles_sum_s']:.2f} s" if f["batch_s"] is not None
+         else "no batch run with one image (--batch 2 or more)"),
     ]
+
+
+def fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def plan(args: argparse.Namespace, setup: Setup, models: Optional[dict[str, str]]) -> tuple[Optional[str], dict]:
+    """The layout that fits in MemAvailable: "full" (the freeseg_full graph with every model),
+    "caption" (``--blip2``, or ``--caption-only``: the caption stage alone) or None (skip),
+    with the figures it was decided on (GiB). ``models``: the built paths (None before the
+    build: the recipes' nominal counts are used). Prints one line per layout that does not fit."""
+    avail = mem_available()
+    path = (models or {}).get
+    captioner = {setup.captioner_key: model_params(setup.captioner_key, path("captioner"))}
+    full = memory_need({setup.ckpt_key: model_params(setup.ckpt_key, path("ckpt")),
+                        "open_clip": model_params("open_clip", path("open_clip")), **captioner}, args.resolution)
+    caption = memory_need(captioner, None)
+    info = {"mem_available_gib": gib(avail), "full_need_gib": gib(full["total"]),
+            "full_weights_gib": {k: gib(v) for k, v in full["weights"].items()}}
+    if not args.caption_only:
+        if full["total"] <= avail:
+            print(f"memory: the full graph needs {describe_need(full)}; MemAvailable {gib(avail)} GiB: it fits",
+                  flush=True)
+            return "full", info
+        print(f"memory: the full graph with {setup.ckpt_key} + {setup.captioner_key} at {args.resolution} px needs "
+              f"{describe_need(full)}; MemAvailable is {gib(avail)} GiB: it does not fit", flush=True)
+        if not args.blip2:
+            return None, info
+    info["caption_need_gib"] = gib(caption["total"])
+    if caption["total"] <= avail:
+        print(f"memory: the caption stage alone needs {describe_need(caption)}; MemAvailable {gib(avail)} GiB: "
+              "running it alone", flush=True)
+        return "caption", info
+    print(f"memory: the caption stage alone needs {describe_need(caption)}; MemAvailable is {gib(avail)} GiB: "
+          "it does not fit either", flush=True)
+    return None, info
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from freeseg.app.server import ComfyServer, link
 
-    real = args.resolution == 512 and not args.fixtures
-    print(f"bench_pipeline: resolution {args.resolution}, K={args.n_clusters}, batch {args.batch}, "
-          f"class names {CLASS_NAMES!r}", flush=True)
-    t0 = time.perf_counter()
-    models = fixture_models() if args.fixtures else build_models(args.cache)
+    setup = Setup.of(args)
+    print(f"bench_pipeline: {setup.ckpt_key} + {setup.captioner_key}, resolution {args.resolution}, "
+          f"K={args.n_clusters}, batch {args.batch}, class names {CLASS_NAMES!r}", flush=True)
+    fixture_paths = fixture_models() if args.fixtures else None
+    layout, memory = plan(args, setup, None if fixture_paths is None else
+                          {"ckpt": fixture_paths.get(setup.ckpt_key), "captioner": fixture_paths[setup.captioner_key],
+                           "open_clip": fixture_paths["open_clip"]})
+    if layout is not None:
+        t0 = time.perf_counter()
+        models = get_models(args, setup)
+        print(f"models ready in {time.perf_counter() - t0:.1f} s: {models}", flush=True)
+        layout, memory = plan(args, setup, models)
+    if layout is None:
+        reason = (f"not enough memory: needs {memory.get('caption_need_gib', memory['full_need_gib'])} GiB, "
+                  f"MemAvailable {memory['mem_available_gib']} GiB")
+        print(f"skipped: {reason}", flush=True)
+        print(json.dumps({"skipped": True, "reason": reason, "models": [setup.ckpt_key, setup.captioner_key],
+                          "resolution": args.resolution, "memory": memory, "fixtures": args.fixtures},
+                         sort_keys=True))
+        return 0
     if args.threads is not None:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)  # inherited by the server
-    print(f"models ready in {time.perf_counter() - t0:.1f} s: {models}", flush=True)
 
     base = Path(tempfile.mkdtemp(prefix="freeseg-bench-"))
-    link(models["sd15"], str(base / "models" / "checkpoints" / CKPT_NAME))
-    link(models["blip"], str(base / "models" / "blip2" / BLIP_NAME))
-    link(models["open_clip"], str(base / "models" / "open_clip" / CLIP_NAME))
+    if layout == "full":
+        link(models["ckpt"], str(base / "models" / "checkpoints" / setup.ckpt_name))
+        link(models["open_clip"], str(base / "models" / "open_clip" / CLIP_NAME))
+    link(models["captioner"], str(base / "models" / "blip2" / setup.captioner_name))
     link(str(REPO / "bench" / "probe_pack"), str(base / "custom_nodes" / "freeseg_bench_probe"))
     images_dir = base / "bench_images"
     images_dir.mkdir()
     warm_path = write_image(images_dir / "warmup.png", 100)
     paths = [write_image(images_dir / f"img{i}.png", i) for i in range(args.batch)]
-    saved = str(base / "features_warmup.safetensors")
 
     server = ComfyServer(str(base))
     t0 = time.perf_counter()
     server.start(timeout=300)
     print(f"server up in {time.perf_counter() - t0:.1f} s (pid {server.proc.pid}, log {server.log_path})", flush=True)
     sampler = ProcSampler(server.proc.pid).start()
-    k, tokens = args.n_clusters, args.max_new_tokens
     try:
-        client = server.client
-        warm = client.upload_image(str(warm_path))
-        names = [client.upload_image(str(p)) for p in paths]
-        cold = run_prompt(client, "cold full graph (warm-up image)",
-                          full_prompt(warm, args.resolution, k, save_features=saved, max_new_tokens=tokens))
-        rss_loaded = sampler.at(time.monotonic())
-        singles, baselines = [], []
-        rerun_k = rerun_refine = None
-        for i, name in enumerate(names):
-            singles.append(run_prompt(client, f"full graph, image {i}",
-                                      full_prompt(name, args.resolution, k, max_new_tokens=tokens)))
-            if i == 0:
-                rerun_k = run_prompt(client, f"only K changed ({k} -> {k + 1})",
-                                     full_prompt(name, args.resolution, k + 1, max_new_tokens=tokens))
-                rerun_refine = run_prompt(client, "only the refinement changed (crf -> guided)",
-                                          full_prompt(name, args.resolution, k + 1, refine="guided",
-                                                      max_new_tokens=tokens))
-            if i < args.baselines:
-                baselines.append(run_prompt(client, f"irreducible passes, image {i}",
-                                            baseline_prompt(name, args.resolution, k, seed=i, max_new_tokens=tokens)))
-        batch = run_prompt(client, f"batch of {len(names)}",
-                           batch_prompt(names, args.resolution, k, max_new_tokens=tokens))
-        vm_hwm = sampler.read("VmHWM")
+        if layout == "full":
+            figures = run_full(args, setup, models, server, sampler, base, warm_path, paths)
+        else:
+            figures = run_caption(args, setup, server, sampler, warm_path, paths)
     except BaseException:
         print(server.log()[-6000:], file=sys.stderr)
         raise
     finally:
         sampler.stop()
         server.stop()
+    figures.update({"layout": layout, "memory": memory, "models": [setup.ckpt_key, setup.captioner_key]})
+    if layout == "full":
+        figures["checks"] = full_checks(args, setup, models, figures, str(warm_path),
+                                        str(base / "features_warmup.safetensors"))
+        if figures["checks"]:
+            print(f"checks: {json.dumps(figures['checks'])}")
+    if args.keep:
+        print(f"kept {base}")
+    else:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps(figures, sort_keys=True))
+    return 0
+
+
+def run_full(args: argparse.Namespace, setup: Setup, models: dict[str, str], server, sampler: ProcSampler,
+             base: Path, warm_path: Path, paths: list[Path]) -> dict[str, Any]:
+    """The freeseg_full graph (cold, per image, K and refinement re-runs, batch) and the
+    irreducible passes; prints the stage and ratio tables; returns the figures."""
+    k, tokens = args.n_clusters, args.max_new_tokens
+    names_kw = {"ckpt": setup.ckpt_name, "captioner": setup.captioner_name}
+    saved = str(base / "features_warmup.safetensors")
+    client = server.client
+    warm = client.upload_image(str(warm_path))
+    names = [client.upload_image(str(p)) for p in paths]
+    cold = run_prompt(client, "cold full graph (warm-up image)",
+                      full_prompt(warm, args.resolution, k, save_features=saved, max_new_tokens=tokens, **names_kw))
+    rss_loaded = sampler.at(time.monotonic())
+    singles, baselines = [], []
+    rerun_k = rerun_refine = None
+    for i, name in enumerate(names):
+        singles.append(run_prompt(client, f"full graph, image {i}",
+                                  full_prompt(name, args.resolution, k, max_new_tokens=tokens, **names_kw)))
+        if i == 0:
+            rerun_k = run_prompt(client, f"only K changed ({k} -> {k + 1})",
+                                 full_prompt(name, args.resolution, k + 1, max_new_tokens=tokens, **names_kw))
+            rerun_refine = run_prompt(client, "only the refinement changed (crf -> guided)",
+                                      full_prompt(name, args.resolution, k + 1, refine="guided",
+                                                  max_new_tokens=tokens, **names_kw))
+        if i < args.baselines:
+            baselines.append(run_prompt(client, f"irreducible passes, image {i}",
+                                        baseline_prompt(name, args.resolution, k, seed=i, max_new_tokens=tokens,
+                                                        **names_kw)))
+    batch = None
+    if len(names) > 1:
+        batch = run_prompt(client, f"batch of {len(names)}",
+                           batch_prompt(names, args.resolution, k, max_new_tokens=tokens, **names_kw))
+    vm_hwm = sampler.read("VmHWM")
     features_info = json.loads(cold.entry["outputs"]["900"]["probe"][0])
 
     runs = {"cold": cold, "singles": singles, "baselines": baselines, "rerun_k": rerun_k,
@@ -568,7 +829,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     feat_base, feat_added = node_memory(cold, sampler, "FreeSegDiffusionFeatures")
     steady_added = max(node_memory(r, sampler, "FreeSegDiffusionFeatures")[1] for r in singles)
     ks_added = max(node_memory(b, sampler, "KSampler")[1] for b in baselines)
-    unet_size = unet_bytes_fp32(models["sd15"])
+    unet_size = unet_bytes_fp32(models["ckpt"])
     figures: dict[str, Any] = {
         "resolution": args.resolution, "n_clusters": k, "batch": len(names), "max_new_tokens": tokens,
         "baseline_images": len(baselines), "cpus": os.cpu_count(), "threads": args.threads,
@@ -582,52 +843,123 @@ def main(argv: Optional[list[str]] = None) -> int:
         "features": features_info,
     }
 
-    # ---- correctness at real size
-    checks: dict[str, Any] = {}
-    if real:
-        assert features_info["shape"] == [1, 6400, 32, 32], features_info
-        assert features_info["blocks"] == REAL_BLOCKS, features_info["blocks"]
-        checks["features_6400x32x32"] = True
-    if not args.no_parity and not args.fixtures:
-        par = parity(models["sd15"], str(warm_path), saved, args.resolution)
-        checks["diffusers_cosine"] = {n: round(c, 5) for n, c in par["cosine"].items()}
-        checks["diffusers_min_cosine"] = round(par["min_cosine"], 5)
-        checks["diffusers_load_s"], checks["diffusers_features_s"] = par["diffusers_load_s"], par["diffusers_features_s"]
-        if real:
-            assert par["min_cosine"] >= COS_MIN, f"diffusers features differ: {par['cosine']}"
-    figures["checks"] = checks
-
-    # ---- report
     print()
     print(f"| prompt | node | cold s | single image, median s (CPU s) | batch of {len(names)}, s (CPU s) |")
     print("|---|---|---|---|---|")
+    cpu_rows = {r[:2]: r for r in stage_table(cold, singles, batch, baselines, sampler)}
     for ct, kind, in_cold, single, in_batch in stage_table(cold, singles, batch, baselines):
-        _, _, _, single_cpu, batch_cpu = next(r for r in stage_table(cold, singles, batch, baselines, sampler)
-                                              if r[:2] == (ct, kind))
+        _, _, _, single_cpu, batch_cpu = cpu_rows[(ct, kind)]
         print(f"| {kind} | {ct} | {in_cold:.2f} | {single:.2f} ({single_cpu:.2f}) | {in_batch:.2f} ({batch_cpu:.2f}) |"
-              .replace("nan", "-"))
+              .replace("nan (nan)", "-").replace("nan", "-"))
     print()
     print("| ratio | wall | CPU | goal | wall figures |")
     print("|---|---|---|---|---|")
     for key, label, detail in ratio_rows(wall, len(names)):
-        print(f"| {label} | {wall[key]:.3f} | {cpu[key]:.3f} | <= {GOALS[key]} | {detail} |")
+        print(f"| {label} | {fmt(wall[key])} | {fmt(cpu[key])} | <= {GOALS[key]} | {detail} |")
     print()
     print(f"memory: server RSS {gib(rss_loaded)} GiB after the cold run, {gib(feat_base)} GiB when the features "
           f"node first started; it added {gib(feat_added)} GiB (cold), at most {gib(steady_added)} GiB later "
           f"(KSampler adds up to {gib(ks_added)} GiB); UNet weights fp32 {gib(unet_size)} GiB: "
           f"{'no second copy of the UNet' if figures['no_second_unet_copy'] else 'POSSIBLE SECOND COPY'}; "
           f"server peak {figures['server_peak_rss_gib']} GiB")
-    print(f"features {features_info['shape']} from {features_info['blocks']}; load average {os.getloadavg()}")
-    if checks:
-        print(f"checks: {json.dumps(checks)}")
-    if args.keep:
-        print(f"kept {base}")
-    else:
-        import shutil
+    print(f"features {features_info['shape']} ({features_info['family']}) from {features_info['blocks']}; "
+          f"load average {os.getloadavg()}")
+    return figures
 
-        shutil.rmtree(base, ignore_errors=True)
-    print(json.dumps(figures, sort_keys=True))
-    return 0
+
+def full_checks(args: argparse.Namespace, setup: Setup, models: dict[str, str], figures: dict[str, Any],
+                warm_path: str, saved: str) -> dict[str, Any]:
+    """Real-size correctness of the features the node gave the warm-up image. SD1.5 at 512 px:
+    6400 channels from input 7, 8 and output 3, 4, 5 at 32x32, and the diffusers backend's
+    features (cosine >= COS_MIN per block). SDXL: the SDXL family, 6400 channels from input 7,
+    8 and output 0, 1, 2 at resolution/16, and the diffusers backend refusing the checkpoint
+    (it supports SD1.x / SD2.x only). Raises AssertionError when a check fails."""
+    info, res = figures["features"], args.resolution
+    checks: dict[str, Any] = {}
+    if args.sdxl:
+        if not args.fixtures:
+            assert info["family"] == "SDXL", info
+            assert info["shape"] == [1, 6400, res // 16, res // 16], info
+            assert info["blocks"] == SDXL_REAL_BLOCKS, info["blocks"]
+            checks[f"sdxl_features_6400x{res // 16}x{res // 16}"] = True
+        if not args.no_parity:
+            checks["diffusers_backend"] = diffusers_refuses(models["ckpt"])
+        return checks
+    if res == 512 and not args.fixtures:
+        assert info["shape"] == [1, 6400, 32, 32], info
+        assert info["blocks"] == REAL_BLOCKS, info["blocks"]
+        checks["features_6400x32x32"] = True
+    if not args.no_parity and not args.fixtures:
+        par = parity(models["ckpt"], warm_path, saved, res)
+        checks["diffusers_cosine"] = {n: round(c, 5) for n, c in par["cosine"].items()}
+        checks["diffusers_min_cosine"] = round(par["min_cosine"], 5)
+        checks["diffusers_load_s"], checks["diffusers_features_s"] = par["diffusers_load_s"], par["diffusers_features_s"]
+        if res == 512:
+            assert par["min_cosine"] >= COS_MIN, f"diffusers features differ: {par['cosine']}"
+    return checks
+
+
+def diffusers_refuses(ckpt: str) -> str:
+    """The diffusers backend's refusal of an SDXL checkpoint (its message); AssertionError
+    when it loads it instead."""
+    import torch
+
+    from freeseg.backends.diffusers import FreeSegPipeline
+
+    try:
+        FreeSegPipeline.from_pretrained(sd=ckpt, device="cpu", dtype=torch.float32)
+    except NotImplementedError as exc:
+        return f"refused (SD1.x / SD2.x only): {exc}"
+    raise AssertionError(f"the diffusers backend loaded the SDXL checkpoint {ckpt!r}; compare its features")
+
+
+def run_caption(args: argparse.Namespace, setup: Setup, server, sampler: ProcSampler, warm_path: Path,
+                paths: list[Path]) -> dict[str, Any]:
+    """The caption stage of freeseg_full alone (loader + FreeSegCaption, the graph's
+    settings) against the captioner's bare ``generate`` on the same server: cold (with the
+    load), then per image the stage and the bare pass. Prints a table; returns the figures."""
+    tokens, cap = args.max_new_tokens, setup.captioner_name
+    client = server.client
+    warm = client.upload_image(str(warm_path))
+    names = [client.upload_image(str(p)) for p in paths]
+    cold = run_prompt(client, "cold caption stage (warm-up image)", caption_prompt(warm, tokens, cap))
+    rss_loaded = sampler.at(time.monotonic())
+    stages, bares = [], []
+    for i, name in enumerate(names):
+        stages.append(run_prompt(client, f"caption stage, image {i}", caption_prompt(name, tokens, cap)))
+        bares.append(run_prompt(client, f"bare caption, image {i}", bare_caption_prompt(name, tokens, cap)))
+    vm_hwm = sampler.read("VmHWM")
+
+    def figures_of(sm: Optional[ProcSampler]) -> dict[str, Optional[float]]:
+        node = [r.seconds("FreeSegCaption", sm) for r in stages]
+        bare = [r.seconds("FreeSegBenchBareCaption", sm) for r in bares]
+        out = {"cold_s": cold.total_seconds(sm), "loader_cold_s": cold.seconds("FreeSegBLIP2Loader", sm),
+               "caption_cold_s": cold.seconds("FreeSegCaption", sm), "caption_node_s": med(node),
+               "caption_bare_s": med(bare), "stage_s": med([r.total_seconds(sm) for r in stages]),
+               "caption_over_bare": med([n / b for n, b in zip(node, bare)])}
+        return {k: round(v, 3) for k, v in out.items()}
+
+    wall, cpu = figures_of(None), figures_of(sampler)
+    load_base = sampler.at(cold.t_begin)
+    figures: dict[str, Any] = {
+        "max_new_tokens": tokens, "images": len(names), "cpus": os.cpu_count(), "threads": args.threads,
+        "load_average": [round(x, 1) for x in os.getloadavg()], "fixtures": args.fixtures, "wall": wall, "cpu": cpu,
+        "rss_before_load_gib": gib(load_base), "rss_loaded_gib": gib(rss_loaded),
+        "server_peak_rss_gib": gib(max(vm_hwm, max((r for _, r, _ in sampler.samples), default=0))),
+        "class_names_cold": cold.entry["outputs"].get("950"),
+    }
+    print()
+    print("| caption stage | cold s | per image, median s (CPU s) |")
+    print("|---|---|---|")
+    print(f"| FreeSegBLIP2Loader | {wall['loader_cold_s']:.2f} | cached |")
+    print(f"| FreeSegCaption | {wall['caption_cold_s']:.2f} | {wall['caption_node_s']:.2f} "
+          f"({cpu['caption_node_s']:.2f}) |")
+    print(f"| bare generate (irreducible) | - | {wall['caption_bare_s']:.2f} ({cpu['caption_bare_s']:.2f}) |")
+    print(f"| caption node / bare generate | - | {wall['caption_over_bare']:.3f} ({cpu['caption_over_bare']:.3f}) |")
+    print()
+    print(f"memory: server RSS {gib(load_base)} GiB before the load, {gib(rss_loaded)} GiB with the captioner "
+          f"loaded; peak {figures['server_peak_rss_gib']} GiB")
+    return figures
 
 
 if __name__ == "__main__":

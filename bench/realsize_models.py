@@ -13,11 +13,35 @@ classes, seeded ``reset_parameters``, atomic safetensors writes with mode 0644),
   384 px, BERT-base text decoder, vocabulary 30524) saved with ``save_pretrained`` (fp16),
   with a WordPiece tokenizer of exactly 30524 ids; 224.0M.
 
-Everything is cached under ``$FREESEG_BENCH_CACHE`` (default ``~/.cache/freeseg-bench``) with a
-version stamp; nothing of it goes into git. Build time on 2 CPU cores: about 45 s, 2.7 GiB.
+Built only on request (``--sdxl`` / ``--blip2`` of bench_pipeline.py; several GB each):
 
-Usage: ``python bench/realsize_models.py [CACHE_DIR]`` (prints ``MODELS={json}``). The builder
-imports ComfyUI, so bench_pipeline.py runs it in a subprocess.
+* ``sdxl``: one SDXL base single-file checkpoint in the SGM key layout (fp16): the real SDXL
+  UNet config (2567.5M) under ``model.diffusion_model.*``, the KL VAE (same architecture as
+  SD1.5's; SDXL's latent scale comes from the detected model) under ``first_stage_model.*``,
+  CLIP-L (``conditioner.embedders.0.transformer.*``) and OpenCLIP bigG
+  (``conditioner.embedders.1.model.*``, open_clip names, as the official file) built with
+  ComfyUI's ``SDXLClipModel`` and converted with ``SDXL.process_clip_state_dict_for_saving``.
+  ComfyUI's ``CheckpointLoaderSimple`` detects it as ``SDXL``.
+* ``sdxl_reduced``: the same layout with the test fixtures' reduced SDXL-family UNet
+  (``model_fixtures.SDXL_UNET_CONFIG``, detected as ``KOALA_700M``) and a TAESD VAE with SDXL
+  latent scale, and the full-size text encoders (ComfyUI builds them from fixed configs, so
+  they cannot be reduced): what ``--sdxl --fixtures`` runs.
+* ``blip2``: a BLIP-2 captioner of the ``Salesforce/blip2-opt-2.7b`` shape
+  (``Blip2ForConditionalGeneration`` with that config written out in ``BLIP2_OPT_2_7B``:
+  EVA ViT-g/14 at 224 px, 32-query Q-Former, OPT-2.7B; 3744.7M) saved with
+  ``save_pretrained`` in fp16, with a byte-level BPE tokenizer of OPT's 50265 ids plus
+  ``<image>`` (50265) and a ``Blip2Processor`` with 32 query tokens.
+
+Measured on 2 CPU cores: sdxl 52 s, 6.94 GB; blip2 29 s, 7.49 GB; sdxl_reduced 8 s, 1.79 GB;
+the sdxl + blip2 build peaks at 8.0 GiB RSS (both are built directly in fp16).
+
+Everything is cached under ``$FREESEG_BENCH_CACHE`` (default ``~/.cache/freeseg-bench``) with a
+version stamp; nothing of it goes into git. Build time on 2 CPU cores: about 45 s, 2.7 GiB
+(the default three).
+
+Usage: ``python bench/realsize_models.py [CACHE_DIR] [--only KEY,KEY]`` (default keys: sd15,
+open_clip, blip; prints ``MODELS={json}``). The builder imports ComfyUI, so bench_pipeline.py
+runs it in a subprocess.
 """
 
 from __future__ import annotations
@@ -58,6 +82,40 @@ KL_VAE_DDCONFIG: dict[str, Any] = {"double_z": True, "z_channels": 4, "resolutio
                                    "attn_resolutions": [], "dropout": 0.0}
 BLIP_VOCAB = 30524  # BlipConfig().text_config.vocab_size: BERT's 30522 + [DEC] + [ENC]
 
+# The SDXL base UNet exactly as detect_unet_config reads it from sd_xl_base_1.0.safetensors
+# (ComfyUI's model_detection table, without its dtype entry).
+SDXL_REAL_UNET_CONFIG: dict[str, Any] = {
+    **fx.UNET_BASE_CONFIG,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 64,
+}
+
+# Salesforce/blip2-opt-2.7b's config.json, written out (sizes, activations, token ids).
+BLIP2_OPT_2_7B: dict[str, Any] = {
+    "vision_config": {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
+                      "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "qkv_bias": True,
+                      "layer_norm_eps": 1e-5, "hidden_act": "gelu", "initializer_range": 1e-10},
+    "qformer_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                       "num_attention_heads": 12, "encoder_hidden_size": 1408, "cross_attention_frequency": 2,
+                       "vocab_size": 30522, "max_position_embeddings": 512, "hidden_act": "gelu",
+                       "layer_norm_eps": 1e-12, "pad_token_id": 0},
+    "text_config": {"model_type": "opt", "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "vocab_size": 50272, "word_embed_proj_dim": 2560,
+                    "max_position_embeddings": 2048, "activation_function": "relu", "do_layer_norm_before": True,
+                    "bos_token_id": 2, "eos_token_id": 50118, "pad_token_id": 1, "prefix": "</s>"},
+    "num_query_tokens": 32,
+    "image_token_index": 50265,
+}
+OPT_VOCAB = 50265  # OPT's GPT-2 BPE ids; BLIP-2's processor adds <image> as id 50265
+
 
 def default_cache_dir() -> Path:
     """``$FREESEG_BENCH_CACHE`` or ``~/.cache/freeseg-bench``."""
@@ -85,6 +143,113 @@ def build_sd15(path: Path, seed: int = SEED) -> None:
     sd.update({"cond_stage_model.transformer." + k: v for k, v in fx._build_clip_l(seed + 2).items()})
     info = {"kind": "sd15_realsize", "version": REALSIZE_VERSION, "seed": seed}
     fx._save_safetensors(fx._to_saveable(sd, torch.float16), path, {"freeseg_bench": json.dumps(info)})
+
+
+def _build_unet_fp16(family: str, unet_config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """Like ``model_fixtures._build_unet`` but built directly in float16 (an SDXL UNet in fp32
+    would need 10.3 GB just to be initialised): the random state dict, fp16."""
+    fx.import_comfy()
+    import comfy.supported_models
+
+    cfg = getattr(comfy.supported_models, family)(copy.deepcopy(unet_config))
+    cfg.set_inference_dtype(torch.float16, None)
+    unet = cfg.get_model({}).diffusion_model
+    fx.reset_all_parameters(unet, seed)
+    return unet.state_dict()
+
+
+def _sdxl_text_encoders(seed: int) -> dict[str, torch.Tensor]:
+    """Random full-size SDXL text encoders (ComfyUI's ``SDXLClipModel``: CLIP-L 123.1M +
+    OpenCLIP bigG 694.7M) converted to the checkpoint layout by ComfyUI's own save conversion
+    (``conditioner.embedders.0.transformer.*``, ``conditioner.embedders.1.model.*``), fp16."""
+    fx.import_comfy()
+    import comfy.sdxl_clip
+    import comfy.supported_models
+
+    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16)
+    scales = {n: 4.6052 for n, _ in clip.named_parameters() if n.endswith("logit_scale")}
+    fx.reset_all_parameters(clip, seed, extra=scales)
+    sd = dict(clip.state_dict())
+    del clip
+    cfg = comfy.supported_models.SDXL(copy.deepcopy(SDXL_REAL_UNET_CONFIG))
+    return cfg.process_clip_state_dict_for_saving(sd)
+
+
+def _save_sdxl(path: Path, unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], seed: int,
+               kind: str) -> None:
+    sd = {"model.diffusion_model." + k: v for k, v in unet.items()}
+    sd.update({"first_stage_model." + k: v.half() for k, v in vae.items()})
+    sd.update(_sdxl_text_encoders(seed + 2))
+    info = {"kind": kind, "version": REALSIZE_VERSION, "seed": seed}
+    fx._save_safetensors(fx._to_saveable(sd, torch.float16), path, {"freeseg_bench": json.dumps(info)})
+
+
+def build_sdxl(path: Path, seed: int = SEED + 30) -> None:
+    """The SDXL base single-file checkpoint (fp16, SGM layout) at ``path``: real UNet, KL VAE,
+    CLIP-L + OpenCLIP bigG. Peak memory of the build about 9 GB."""
+    unet = _build_unet_fp16("SDXL", SDXL_REAL_UNET_CONFIG, seed)
+    _save_sdxl(path, unet, _kl_vae(seed + 1), seed, "sdxl_realsize")
+
+
+def build_sdxl_reduced(path: Path, seed: int = SEED + 40) -> None:
+    """An SDXL-family checkpoint in the same layout with the test fixtures' reduced UNet
+    (KOALA_700M-detected) and TAESD VAE (SDXL latent scale), full-size text encoders."""
+    unet = _build_unet_fp16(fx.SDXL_EXPECTED_CLASS, fx.SDXL_UNET_CONFIG, seed)
+    _save_sdxl(path, unet, fx._build_taesd(seed + 1, fx.SDXL_LATENT_SCALE), seed, "sdxl_reduced")
+
+
+def _opt_tokenizer() -> Any:
+    """Byte-level BPE tokenizer with OPT's id layout (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2,
+    ``<unk>`` 3, the 256 byte symbols, made-up lowercase words up to id 50264) plus BLIP-2's
+    ``<image>`` = 50265, as ``GPT2TokenizerFast`` (OPT's tokenizer class; OPT's BOS is ``</s>``).
+    No merges: text encodes byte by byte, every id decodes."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import GPT2TokenizerFast
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    n = 0
+    while len(vocab) < OPT_VOCAB:
+        word, m = "", n
+        while True:
+            word, m = letters[m % 26] + word, m // 26
+            if m == 0:
+                break
+        n += 1
+        if "\u0120" + word not in vocab:
+            vocab["\u0120" + word] = len(vocab)  # "\u0120": the byte-level symbol of a space
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    tok.add_special_tokens([AddedToken("<image>", normalized=False, special=True)])
+    tokenizer = GPT2TokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert image_id == BLIP2_OPT_2_7B["image_token_index"] and len(tokenizer) == OPT_VOCAB + 1, (image_id,
+                                                                                                 len(tokenizer))
+    return tokenizer
+
+
+def _fill_blip2(folder: Path, seed: int) -> None:
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+
+    tokenizer = _opt_tokenizer()
+    config = Blip2Config(**copy.deepcopy(BLIP2_OPT_2_7B))
+    with fx._seeded(seed):  # built directly in fp16: 7.5 GB instead of 15 GB
+        model = Blip2ForConditionalGeneration._from_config(config, dtype=torch.float16).eval()
+    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 224, "width": 224}),
+                               tokenizer=tokenizer, num_query_tokens=BLIP2_OPT_2_7B["num_query_tokens"])
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+
+
+def build_blip2(folder: Path, seed: int = SEED + 50) -> None:
+    """The BLIP-2 OPT-2.7B-shaped captioner folder at ``folder`` (fp16)."""
+    fx._build_folder_atomically(folder, lambda tmp: _fill_blip2(tmp, seed))
 
 
 def _fill_open_clip(folder: Path, seed: int) -> None:
@@ -157,15 +322,24 @@ MODELS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "sd15": ("checkpoints/freeseg-bench-sd15.safetensors", build_sd15),
     "open_clip": ("open_clip/freeseg-bench-vit-b-32", build_open_clip),
     "blip": ("blip2/freeseg-bench-blip-base", build_blip),
+    "sdxl": ("checkpoints/freeseg-bench-sdxl.safetensors", build_sdxl),
+    "sdxl_reduced": ("checkpoints/freeseg-bench-sdxl-reduced.safetensors", build_sdxl_reduced),
+    "blip2": ("blip2/freeseg-bench-blip2-opt-2.7b", build_blip2),
 }
+DEFAULT_KEYS = ("sd15", "open_clip", "blip")
 
 
-def build(cache: Path, verbose: bool = True) -> dict[str, str]:
-    """Build every missing or outdated model into ``cache``; return ``{key: absolute path}``."""
+def build(cache: Path, verbose: bool = True, keys: tuple[str, ...] = DEFAULT_KEYS) -> dict[str, str]:
+    """Build every missing or outdated model of ``keys`` into ``cache``; return ``{key: absolute
+    path}``. KeyError for an unknown key."""
+    unknown = sorted(set(keys) - set(MODELS))
+    if unknown:
+        raise KeyError(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
     cache = cache.resolve()
     out: dict[str, str] = {}
     with fx._cache_lock(cache):
-        for key, (rel, builder) in MODELS.items():
+        for key in keys:
+            rel, builder = MODELS[key]
             target, stamp = cache / rel, cache / "stamps" / f"{key}.json"
             want = {"key": key, "version": REALSIZE_VERSION, "path": rel}
             fresh = target.exists() and stamp.is_file() and json.loads(stamp.read_text() or "{}") == want
@@ -180,6 +354,19 @@ def build(cache: Path, verbose: bool = True) -> dict[str, str]:
     return out
 
 
+def main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="build the real-size bench models")
+    p.add_argument("cache", nargs="?", default=None, help="cache folder (default $FREESEG_BENCH_CACHE or "
+                   "~/.cache/freeseg-bench)")
+    p.add_argument("--only", default=",".join(DEFAULT_KEYS), help=f"comma-separated keys of {sorted(MODELS)}")
+    args = p.parse_args(argv)
+    keys = tuple(k.strip() for k in args.only.split(",") if k.strip())
+    root = Path(args.cache) if args.cache else default_cache_dir()
+    print("MODELS=" + json.dumps(build(root, keys=keys)), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else default_cache_dir()
-    print("MODELS=" + json.dumps(build(root)), flush=True)
+    sys.exit(main(sys.argv[1:]))

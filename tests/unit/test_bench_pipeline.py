@@ -89,3 +89,76 @@ def test_baseline_prompt_is_one_unet_forward(bench):
     assert (ks["steps"], ks["cfg"], ks["denoise"], ks["seed"]) == (1, 1.0, 1.0, 2)
     scale = next(n["inputs"] for n in base.values() if n["class_type"] == "ImageScale")
     assert (scale["width"], scale["height"]) == (512, 512)
+
+
+def test_sdxl_and_blip2_defaults(bench):
+    sdxl = bench.parse_args(["--sdxl"])
+    assert (sdxl.resolution, sdxl.batch, sdxl.baselines) == (1024, 1, 1)
+    assert bench.parse_args(["--sdxl", "--quick"]).resolution == 512
+    blip2 = bench.parse_args(["--blip2"])
+    assert (blip2.resolution, blip2.batch, blip2.baselines) == (512, 1, 1)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sdxl", "--blip2"])
+    setup = bench.Setup.of(bench.parse_args(["--sdxl", "--fixtures"]))
+    assert (setup.ckpt_key, setup.captioner_key, setup.ckpt_name) == ("sdxl_reduced", "blip", bench.SDXL_CKPT_NAME)
+    assert bench.Setup.of(blip2).captioner_name == bench.BLIP2_NAME
+
+
+def test_baseline_loaders_are_the_workflows(bench):
+    """Same loader inputs in both graphs: ComfyUI's cache keeps one loaded captioner and CLIP."""
+    full = bench.full_prompt("a.png", 512, 4, ckpt="x.safetensors", captioner="cap")
+    base = bench.baseline_prompt("a.png", 512, 4, seed=0, ckpt="x.safetensors", captioner="cap")
+    for ct in ("FreeSegBLIP2Loader", "FreeSegCLIPLoader", "CheckpointLoaderSimple"):
+        assert base[bench.node_id(base, ct)]["inputs"] == full[bench.node_id(full, ct)]["inputs"], ct
+    cap = bench.caption_prompt("a.png", 12, captioner="cap")
+    bare = bench.bare_caption_prompt("a.png", 12, captioner="cap")
+    assert sorted(n["class_type"] for n in cap.values()) == ["FreeSegBLIP2Loader", "FreeSegCaption", "LoadImage",
+                                                            "PreviewAny"]
+    assert cap[bench.node_id(cap, "FreeSegCaption")]["inputs"]["max_new_tokens"] == 12
+    assert (bare[bench.node_id(bare, "FreeSegBLIP2Loader")]["inputs"]
+            == cap[bench.node_id(cap, "FreeSegBLIP2Loader")]["inputs"])
+
+
+def test_memory_need_counts_the_cpu_dtypes(bench):
+    gib = 2**30
+    need = bench.memory_need({"sdxl": {"unet": gib / 4, "vae": gib / 4, "text": gib / 2}}, 1024)
+    assert need["weights"] == {"sdxl": pytest.approx(3 * gib)}  # fp32 UNet and VAE, fp16 text encoders
+    assert need["activations"] == pytest.approx(bench.CAPTION_ACTIVATIONS + 4 * bench.FEATURES_ACTIVATIONS_512)
+    assert need["total"] == pytest.approx(3 * gib + need["activations"] + bench.PROCESS_BASE + bench.MEMORY_MARGIN)
+
+
+@pytest.mark.parametrize("avail_gib, argv, layout", [(64, ["--blip2"], "full"), (18, ["--blip2"], "caption"),
+                                                     (8, ["--blip2"], None), (64, ["--sdxl"], "full"),
+                                                     (12, ["--sdxl"], None), (64, ["--blip2", "--caption-only"],
+                                                                              "caption")])
+def test_plan_picks_the_layout_that_fits(bench, monkeypatch, avail_gib, argv, layout):
+    monkeypatch.setattr(bench, "mem_available", lambda: avail_gib * 2**30)
+    args = bench.parse_args(argv)
+    got, info = bench.plan(args, bench.Setup.of(args), None)  # nominal counts: nothing built
+    assert got == layout and info["mem_available_gib"] == avail_gib
+
+
+@pytest.fixture(scope="module")
+def realsize():
+    path = BENCH.parent / "realsize_models.py"
+    spec = importlib.util.spec_from_file_location("realsize_models_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_blip2_tokenizer_has_opt_ids(realsize, tmp_path):
+    """The BLIP-2 recipe's tokenizer: OPT's special ids, <image> at the config's image_token_index,
+    every id of the vocabulary decodable; unknown model keys are refused before anything is built."""
+    tok = realsize._opt_tokenizer()
+    cfg = realsize.BLIP2_OPT_2_7B
+    assert len(tok) == realsize.OPT_VOCAB + 1 <= cfg["text_config"]["vocab_size"]
+    assert tok.convert_tokens_to_ids("<image>") == cfg["image_token_index"]
+    text = cfg["text_config"]
+    assert (tok.pad_token_id, tok.bos_token_id) == (text["pad_token_id"], text["bos_token_id"])
+    ids = tok("a picture of").input_ids
+    assert ids[0] == 2 and tok.decode(ids, skip_special_tokens=True) == "a picture of"
+    assert isinstance(tok.decode([50264, cfg["text_config"]["eos_token_id"]]), str)
+    with pytest.raises(KeyError):
+        realsize.build(tmp_path, keys=("sdxl", "nope"))
+    assert not any(tmp_path.iterdir())
