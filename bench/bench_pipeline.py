@@ -7,8 +7,8 @@ Usage::
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --batch 2   # 512 px, batch 2
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --quick     # 256 px, batch 2, 10-token captions
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --fixtures --quick  # the script itself, minutes
-    flock /tmp/freeseg-heavy.lock nice -n 5 .venv/bin/python bench/bench_pipeline.py --sdxl   # 1024 px, batch 1
-    flock /tmp/freeseg-heavy.lock nice -n 5 .venv/bin/python bench/bench_pipeline.py --blip2  # BLIP-2 captioner
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --sdxl   # 1024 px, batch 1
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --blip2  # BLIP-2 captioner
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --sdxl --fixtures --quick   # their code paths, minutes
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --blip2 --fixtures --quick [--caption-only]
 

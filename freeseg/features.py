@@ -45,8 +45,8 @@ class DiffusionFeatures:
 
 class StopPass(Exception):
     """Raised by the forward hook of the last layer a feature pass uses, so the rest of the UNet
-    (at 512 px SD1.5: the 32x32 and 64x64 decoder levels, about 40% of a forward) is never
-    computed. The extractors catch it."""
+    (at 512 px SD1.5: the 32x32 and 64x64 decoder levels, about half of a forward's time on
+    a CPU) is never computed. The extractors catch it."""
 
 
 def wanted_factors(factors: Iterable[int], source: str = SOURCE_QUERIES, fine: bool = False) -> set[int]:
