@@ -1,5 +1,6 @@
-"""FreeSegDiffusionFeatures: one UNet pass of the user's loaded SD checkpoint per image,
-capturing the features FreeSeg-Diff clusters."""
+"""FreeSegDiffusionFeatures: one UNet pass of the user's loaded SD checkpoint per image (up to
+the last block used; a batch shares passes as memory allows), capturing the features
+FreeSeg-Diff clusters."""
 
 from __future__ import annotations
 
@@ -282,7 +283,8 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
             node_id="FreeSegDiffusionFeatures",
             display_name="FreeSeg-Diff Diffusion Features",
             category=CATEGORY,
-            description="One pass of the loaded Stable Diffusion UNet per image; captures the features "
+            description="One pass of the loaded Stable Diffusion UNet per image, up to the last block "
+                        "used (a batch shares passes as memory allows); captures the features "
                         "FreeSeg-Diff clusters into masks. Works with SD1.x, SD2.x and SDXL.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x or "
