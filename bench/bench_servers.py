@@ -22,13 +22,11 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests", "helpers")]
 
-from comfy_harness import FIXTURE_CACHE, MODEL_LINKS, ComfyServer, link  # noqa: E402
+from comfy_harness import FIXTURE_CACHE, MODEL_LINKS, ComfyServer, link, write_test_image  # noqa: E402
 from model_fixtures import build_all_subprocess  # noqa: E402
 
 from freeseg.app import segment  # noqa: E402
@@ -36,20 +34,10 @@ from freeseg.app import segment  # noqa: E402
 CLASS_NAMES = "dog, cat, tree, sky"
 
 
-def picture(path: str, seed: int, width: int = 96, height: int = 64) -> None:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    img = np.stack([xx / width, yy / height, np.full_like(xx, 0.3, float)], -1)
-    for _ in range(3):
-        cx, cy, r = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height, rng.uniform(8, 20)
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 1, 3)
-    Image.fromarray((img * 255).astype(np.uint8)).save(path)
-
-
 def pictures(folder: str, seeds: range) -> str:
     os.makedirs(folder, exist_ok=True)
     for s in seeds:
-        picture(os.path.join(folder, f"img{s:03d}.png"), s)
+        write_test_image(os.path.join(folder, f"img{s:03d}.png"), 96, 64, s)
     return folder
 
 

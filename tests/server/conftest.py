@@ -2,12 +2,10 @@
 
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from model_fixtures import build_all_subprocess
-from comfy_harness import EXTRA_MODEL_LINKS, FIXTURE_CACHE, MODEL_LINKS, REPO, ComfyServer, link
+from comfy_harness import EXTRA_MODEL_LINKS, FIXTURE_CACHE, MODEL_LINKS, REPO, ComfyServer, link, write_test_image
 
 
 @pytest.fixture(scope="session")
@@ -51,22 +49,6 @@ def models_client(models_server):
 @pytest.fixture(scope="session")
 def client(server):
     return server.client
-
-
-def write_test_image(path: str, width: int, height: int, seed: int = 0, mode: str = "RGB") -> str:
-    """A synthetic picture: a few flat-coloured shapes on a gradient, saved as PNG."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    img = np.stack([xx / max(width - 1, 1), yy / max(height - 1, 1), np.full_like(xx, 0.3, float)], -1)
-    for _ in range(3):
-        cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
-        r = rng.uniform(0.1, 0.25) * min(width, height)
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 1, 3)
-    pil = Image.fromarray((img * 255).astype(np.uint8))
-    if mode != "RGB":
-        pil = pil.convert(mode)
-    pil.save(path)
-    return path
 
 
 def uploader(client, folder):

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import MODEL_LINKS, REPO, ComfyServer, Graph, link, probed
-from conftest import write_test_image
+from comfy_harness import MODEL_LINKS, REPO, ComfyServer, Graph, link, probed, write_test_image
 from freeseg.app.client import ComfyError
 
 CKPT = MODEL_LINKS["sd15_ckpt"][1]
@@ -375,7 +374,7 @@ def test_non_ascii_names_round_trip(client, upload):
     assert probed(result, select)["shape"] == [1, 30, 40]
 
 
-# -- clusters and the refused model ---------------------------------------------------------------
+# -- clusters -------------------------------------------------------------------------------------
 
 def test_k_at_its_maximum_on_the_smallest_grid(client, upload):
     g = Graph()
@@ -384,17 +383,6 @@ def test_k_at_its_maximum_on_the_smallest_grid(client, upload):
     cmap = g.probe(clusters[1])
     result = client.run(g.prompt)
     assert probed(result, cmap)["shape"] == [1, 20, 24]
-
-
-def test_sd3_model_is_refused_naming_the_supported_families(client, upload):
-    g = Graph()
-    image = g.node("LoadImage", image=upload(32, 32, seed=55))
-    unet = g.node("UNETLoader", unet_name=MODEL_LINKS["sd3_unet"][1], weight_dtype="default")
-    vae = g.node("VAELoader", vae_name=MODEL_LINKS["sdxl_vae"][1])
-    feats = g.node("FreeSegDiffusionFeatures", model=unet[0], vae=vae[0], image=image[0], timestep=0,
-                   resolution=128, source="cross_attn_queries", seed=0)
-    g.probe(feats[0])
-    failed(client, g.prompt, "model", "SD3", "SD1.x, SD2.x and SDXL")
 
 
 # -- Select Mask ----------------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_non_unet_family_is_refused_with_a_clear_error(client, upload):
     with pytest.raises(ComfyError) as err:
         client.run(g.prompt)
     message = str(err.value)
-    assert "FreeSegDiffusionFeatures" in message and "SD3" in message
+    assert "FreeSegDiffusionFeatures" in message and "SD3" in message and "model: " in message
     assert "SD1.x, SD2.x and SDXL" in message
 
 

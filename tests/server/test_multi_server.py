@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import MODEL_LINKS, REPO, ComfyServer, free_port, link
+from comfy_harness import MODEL_LINKS, REPO, ComfyServer, free_port, link, write_test_image
 from freeseg.app import client as fc
 
 PYTHON = sys.executable
@@ -50,16 +50,9 @@ def runs_of(server: ComfyServer, paths: list[str]) -> int:
                for entry in server.client.get_json("/history").values())
 
 
-def picture(path: str, seed: int, width: int = 64, height: int = 48) -> str:
-    """Flat-coloured discs on a gradient (a different picture per seed)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    img = np.stack([xx / width, yy / height, np.full_like(xx, 0.3, float)], -1)
-    for _ in range(2):
-        cx, cy, r = rng.uniform(0.25, 0.75) * width, rng.uniform(0.25, 0.75) * height, rng.uniform(8, 14)
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 1, 3)
-    Image.fromarray((img * 255).astype(np.uint8)).save(path)
-    return path
+def picture(path: str, seed: int) -> str:
+    """A 64x48 test picture (a different one per seed)."""
+    return write_test_image(path, 64, 48, seed)
 
 
 @pytest.fixture(scope="module")

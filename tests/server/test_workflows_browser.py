@@ -180,7 +180,7 @@ def write_pictures(page, name: str, ui: dict) -> None:
 @pytest.fixture(scope="module")
 def example_png(client, tmp_path_factory):
     """An input image named like ComfyUI's own example.png, so the screenshots show a picture."""
-    from conftest import write_test_image
+    from comfy_harness import write_test_image
 
     path = write_test_image(str(tmp_path_factory.mktemp("example") / "example.png"), 512, 384, seed=3)
     return client.upload_image(path)
