@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -21,14 +22,22 @@ class SegmentError(RuntimeError):
     """A problem the user can fix (missing weights, bad options); printed without a traceback."""
 
 
+LABEL_CHARS = 60  # the most characters of a label that go into a file name
+
+
 def safe_label(label: str) -> str:
-    """A label as a file-name part: runs of characters
-    other than ASCII letters and digits become "_" ("potted plant" -> "potted_plant")."""
-    return re.sub(r"[^A-Za-z0-9]+", "_", str(label)).strip("_") or "mask"
+    """A label as a short, ASCII-only file-name part, the one rule for the CLI's mask files and
+    Save Segments': accents dropped (e-acute -> "e"), runs of other characters than ASCII letters
+    and digits become "_" ("potted plant" -> "potted_plant"), cut to LABEL_CHARS
+    characters; "mask" when nothing is left (an empty label, or one of only symbols or non-Latin
+    letters). The full label is kept in labels.json; the mask index in front of this part keeps
+    file names unique."""
+    text = unicodedata.normalize("NFKD", str(label)).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:LABEL_CHARS].rstrip("_") or "mask"
 
 
 def mask_file_name(index: int, label: str) -> str:
-    """``mask_<index>_<label>.png``."""
+    """``mask_<index>_<label>.png``, the label through `safe_label`."""
     return f"mask_{index}_{safe_label(label)}.png"
 
 
@@ -82,7 +91,7 @@ def segment_to_folder(pipeline: Any, image_path: str, out_dir: str,
     the results into ``out_dir`` (created if needed), through ``write_segmentation``:
 
     * ``mask_<i>_<label>.png``: one 8-bit greyscale PNG (0 / 255, mask > 0.5) per NAMED mask,
-      i = 0.. in mask order, label made file-name safe;
+      i = 0.. in mask order, label made file-name safe and short (``safe_label``);
     * ``overlay.png``: coloured masks with their names over the image;
     * ``labels.json``: the returned dict.
 
