@@ -14,11 +14,17 @@ Layout of OUT:
 ``<name>`` is the image's path relative to the folder (or to the glob's fixed part) without its
 extension, with ``/`` written ``__``; two images that would share a name (``a.jpg`` and
 ``a.png``) keep their extension (``a_jpg``, ``a_png``).
+
+A glob never follows a symbolic link to a folder (a link loop cannot list a file twice); links
+to files are listed. Bytes of a file name that are not UTF-8 (``caf\\xe9.png`` on Linux) are
+written ``\\xNN`` in ``<name>``, in the index and in messages (`shown`); the image itself is
+read under its real name.
 """
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import json
 import os
@@ -57,36 +63,77 @@ def is_batch_input(spec: str) -> bool:
     return os.path.isdir(spec) or (glob.has_magic(spec) and not os.path.isfile(spec))
 
 
+def shown(text: str) -> str:
+    """`text` as printable UTF-8: the bytes of a file name that are not UTF-8 (which Python
+    holds as surrogate escapes) written ``\\xNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _matches(parts: list[str], pattern: list[str]) -> bool:
+    """Whether a relative path (its components) matches a glob pattern (its components) as
+    ``glob.glob(recursive=True)`` would: ``**`` is any number of folders, names starting with
+    ``.`` match only a pattern part starting with ``.``."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return _matches(parts, rest) or (bool(parts) and not parts[0].startswith(".")
+                                         and _matches(parts[1:], pattern))
+    return (bool(parts) and (head.startswith(".") or not parts[0].startswith("."))
+            and fnmatch.fnmatchcase(parts[0], head) and _matches(parts[1:], rest))
+
+
+def glob_files(spec: str) -> tuple[list[str], str]:
+    """(files matching the glob `spec`, the folder its fixed part names). Like
+    ``glob.glob(spec, recursive=True)``, but symbolic links to folders are never followed, so a
+    link loop cannot list a file many times."""
+    parts = os.path.normpath(spec).split(os.sep)
+    fixed = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    pattern = parts[len(fixed):]
+    root = os.sep.join(fixed) or (os.sep if spec.startswith(os.sep) else ".")
+    found = []
+    for folder, dirs, files in os.walk(root):  # followlinks=False: linked folders are not entered
+        rel = [] if folder == root else os.path.relpath(folder, root).split(os.sep)
+        if "**" not in pattern and len(rel) >= len(pattern) - 1:
+            dirs.clear()  # deep enough for a pattern without **
+        for name in files:
+            if _matches(rel + [name], pattern):
+                found.append(os.path.join(folder, name) if fixed else os.path.join(*rel, name))
+    return found, root
+
+
 def list_images(spec: str, exclude: Optional[str] = None) -> tuple[list[str], str]:
     """(image paths sorted, the root their names are relative to) for a folder (its image
-    files, not its sub-folders) or a glob (``**`` matches sub-folders). Files under `exclude`
-    (the output folder) are left out. BatchError when nothing matches."""
+    files, not its sub-folders) or a glob (``**`` matches sub-folders; `glob_files`). Files
+    under `exclude` (the output folder) are left out. BatchError when nothing matches."""
     skip = os.path.abspath(exclude) + os.sep if exclude else None
     if os.path.isdir(spec):
         root = spec
         paths = [os.path.join(spec, n) for n in os.listdir(spec)]
     else:
-        paths = glob.glob(spec, recursive=True)
-        fixed = []
-        for part in os.path.normpath(spec).split(os.sep):
-            if glob.has_magic(part):
-                break
-            fixed.append(part)
-        root = os.sep.join(fixed) or (os.sep if spec.startswith(os.sep) else ".")
+        paths, root = glob_files(spec)
     found = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)
                    and not (skip and os.path.abspath(p).startswith(skip)))
     if not found:
         what = "image files in the folder" if os.path.isdir(spec) else "images match the pattern"
-        raise BatchError(f"no {what} {spec} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        raise BatchError(f"no {what} {shown(spec)} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return found, root
 
 
 def plan(paths: list[str], root: str, out_dir: str) -> list[Item]:
-    """One Item per image: folder names as the module docstring says (unique, stable)."""
+    """One Item per image: folder names as the module docstring says (unique, stable; the
+    image keeps its real path)."""
     stems = []
     for p in paths:
         rel = os.path.relpath(p, root)
-        stems.append(os.path.splitext(rel)[0].replace(os.sep, "__").replace("/", "__"))
+        stems.append(shown(os.path.splitext(rel)[0]).replace(os.sep, "__").replace("/", "__"))
     clash = {s for s in stems if stems.count(s) > 1}
     items = []
     for p, stem in zip(paths, stems):
@@ -116,7 +163,7 @@ def is_done(item: Item, key: str) -> bool:
 
 def mark_done(item: Item, key: str) -> None:
     """Write ``done.json`` (last, atomically) once the image's folder is complete."""
-    marker = {"image": item.image, "image_file": image_signature(item.image), "key": key}
+    marker = {"image": shown(item.image), "image_file": image_signature(item.image), "key": key}
     tmp = os.path.join(item.folder, DONE_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(marker, indent=2) + "\n")
@@ -179,7 +226,7 @@ class BatchProgress:
             self.failed += error is not None
             if error is not None:
                 prefix = "\r" + " " * 110 + "\r" if self.tty and self.enabled else ""
-                print(f"{prefix}error: {item.image}: {one_line(error)}", file=self.stream, flush=True)
+                print(f"{prefix}error: {shown(item.image)}: {one_line(shown(error))}", file=self.stream, flush=True)
             if not self.enabled:
                 return
             line = self.line()
@@ -248,13 +295,14 @@ def run_batch(items: list[Item], segment: Callable[[Item], dict], key: str, thre
 def index_entries(items: list[Item], key: str, failures: dict[str, str], out_dir: str) -> list[dict]:
     """One entry per item, in input order: ``{"image", "folder", "status", "error", "caption",
     "masks": [{"index", "label", "score", "area", "bbox", "file"}]}`` (file relative to OUT).
-    An item neither done nor failed (interrupted run) has status ``"not done"``."""
+    An item neither done nor failed (interrupted run) has status ``"not done"``. Image paths and
+    errors are `shown` (printable UTF-8)."""
     entries = []
     for item in items:
-        entry = {"image": item.image, "folder": item.name, "status": "not done", "error": "", "caption": "",
-                 "masks": []}
+        entry = {"image": shown(item.image), "folder": item.name, "status": "not done", "error": "",
+                 "caption": "", "masks": []}
         if item.image in failures:
-            entry.update(status="failed", error=one_line(failures[item.image]))
+            entry.update(status="failed", error=one_line(shown(failures[item.image])))
         elif is_done(item, key):
             with open(os.path.join(item.folder, "labels.json"), encoding="utf-8") as f:
                 doc = json.load(f)

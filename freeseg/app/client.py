@@ -40,8 +40,9 @@ class ComfyError(RuntimeError):
 
 
 class ComfyConnectionError(ComfyError):
-    """The server could not be reached, or the connection to it broke (the server is down, not
-    the request at fault): a caller with several servers retries elsewhere."""
+    """The server could not be reached, the connection to it broke, or it answered something
+    that is not ComfyUI's JSON (the server is at fault, not the request): a caller with several
+    servers retries elsewhere."""
 
 
 class ComfyClient:
@@ -77,14 +78,24 @@ class ComfyClient:
         except (ConnectionError, TimeoutError) as e:  # reset / timed out while reading the answer
             raise ComfyConnectionError(f"lost the connection to the ComfyUI server at {self.url}: {e}") from None
 
+    def _decode(self, method: str, path: str, body: bytes) -> Any:
+        """The JSON of an answer; ComfyConnectionError naming the URL when it is not JSON (not a
+        ComfyUI server, or a proxy's error page)."""
+        try:
+            return json.loads(body)
+        except ValueError:
+            start = one_line(body[:120].decode("utf-8", "replace"))
+            raise ComfyConnectionError(f"the server at {self.url} is not a ComfyUI server: it answered {method} "
+                                       f"{path} with something that is not JSON ({start!r})") from None
+
     def get_json(self, path: str) -> Any:
         """GET `path` and decode its JSON body."""
-        return json.loads(self._request(path))
+        return self._decode("GET", path, self._request(path))
 
     def post_json(self, path: str, payload: Any) -> Any:
         """POST `payload` as JSON to `path` and decode the JSON answer (None if empty)."""
         body = self._request(path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-        return json.loads(body) if body.strip() else None
+        return self._decode("POST", path, body) if body.strip() else None
 
     def is_up(self) -> bool:
         """True when the server answers ``/system_stats``."""
@@ -95,8 +106,14 @@ class ComfyClient:
             return False
 
     def object_info(self, node_class: Optional[str] = None) -> dict:
-        """The node definitions the server declares (all, or one class)."""
-        return self.get_json("/object_info" + (f"/{node_class}" if node_class else ""))
+        """The node definitions the server declares (all, or one class); ComfyConnectionError
+        when the answer is not a JSON object (not a ComfyUI server)."""
+        path = "/object_info" + (f"/{node_class}" if node_class else "")
+        info = self.get_json(path)
+        if not isinstance(info, dict):
+            raise ComfyConnectionError(f"the server at {self.url} is not a ComfyUI server: GET {path} answered a "
+                                       f"JSON {type(info).__name__}, not an object")
+        return info
 
     def upload_image(self, path: str, name: Optional[str] = None, overwrite: bool = True) -> str:
         """Upload an image file to the server's input folder; returns the name to give LoadImage."""
@@ -114,7 +131,10 @@ class ComfyClient:
         ]
         body = self._request("/upload/image", b"".join(parts),
                              {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        info = json.loads(body)
+        info = self._decode("POST", "/upload/image", body)
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+            raise ComfyConnectionError(f"the server at {self.url} is not a ComfyUI server: POST /upload/image "
+                                       "answered no file name")
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
     def queue(self, prompt: dict, strict: bool = False) -> str:
@@ -123,8 +143,13 @@ class ComfyClient:
 
         ComfyUI queues the outputs that validate and reports the others in ``node_errors``; with
         `strict`, such a partly valid prompt is taken off the queue again (or interrupted) and
-        raises ComfyError like a rejected one."""
+        raises ComfyError like a rejected one. The prompt is checked first (`check_prompt`): one
+        that could stop the server's prompt worker is never sent."""
+        check_prompt(prompt, "the prompt")
         answer = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        if not isinstance(answer, dict) or not isinstance(answer.get("prompt_id"), str):
+            raise ComfyConnectionError(f"the server at {self.url} is not a ComfyUI server: POST /prompt answered no "
+                                       "prompt id")
         prompt_id = answer["prompt_id"]
         if strict and answer.get("node_errors"):
             self.cancel(prompt_id)
@@ -251,9 +276,28 @@ MODEL_CHOICES = {
 }
 
 
+def check_prompt(prompt: Any, what: str) -> None:
+    """ComfyError unless `prompt` is an API-format prompt: a non-empty object whose every node is
+    an object with a ``class_type`` string and an ``inputs`` object. ComfyUI 0.3.75 answers HTTP
+    200 to a prompt with a node without ``inputs`` (or ``inputs: null``), and its prompt worker
+    thread dies on it: the server still answers but never runs another prompt. `what` names the
+    prompt in the message (e.g. the workflow file)."""
+    if not isinstance(prompt, dict) or not prompt:
+        raise ComfyError(f"{what} is not an API-format workflow ({{node_id: {{class_type, inputs}}}})")
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict):
+            raise ComfyError(f"{what}: node {node_id!r} is not an object ({{class_type, inputs}})")
+        if not isinstance(node.get("class_type"), str) or not node["class_type"]:
+            raise ComfyError(f"{what}: node {node_id!r} has no class_type string")
+        if not isinstance(node.get("inputs"), dict):
+            raise ComfyError(f"{what}: node {node_id!r} ({node['class_type']}) has no inputs object (an empty one "
+                             "is {}): refused, as ComfyUI stops running prompts after such a node")
+
+
 def load_workflow(path: str) -> dict:
-    """An API-format workflow from a JSON file; ComfyError for a missing file, bad JSON or a
-    UI-format workflow (which ComfyUI's /prompt does not take)."""
+    """An API-format workflow from a JSON file (checked by `check_prompt`); ComfyError for a
+    missing file, bad JSON, a UI-format workflow (which ComfyUI's /prompt does not take) or a
+    malformed node."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -264,11 +308,7 @@ def load_workflow(path: str) -> dict:
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise ComfyError(f"{path} is a UI workflow: export it in API format (Workflow > Export (API)) "
                          "or use the file under workflows/api/")
-    if not isinstance(data, dict) or not data or not all(
-            isinstance(n, dict) and "class_type" in n for n in data.values()):
-        raise ComfyError(f"{path} is not an API-format workflow ({{node_id: {{class_type, inputs}}}})")
-    for node in data.values():
-        node.setdefault("inputs", {})
+    check_prompt(data, f"the workflow {path}")
     return data
 
 

@@ -18,8 +18,9 @@ Failures (`run`):
 * the server refuses the prompt (``node_errors``: the workflow or an input is wrong) and any
   other exception: raised at once, no retry (every server would refuse it alike).
 
-When no live server is left that has not tried the request, `NoServerLeft` is raised with
-every server's error.
+When no live server is left that has not tried the request, the error of the one server that
+tried it is raised as it is (the real reason), or `NoServerLeft` with every server's error when
+several tried it (or none is left).
 """
 
 from __future__ import annotations
@@ -117,12 +118,15 @@ class ServerPool:
             self.warn(f"dropping {server.url}: {e}")
 
     # -- requests ---------------------------------------------------------------------------
-    def _acquire(self, tried: set[str], errors: list[str]) -> tuple[Server, ComfyClient]:
+    def _acquire(self, tried: set[str], errors: list[tuple[str, ComfyError]]) -> tuple[Server, ComfyClient]:
         with self._cond:
             while True:
                 candidates = [s for s in self.servers if s.alive and s.url not in tried]
+                if len(errors) == 1 and not candidates:
+                    raise errors[0][1]
                 if not candidates:
-                    raise NoServerLeft("no ComfyUI server left to try: " + ("; ".join(errors) or "all are down"))
+                    tried_on = "; ".join(f"{url}: {one_line(str(e))}" for url, e in errors)
+                    raise NoServerLeft("no ComfyUI server left to try: " + (tried_on or "all are down"))
                 ready = [s for s in candidates if s.free]
                 if ready:
                     server = max(ready, key=lambda s: len(s.free))  # the least busy one
@@ -139,7 +143,7 @@ class ServerPool:
         """`request(client, object_info)` on a free slot of a live server; retried on other
         servers as the module docstring says. Returns what `request` returns."""
         tried: set[str] = set()
-        errors: list[str] = []
+        errors: list[tuple[str, ComfyError]] = []  # (server URL, its error)
         while True:
             server, client = self._acquire(tried, errors)
             done = False
@@ -148,13 +152,13 @@ class ServerPool:
                 done = True
                 return result
             except ComfyConnectionError as e:
-                errors.append(f"{server.url}: {one_line(str(e))}")
+                errors.append((server.url, e))
                 tried.add(server.url)
                 self.mark_down(server, f"{server.url} failed: {e}")
             except ComfyError as e:
                 if "node_errors" in e.details:
                     raise
-                errors.append(f"{server.url}: {one_line(str(e))}")
+                errors.append((server.url, e))
                 tried.add(server.url)
             finally:
                 self._release(server, client, done)

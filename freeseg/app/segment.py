@@ -44,7 +44,7 @@ from PIL import Image
 
 from ..model_files import model_entries
 from .batch import (EXIT_SOME_FAILED, BatchError, Item, index_entries, is_batch_input, list_images, plan,
-                    run_batch, write_index)
+                    run_batch, shown, write_index)
 from .client import (DEFAULT_WORKFLOW, ComfyError, add_workflow_arguments, load_workflow,
                      missing_node_types, one_line, report_error, workflow_settings)
 from .output import SegmentError, segment_to_folder
@@ -184,12 +184,20 @@ def workflow_job(args: argparse.Namespace, models: dict, overrides: list, class_
 def segment_on_servers(urls: list[str], args: argparse.Namespace, models: dict, overrides: list,
                        class_names: Optional[str]) -> dict:
     """Run the workflow for the one image on the first server that answers and can run it
-    (the others are tried when it fails) and write the output folder; the labels document."""
+    (the others are tried when it fails) and write the output folder; the labels document.
+    A failure of the image's run names the image file (not the server's copy of it)."""
     pool = ServerPool(urls, per_server=1)
     pool.connect()
     job = workflow_job(args, models, overrides, class_names)
     check_servers(pool, job)
-    result = pool.run(lambda client, info: job.run(client, info, args.image, quiet=args.quiet))
+    try:
+        result = pool.run(lambda client, info: job.run(client, info, args.image, quiet=args.quiet))
+    except ComfyError as e:
+        if "node_errors" in e.details:  # the workflow is at fault, not the image
+            raise
+        error = type(e)(f"{shown(args.image)}: {e}", e.details)
+        error.prompt = e.prompt
+        raise error from None
     return result.write(args.out, args.image)
 
 
@@ -221,11 +229,11 @@ def embedded_server(args: argparse.Namespace, models: dict, class_names: Optiona
         print(f"starting ComfyUI from {comfy_dir} ({'CPU' if cpu else 'GPU'}; models: {models_dir}) ...",
               file=sys.stderr, flush=True)
         server = ComfyServer(base, comfy_dir=comfy_dir, python=python, cpu=cpu)
-        try:
-            server.start(timeout=args.startup_timeout)
-        except RuntimeError as e:
-            raise SegmentError(f"the embedded ComfyUI did not start: {e}") from None
-        try:
+        try:  # stopped whatever happens, Ctrl-C while it starts included
+            try:
+                server.start(timeout=args.startup_timeout)
+            except RuntimeError as e:
+                raise SegmentError(f"the embedded ComfyUI did not start: {e}") from None
             missing = missing_node_types(load_workflow(args.workflow), server.client.object_info())
             if missing:
                 errors = [ln for ln in server.log().splitlines() if "error" in ln.lower() or "freeseg" in ln.lower()]
@@ -333,12 +341,25 @@ def segment_batch_on_servers(items: list[Item], urls: list[str], args: argparse.
 
 
 def check_image(path: str) -> None:
-    """SegmentError when `path` is not a readable image (before any server sees it)."""
+    """SegmentError when `path` is not a readable image, a truncated one included (before any
+    server sees it); the one check of single-image and folder runs."""
     try:
         with Image.open(path) as im:
             im.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SegmentError(f"cannot read the image {path}: {one_line(str(e))}") from None
+        raise SegmentError(f"cannot read the image {shown(path)}: {one_line(str(e))}") from None
+
+
+def out_folder_error(out: str) -> Optional[str]:
+    """Why `out` cannot be the output folder (it, or a folder above it, is an existing file),
+    or None."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "is" if path == os.path.abspath(out) else f"is inside {shown(path)}, which is"
+        return f"--out {shown(out)} {what} an existing file, not a folder"
+    return None
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -390,10 +411,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.per_server < 1:
         print("error: --per-server must be >= 1", file=sys.stderr)
         return 2
+    problem = out_folder_error(args.out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     batch = not os.path.isfile(args.image) and is_batch_input(args.image)
     if not batch and not os.path.isfile(args.image):
-        print(f"error: no image file {args.image}", file=sys.stderr)
+        print(f"error: no image file {shown(args.image)}", file=sys.stderr)
         return 1
+    if not batch:
+        try:
+            check_image(args.image)
+        except SegmentError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     items: list[Item] = []
     if batch:
         try:
@@ -409,6 +440,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print_notice(RANDOM_NOTICE + (f"Class names: {class_names}",))
     try:
         models, overrides = workflow_settings(args)
+        if args.backend == "comfyui":
+            load_workflow(args.workflow)  # a malformed workflow is refused before any server is used
         if batch:
             entries, failures = segment_batch(items, args, models, overrides, class_names)
         elif args.backend == "diffusers":

@@ -100,7 +100,8 @@ class ComfyServer:
 
     def start(self, timeout: float = 120.0) -> "ComfyServer":
         """Start the server and wait until it answers; RuntimeError (with the end of its log)
-        when it exits or does not answer within `timeout` seconds."""
+        when it exits or does not answer within `timeout` seconds. Whatever stops the wait (an
+        error, Ctrl-C) stops the server first."""
         if not os.path.isfile(os.path.join(self.comfy_dir, "main.py")):
             raise RuntimeError(f"no ComfyUI main.py in {self.comfy_dir}: run scripts/setup_env.sh to build the "
                                "project's environment, or point to a ComfyUI install")
@@ -113,17 +114,18 @@ class ComfyServer:
                  else {"start_new_session": True})
         self.proc = subprocess.Popen(self.command(), cwd=self.comfy_dir, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, **group)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self._close_log()
-                raise RuntimeError(f"ComfyUI exited with {code}:\n{self.log()[-4000:]}")
-            if self.client.is_up():
-                return self
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log()[-4000:]}")
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+                if self.client.is_up():
+                    return self
+                time.sleep(0.25)
+            raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log()[-4000:]}")
+        except BaseException:
+            self.stop()
+            raise
 
     def log(self) -> str:
         """Everything the server printed so far."""
@@ -139,7 +141,8 @@ class ComfyServer:
             self._log = None
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM to its process group, SIGKILL after 20 s)."""
+        """Stop the server (SIGTERM to its process group, SIGKILL after 20 s, or at once when
+        the wait is interrupted)."""
         if self.proc is not None and self.proc.poll() is None:
             if os.name == "nt":
                 self.proc.terminate()
@@ -157,6 +160,9 @@ class ComfyServer:
                     self.proc.wait(timeout=10)
                 except ProcessLookupError:
                     pass
+                except BaseException:  # interrupted while waiting (a second Ctrl-C): never leave it running
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    raise
         self._close_log()
 
     def __enter__(self) -> "ComfyServer":

@@ -11,6 +11,8 @@ import copy
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -61,7 +63,98 @@ def renumbered(prompt: dict, offset: int = 100) -> dict:
     return out
 
 
+def serve(handler) -> tuple[HTTPServer, str]:
+    """A stand-in HTTP server on loopback (its own thread); (server, URL). Shut it down after."""
+    httpd = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def truncated_jpeg(path: str) -> str:
+    """A JPEG cut off halfway (PIL opens it, but cannot load its pixels)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    with open(path, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return path
+
+
+def without_inputs(path: str, how: str) -> str:
+    """freeseg_full plus a node "99" with no `inputs` (how="missing") or `inputs: null` (how="null")."""
+    with open(WORKFLOW, encoding="utf-8") as f:
+        workflow = json.load(f)
+    workflow["99"] = {"class_type": "PreviewAny"} if how == "missing" else {"class_type": "PreviewAny", "inputs": None}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(workflow, f)
+    return path
+
+
 # -- no server --------------------------------------------------------------------------------------
+
+
+def test_prompts_with_a_node_without_inputs_are_never_sent(tmp_path):
+    """ComfyUI 0.3.75 answers HTTP 200 to such a prompt and its prompt worker dies: the client
+    refuses it before any request, naming the node."""
+    good = {"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}}
+    fc.check_prompt(good, "p")
+    for node, why in (({"class_type": "PreviewAny"}, "node '2' (PreviewAny) has no inputs object"),
+                      ({"class_type": "PreviewAny", "inputs": None}, "node '2' (PreviewAny) has no inputs object"),
+                      ({"class_type": "PreviewAny", "inputs": []}, "node '2' (PreviewAny) has no inputs object"),
+                      ({"inputs": {}}, "node '2' has no class_type string"),
+                      ("PreviewAny", "node '2' is not an object")):
+        prompt = dict(good, **{"2": node})
+        with pytest.raises(fc.ComfyError, match="^" + re.escape(f"the prompt: {why}")):
+            fc.ComfyClient("http://127.0.0.1:9").queue(prompt)  # nothing listens there: refused before sending
+    for how in ("missing", "null"):
+        path = without_inputs(str(tmp_path / f"{how}.json"), how)
+        with pytest.raises(fc.ComfyError, match=f"^the workflow {path}: node '99' \\(PreviewAny\\) has no inputs"):
+            fc.load_workflow(path)
+
+
+def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, image):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep me")
+    dead = "http://127.0.0.1:9"  # never asked: the check comes first
+    for out, what in ((taken, "is an existing file"), (taken / "sub", f"is inside {taken}, which is an existing file")):
+        for source in (image, os.path.dirname(image)):
+            result = cli("freeseg", "segment", source, "--out", str(out), "--url", dead, timeout=60)
+            assert result.returncode == 2 and not result.stdout, result.stderr
+            assert result.stderr.strip().splitlines() == [f"error: --out {out} {what}, not a folder"]
+    assert taken.read_text() == "keep me"
+
+
+class _NotComfyServer(BaseHTTPRequestHandler):
+    """A stand-in for a web server that is no ComfyUI: HTML to every request."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        body = b"<html><body>Welcome to nginx!</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_answers_no_json_is_named(tmp_path, image):
+    httpd, url = serve(_NotComfyServer)
+    try:
+        runs = [cli("freeseg", "segment", image, "--out", str(tmp_path / "one"), "--url", url, timeout=60),
+                cli("freeseg", "segment", os.path.dirname(image), "--out", str(tmp_path / "dir"), "--url", url,
+                    timeout=60),
+                cli("freeseg.app.client", image, "--url", url, "--out", str(tmp_path / "client"), timeout=60)]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    for result in runs:
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: the server at {url} is not a ComfyUI server: it answered GET /object_info "
+                               "with something that is not JSON ('<html><body>Welcome to nginx!"), line
+    assert not any((tmp_path / d).exists() for d in ("one", "dir", "client"))
+
 
 
 def test_missing_node_types_are_named():
@@ -162,7 +255,7 @@ def test_output_folder_layout(tmp_path):
     assert m.mode == "L" and m.size == (6, 4) and set(np.unique(np.asarray(m))) == {0, 255}
 
 
-def test_missing_weights_say_what_to_put_where(tmp_path):
+def test_missing_weights_say_what_to_put_where(tmp_path, image):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "a.safetensors").write_bytes(b"")
     with pytest.raises(Exception) as err:
@@ -171,8 +264,8 @@ def test_missing_weights_say_what_to_put_where(tmp_path):
     assert f"{tmp_path}/blip/<name>/ (config.json" in text and f"{tmp_path}/blip2/<name>/" in text
     assert f"{tmp_path}/open_clip/<name>/ (open_clip_config.json, open_clip_model.safetensors" in text
     assert "checkpoints/" not in text.split("\n", 1)[1]  # the checkpoint is there
-    result = cli("freeseg", "segment", os.path.join(REPO, "README.md"), "--out", str(tmp_path / "o"),
-                 "--models", str(tmp_path), "--clip", "x", timeout=60)
+    result = cli("freeseg", "segment", image, "--out", str(tmp_path / "o"), "--models", str(tmp_path),
+                 "--clip", "x", timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "--clip 'x': not in" in result.stderr
 
@@ -319,6 +412,121 @@ def test_rejected_prompt_prints_node_errors(server, tmp_path, image):
     while server.client.get_json("/queue") != {"queue_running": [], "queue_pending": []}:
         assert time.monotonic() < deadline, "the partly valid prompt was left on the server's queue"
         time.sleep(0.2)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names are bytes and links are plain on POSIX only")
+def test_folder_with_a_link_loop_a_non_utf8_name_and_a_truncated_jpeg(server, tmp_path, image):
+    """A `**` glob over a folder that links back to itself: each file once; caf\\xe9.png (not
+    UTF-8) is segmented and the index is written; a truncated JPEG fails alone with its reason,
+    and single-image mode refuses it with the same reason."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    with open(os.fsencode(str(root)) + b"/caf\xe9.png", "wb") as f:
+        Image.open(image).save(f, format="PNG")
+    broken = truncated_jpeg(str(root / "sub" / "truncated.jpg"))
+    os.symlink(str(root), str(root / "sub" / "loop"))
+    out = tmp_path / "out"
+    result = cli("freeseg", "segment", str(root / "**" / "*.*"), "--out", str(out), "--url", server.url,
+                 "--class-names", CLASS_NAMES, "--quiet", *FAST)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    index = json.loads((out / "index.json").read_text(encoding="utf-8"))
+    assert [(e["image"], e["folder"], e["status"]) for e in index["images"]] == [
+        (f"{root}/caf\\xe9.png", "caf\\xe9", "done"), (broken, "sub__truncated", "failed")]
+    assert index["images"][0]["masks"] and (out / "caf\\xe9" / "labels.json").is_file()
+    reason = f"cannot read the image {broken}: image file is truncated"
+    assert index["images"][1]["error"].startswith(reason)
+    rows = (out / "index.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 1 + len(index["images"][0]["masks"]) + 1
+    assert rows[-1].startswith(f"{broken},sub__truncated,failed")
+
+    # One image: the same check, the same reason, before any upload; a file that is no image
+    # names the user's file, not the server's copy of it.
+    (tmp_path / "bad.png").write_bytes(b"this is not a PNG")
+    for path, why in ((broken, reason), (str(tmp_path / "bad.png"), f"cannot read the image {tmp_path}/bad.png: ")):
+        single = cli("freeseg", "segment", path, "--out", str(tmp_path / "single"), "--url", server.url, "--quiet",
+                     timeout=60)
+        assert single.returncode == 1 and "Traceback" not in single.stderr, single.stderr
+        (line,) = single.stderr.strip().splitlines()
+        assert line.startswith(f"error: {why}") and "freeseg-" not in line and "left to try" not in line, line
+        assert not (tmp_path / "single").exists()
+
+
+def test_a_workflow_node_without_inputs_is_never_sent(server, tmp_path, image, upload):
+    """A --workflow with a node without inputs (or inputs: null) is refused before anything is
+    sent, naming the node; the server goes on running prompts (ComfyUI 0.3.75 would have lost its
+    prompt worker)."""
+    before = len(server.client.get_json("/history"))
+    for how, command in (("missing", ("freeseg.app.client", image, "--url", server.url, "--out", str(tmp_path / "c"))),
+                         ("null", ("freeseg", "segment", image, "--out", str(tmp_path / "s"), "--url", server.url))):
+        path = without_inputs(str(tmp_path / f"{how}.json"), how)
+        result = cli(*command, "--workflow", path, timeout=60)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: the workflow {path}: node '99' (PreviewAny) has no inputs object"), line
+    assert len(server.client.get_json("/history")) == before  # nothing was queued
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": upload(32, 24, seed=5)}},
+              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    assert server.client.run(prompt, timeout=60)["outputs"]["2"]["images"]  # the prompt worker still runs
+
+
+def comfy_processes(base: str) -> dict[int, str]:
+    """{pid: command line} of the live processes whose command line names `base` (Linux /proc)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if base in cmdline and "main.py" in cmdline and not zombie:
+            found[int(pid)] = cmdline
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ComfyUI process through /proc")
+def test_ctrl_c_while_the_embedded_server_starts_stops_it(model_files, tmp_path, image):
+    """SIGINT to the command while its embedded ComfyUI is still starting: exit 130, and no
+    ComfyUI process of it is left running."""
+    proc = subprocess.Popen([PYTHON, "-m", "freeseg", "segment", image, "--out", str(tmp_path / "o"),
+                             "--random-weights", "--cpu", *FAST], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    children: dict[int, str] = {}
+    base = None
+    try:
+        deadline = time.monotonic() + 300
+        while not children:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            starting = [ln for ln in list(lines) if ln.startswith("starting ComfyUI from")]
+            if starting and base is None:
+                base = starting[0].split("models: ", 1)[1].rsplit("/models)", 1)[0]
+            children = comfy_processes(base) if base else {}
+            time.sleep(0.05)
+        log = os.path.join(base, "server.log")
+        while not os.path.getsize(log):  # ComfyUI is under way (it outlived an early interruption by seconds)
+            assert time.monotonic() < deadline, "the embedded ComfyUI printed nothing"
+            time.sleep(0.05)
+        (pid, cmdline), = children.items()
+        port = cmdline.split("--port ", 1)[1].split()[0]
+        assert not fc.ComfyClient(f"http://127.0.0.1:{port}", timeout=2).is_up()  # still starting
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        reader.join(timeout=10)
+        assert "error: interrupted" in "".join(lines) and "Traceback" not in "".join(lines), "".join(lines)
+        assert not comfy_processes(base), "the embedded ComfyUI outlived the command"
+        assert not os.path.exists(base)  # its temporary base folder is gone too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in comfy_processes(base) if base else {}:  # never leave a server behind
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def test_segment_cli_embedded_random_weights(model_files, tmp_path, image):

@@ -55,6 +55,72 @@ def test_folder_and_glob_listing_and_unique_names(tmp_path):
         batch.list_images(str(out))  # its only image is in a sub-folder
 
 
+def test_globs_never_follow_folder_links(tmp_path):
+    """A `**` glob over a folder that links back to itself lists each file once (glob.glob
+    followed the loop and listed one picture 28 times); a link to a file is listed."""
+    src = tmp_path / "src"
+    touch_image(src / "one.png")
+    touch_image(src / "sub" / "two.jpg")
+    touch_image(src / ".hidden" / "three.png")  # as glob: ** does not enter hidden folders
+    os.symlink(str(src), str(src / "sub" / "loop"))
+    os.symlink(str(src / "one.png"), str(src / "sub" / "alias.png"))
+    paths, root = batch.list_images(str(src / "**" / "*.*"))
+    assert root == str(src)
+    assert [os.path.relpath(p, src) for p in paths] == ["one.png", "sub/alias.png", "sub/two.jpg"]
+    assert [os.path.relpath(p, src) for p in batch.list_images(str(src / "*" / "*.jpg"))[0]] == ["sub/two.jpg"]
+    assert [os.path.relpath(p, src) for p in batch.list_images(str(src / ".*" / "*.png"))[0]] == [
+        ".hidden/three.png"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names are bytes on POSIX only")
+def test_file_names_that_are_not_utf8(tmp_path):
+    """caf\\xe9.png (Latin-1 bytes) in a folder: its folder name, index rows and messages write
+    the byte as \\xNN, and the index (CSV and JSON) is written."""
+    src = tmp_path / "in"
+    src.mkdir()
+    good = os.fsencode(str(src)) + b"/caf\xe9.png"
+    bad = os.fsencode(str(src)) + b"/b\xe4d.png"
+    try:
+        with open(good, "wb") as f:
+            Image.new("RGB", (8, 6)).save(f, format="PNG")
+    except OSError:
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    paths, root = batch.list_images(str(src))
+    items = batch.plan(paths, root, str(tmp_path / "out"))
+    assert [it.name for it in items] == ["b\\xe4d", "caf\\xe9"]
+    assert [os.fsencode(it.image) for it in items] == [bad, good]  # read under its real name
+
+    def segment(item):
+        try:
+            with Image.open(item.image) as im:  # the real file
+                im.load()
+        except OSError:
+            raise ValueError(f"cannot read the image {item.image}") from None  # the name as Python holds it
+        os.makedirs(item.folder, exist_ok=True)
+        doc = {"caption": "", "masks": [{"index": 0, "file": "mask_0_dog.png", "label": "dog", "score": 1.0,
+                                         "area": 1, "bbox": None}]}
+        with open(os.path.join(item.folder, "labels.json"), "w") as f:
+            json.dump(doc, f)
+        return doc
+
+    stream = io.StringIO()
+    failures = batch.run_batch(items, segment, "key", stream=stream)
+    assert list(failures) == [items[0].image] and os.path.isdir(os.path.join(str(tmp_path / "out"), "caf\\xe9"))
+    assert f"error: {src}/b\\xe4d.png: " in stream.getvalue()
+    entries = batch.index_entries(items, "key", failures, str(tmp_path / "out"))
+    summary = batch.write_index(str(tmp_path / "out"), entries)
+    assert (summary["done"], summary["failed"]) == (1, 1)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "index.csv", encoding="utf-8")))
+    assert [(r["image"], r["folder"], r["status"], r["mask_file"]) for r in rows] == [
+        (f"{src}/b\\xe4d.png", "b\\xe4d", "failed", ""),
+        (f"{src}/caf\\xe9.png", "caf\\xe9", "done", "caf\\xe9/mask_0_dog.png")]
+    assert rows[0]["error"] == f"cannot read the image {src}/b\\xe4d.png"
+    index = json.loads((tmp_path / "out" / "index.json").read_text(encoding="utf-8"))
+    assert [e["image"] for e in index["images"]] == [r["image"] for r in rows]
+
+
 def test_done_marker_resume_and_invalidation(tmp_path):
     image = touch_image(tmp_path / "in" / "x.png")
     (item,) = batch.plan([image], str(tmp_path / "in"), str(tmp_path / "out"))
@@ -188,6 +254,17 @@ def test_pool_failover():
     with pytest.raises(ComfyError) as err:
         pool.run(lambda c, i: tried.append(i["url"]) or (_ for _ in ()).throw(rejected))
     assert err.value is rejected and len(tried) == 1  # the workflow is wrong: no retry
+
+
+def test_pool_with_one_server_raises_its_own_error():
+    """One server that fails an image: its own error (the real reason), not "no ComfyUI server
+    left to try"."""
+    pool = pool_of("http://a", per_server=1)
+    failed = ComfyError("node 1 (LoadImage) failed: cannot identify image file")
+    with pytest.raises(ComfyError) as err:
+        pool.run(lambda c, i: (_ for _ in ()).throw(failed))
+    assert err.value is failed and not isinstance(err.value, NoServerLeft)
+    assert len(pool.live) == 1 and pool.run(lambda c, i: "ok") == "ok"  # still in use
 
 
 def test_pool_connect_drops_unreachable_servers(monkeypatch):
