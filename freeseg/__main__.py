@@ -13,7 +13,7 @@ import sys
 
 COMMANDS = {
     "segment": "freeseg.app.segment",
-    "eval": "freeseg.eval.evaluate",
+    "eval": "freeseg.eval.cli",
 }
 
 

@@ -30,6 +30,7 @@ No torch or ComfyUI import here: numpy and PIL only.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -206,6 +207,12 @@ class Sample:
     stem: str
     image_path: Path
     label_path: Path
+
+    @property
+    def safe_stem(self) -> str:
+        """The stem with every character other than letters, digits and ``._-`` as ``_``: the
+        name of the files the evaluator writes for this image (cache entry, saved prediction)."""
+        return re.sub(r"[^A-Za-z0-9._-]", "_", self.stem)
 
 
 @dataclass

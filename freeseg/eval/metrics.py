@@ -21,18 +21,20 @@ classes present in that image's ground truth only (a class predicted but absent 
 image's ground truth does not enter that image's mean, though its pixels still lower the IoU
 of the true class as FN), the image's mIoU = mean over those classes; then the mean over
 images (NaN images, with no valid ground-truth pixel, are skipped: numpy nanmean).
+``PerImageScores`` accumulates it image by image, with the per-class variant (mean IoU_c
+over the images whose ground truth contains c) and the count of those images.
 
 numpy only.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 
 __all__ = [
-    "confusion_matrix", "dataset_miou", "image_miou", "iou_per_class", "per_class_iou_per_image",
+    "PerImageScores", "confusion_matrix", "dataset_miou", "image_miou", "iou_per_class",
     "per_image_miou", "pixel_accuracy",
 ]
 
@@ -129,23 +131,47 @@ def per_image_miou(cms: Iterable[np.ndarray]) -> tuple[float, np.ndarray]:
     return _nanmean(values), values
 
 
-def per_class_iou_per_image(cms: Iterable[np.ndarray], num_classes: Optional[int] = None) -> np.ndarray:
-    """Per class: mean of the per-image IoU_c over the images whose GT contains c. ``[C]``."""
-    sums: Optional[np.ndarray] = None
-    counts: Optional[np.ndarray] = None
-    for cm in cms:
+class PerImageScores:
+    """The official per-image metrics of a split, fed one image at a time.
+
+    ``add(cm)`` takes one image's ``[C, C+1]`` confusion matrix and returns its ``image_miou``.
+    Only ``[C]`` running sums and the per-image values are kept, not the matrices (a COCO-Object
+    matrix is 81 x 82).
+
+    Attributes:
+        values: the images' ``image_miou`` values, in the order added.
+        images_with_class: ``[C]`` int64, images whose ground truth contains the class.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.values: list[float] = []
+        self.images_with_class = np.zeros(int(num_classes), dtype=np.int64)
+        self._iou_sums = np.zeros(int(num_classes))
+
+    def add(self, cm: np.ndarray) -> float:
+        """Count one image; returns its ``image_miou``."""
         cm = np.asarray(cm)
+        if cm.shape[0] != self._iou_sums.shape[0]:
+            raise ValueError(f"confusion matrix has {cm.shape[0]} classes, expected {self._iou_sums.shape[0]}")
         present = cm.sum(axis=1) > 0
-        iou = np.nan_to_num(iou_per_class(cm))
-        if sums is None:
-            sums = np.zeros(cm.shape[0])
-            counts = np.zeros(cm.shape[0])
-        sums += np.where(present, iou, 0.0)
-        counts += present
-    if sums is None or counts is None:
-        return np.full(num_classes or 0, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        self._iou_sums += np.where(present, np.nan_to_num(iou_per_class(cm)), 0.0)
+        self.images_with_class += present
+        value = image_miou(cm)
+        self.values.append(value)
+        return value
+
+    @property
+    def miou(self) -> float:
+        """Per-image mIoU: nanmean of ``values`` (images with no scored pixel are skipped)."""
+        return _nanmean(np.array(self.values, dtype=np.float64))
+
+    @property
+    def iou_per_class(self) -> np.ndarray:
+        """Per class: mean of the per-image IoU_c over the images whose GT contains c; ``[C]``
+        float64, NaN for a class in no image's ground truth."""
+        counts = self.images_with_class
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counts > 0, self._iou_sums / np.maximum(counts, 1), np.nan)
 
 
 def pixel_accuracy(cm: np.ndarray) -> float:

@@ -254,7 +254,7 @@ def test_paper_preset_captions_with_blip_and_its_prompt(pipe: FreeSegPipeline, f
 
 
 def test_segmenter_interface_and_cache_key(pipe: FreeSegPipeline) -> None:
-    from freeseg.eval.evaluate import Segmenter
+    from freeseg.eval.sources import Segmenter
 
     assert isinstance(pipe, Segmenter)
     image = _image().astype(np.float32) / 255.0

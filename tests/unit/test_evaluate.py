@@ -1,4 +1,5 @@
-"""End-to-end tests of `python -m freeseg eval` (freeseg.eval.evaluate / datasets / metrics).
+"""End-to-end tests of `python -m freeseg eval` (freeseg.eval: cli / evaluate / sources / labels /
+reports / datasets / metrics).
 
 A tiny synthetic Pascal VOC split (three 32x48 images) is generated: rectangles of known
 classes, palette-PNG ground truth with 1-pixel rings of 255 (boundary) around two of them.
@@ -30,10 +31,12 @@ import freeseg.eval.evaluate as ev
 from freeseg.eval.datasets import (
     COCO_OBJECT_CLASSES, VOC_CLASSES, load_coco_object, load_voc, read_label_png,
 )
-from freeseg.eval.evaluate import (
-    PredictionFolder, SegmenterSource, evaluate, format_table, labels_to_prediction, main, map_label,
-)
-from freeseg.eval.metrics import confusion_matrix, dataset_miou, per_image_miou
+from freeseg.eval.cli import main
+from freeseg.eval.evaluate import evaluate
+from freeseg.eval.labels import labels_to_prediction, map_label
+from freeseg.eval.metrics import PerImageScores, confusion_matrix, dataset_miou, per_image_miou
+from freeseg.eval.reports import format_table
+from freeseg.eval.sources import PredictionFolder, SegmenterSource
 
 H, W = 32, 48
 STEMS = ["2007_000001", "2007_000002", "2007_000003"]
@@ -198,6 +201,47 @@ def test_void_prediction_is_a_miss() -> None:
     miou, iou = dataset_miou(cm)
     assert iou.tolist() == [1.0, 0.5] and miou == 0.75
     assert per_image_miou([cm])[0] == 0.75
+
+
+def test_per_class_columns_and_pixel_accuracy(voc_root: Path, tmp_path: Path) -> None:
+    """IoU per image (per class), images per class and pixel accuracy of the known confusion."""
+    ds = load_voc(voc_root)
+    preds = write_preds(tmp_path / "p", known_confusion())
+    std = evaluate(ds, PredictionFolder(preds), progress=False)
+    # Per image: img1 bg 1.0, person 0.5 (dog predicted there is not in its GT); img2 bg, dog
+    # 1.0; img3 bg, cat 1.0.
+    expected = {BG: 1.0, PERSON: 0.5, DOG: 1.0, CAT: 1.0}
+    for c, name in enumerate(VOC_CLASSES):
+        if c in expected:
+            assert std.iou_per_image[c] == pytest.approx(expected[c])
+        else:
+            assert np.isnan(std.iou_per_image[c]) and np.isnan(std.iou[c])
+    assert std.images_with_class.tolist() == [3 if c == BG else int(c in expected) for c in range(21)]
+    scored = 3 * H * W - 68 - 44                                   # rings ignored
+    assert std.pixel_accuracy == pytest.approx((scored - 128) / scored)
+    off = evaluate(ds, PredictionFolder(preds), official_boundary=True, progress=False)
+    assert off.iou_per_image[BG] == pytest.approx(((1280 - 68) / 1280 + 1.0 + 1.0) / 3)
+    assert off.iou_per_image[PERSON] == pytest.approx(OFF_PERSON)
+    assert off.pixel_accuracy == pytest.approx((3 * H * W - 128 - 68) / (3 * H * W))
+
+
+def test_per_image_scores_accumulate_like_the_whole_list() -> None:
+    """PerImageScores (what evaluate uses) agrees with per_image_miou and skips empty images."""
+    rng = np.random.default_rng(3)
+    cms = [confusion_matrix(rng.integers(0, 4, (8, 8)), rng.choice([0, 1, 2, 3, 255], (8, 8)), 4)
+           for _ in range(5)]
+    cms.append(confusion_matrix(np.full((8, 8), 255), np.zeros((8, 8), np.int64), 4))  # nothing scored
+    scores = PerImageScores(4)
+    values = [scores.add(cm) for cm in cms]
+    miou, expected = per_image_miou(cms)
+    assert np.isnan(values[-1]) and np.allclose(values[:-1], expected[:-1])
+    assert scores.miou == pytest.approx(miou) and scores.values == values
+    assert scores.images_with_class.tolist() == [5, 5, 5, 5]
+    manual = np.nanmean([[np.nan if cm[c].sum() == 0 else cm[c, c] / (cm[c].sum() + cm[:4, c].sum() - cm[c, c])
+                          for c in range(4)] for cm in cms[:-1]], axis=0)
+    assert np.allclose(scores.iou_per_class, manual)
+    with pytest.raises(ValueError, match="3 classes, expected 4"):
+        scores.add(np.zeros((3, 4), np.int64))
 
 
 # ------------------------------------------------------------------------------------
