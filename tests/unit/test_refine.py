@@ -6,16 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from freeseg.refine import (
-    CRF_DEFAULTS,
-    REFINE_METHODS,
-    _LatticeKeys,
-    _PermutohedralLattice,
-    _SpatialGaussian,
-    dense_crf,
-    guided_filter,
-    refine_masks,
-)
+from freeseg.refine import CRF_DEFAULTS, REFINE_METHODS, dense_crf, guided_filter, refine_masks
+from freeseg.refine.crf import _SpatialGaussian
+from freeseg.refine.lattice import PermutohedralLattice, _LatticeKeys
 
 PALETTE = torch.tensor([[0.35, 0.45, 0.55],   # background (with a vertical gradient)
                         [0.85, 0.25, 0.20],   # disk
@@ -425,7 +418,7 @@ def test_lattice_approximates_gaussian():
     # 5-D Gaussian kernel closely and is nearly symmetric.
     gen = torch.Generator().manual_seed(0)
     feats = torch.rand(400, 5, generator=gen) * 4
-    approx = _PermutohedralLattice(feats).apply(torch.eye(400))
+    approx = PermutohedralLattice(feats).apply(torch.eye(400))
     exact = torch.exp(-0.5 * torch.cdist(feats, feats) ** 2)
     corr = torch.corrcoef(torch.stack([approx.flatten(), exact.flatten()]))[0, 1]
     assert corr > 0.93
@@ -438,11 +431,11 @@ def test_lattice_key_compression_is_exact(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     feats = torch.rand(500, 5, generator=gen) * 5
     values = torch.rand(500, 3, generator=gen)
-    reference = _PermutohedralLattice(feats).apply(values)
+    reference = PermutohedralLattice(feats).apply(values)
     monkeypatch.setattr(_LatticeKeys, "_LIMIT", 2 ** 20)
     columns = [torch.randint(-40, 40, (1000,), dtype=torch.int32, generator=gen) for _ in range(5)]
     assert any(t is not None for t in _LatticeKeys(columns).tables)
-    assert torch.allclose(_PermutohedralLattice(feats).apply(values), reference, atol=1e-6)
+    assert torch.allclose(PermutohedralLattice(feats).apply(values), reference, atol=1e-6)
 
 
 @pytest.mark.parametrize("kw", [{"bilateral_srgb": 1e5, "bilateral_sxy": 1e5, "gauss_sxy": 1e5},
@@ -475,6 +468,69 @@ def test_guided_filter_preserves_constants_and_edges():
     step[..., :16] = 1
     out = guided_filter(guide, step, 4, 1e-3)
     assert (out - step).abs().max() < 0.1
+
+
+def clipped_window_guided(guide, src, radius, eps):
+    """He et al.'s guided filter from its definition, pixel by pixel in float64: every mean over
+    the ``(2r+1)^2`` window clipped to the image. guide ``[G,H,W]``, src ``[H,W]`` -> ``[H,W]``."""
+    g, h, w = guide.shape
+    guide, src = guide.double(), src.double()
+
+    def window(y, x):
+        return slice(max(0, y - radius), y + radius + 1), slice(max(0, x - radius), x + radius + 1)
+
+    a, b = torch.zeros(h, w, g, dtype=torch.float64), torch.zeros(h, w, dtype=torch.float64)
+    for y in range(h):
+        for x in range(w):
+            rows, cols = window(y, x)
+            win_i, win_p = guide[:, rows, cols].reshape(g, -1), src[rows, cols].reshape(-1)
+            mu = win_i.mean(dim=1)
+            cov = win_i @ win_i.t() / win_p.numel() - torch.outer(mu, mu)
+            cov_ip = win_i @ win_p / win_p.numel() - mu * win_p.mean()
+            a[y, x] = torch.linalg.solve(cov + eps * torch.eye(g, dtype=torch.float64), cov_ip)
+            b[y, x] = win_p.mean() - a[y, x] @ mu
+    out = torch.zeros(h, w, dtype=torch.float64)
+    for y in range(h):
+        for x in range(w):
+            rows, cols = window(y, x)
+            out[y, x] = a[rows, cols].reshape(-1, g).mean(dim=0) @ guide[:, y, x] + b[rows, cols].mean()
+    return out
+
+
+@pytest.mark.parametrize("radius", [1, 3])
+def test_guided_filter_is_the_definition_with_windows_clipped_at_the_border(radius):
+    """Colour guide, full 3x3 covariance, and at the border the mean over the pixels of the
+    window that lie in the image (no padding): every pixel, borders included, as defined."""
+    gen = torch.Generator().manual_seed(radius)
+    guide = torch.rand(1, 3, 9, 11, generator=gen)
+    noise = torch.rand(1, 1, 9, 11, generator=gen)
+    mask = torch.zeros(1, 1, 9, 11)
+    mask[..., 2:7, :5] = 1.0
+    for src in (noise, mask):
+        got = guided_filter(guide, src, radius, 1e-2)
+        want = clipped_window_guided(guide[0], src[0, 0], radius, 1e-2)
+        assert (got[0, 0].double() - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("border_type", ["reflect", "replicate", "constant", "circular"])
+def test_kornia_guided_blur_pads_where_ours_clips(border_type):
+    """Why the project keeps its own guided filter rather than kornia's: kornia.filters.guided_blur
+    (same colour-guide filter) pads the image in every border mode, so it agrees with ours only
+    more than 2r pixels from the border and differs next to it, on images and on masks."""
+    kornia_filters = pytest.importorskip("kornia.filters")
+    gen = torch.Generator().manual_seed(0)
+    radius, eps = 4, 1e-3
+    guide = torch.rand(2, 3, 48, 56, generator=gen)
+    masks = torch.zeros(2, 3, 48, 56)
+    masks[:, 0, :20] = 1.0
+    masks[:, 1, 20:, :30] = 1.0
+    masks[:, 2, 20:, 30:] = 1.0
+    inner = (slice(None), slice(None), slice(2 * radius, -2 * radius), slice(2 * radius, -2 * radius))
+    for src in (torch.rand(2, 3, 48, 56, generator=gen), masks):
+        ours = guided_filter(guide, src, radius, eps)
+        theirs = kornia_filters.guided_blur(guide, src, 2 * radius + 1, eps, border_type=border_type)
+        assert (ours - theirs)[inner].abs().max() < 1e-4
+        assert (ours - theirs).abs().max() > 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

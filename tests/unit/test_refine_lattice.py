@@ -1,4 +1,4 @@
-"""The permutohedral lattice of freeseg.refine against a plain re-implementation of pydensecrf's.
+"""The permutohedral lattice of freeseg.refine.lattice against a plain re-implementation of pydensecrf's.
 
 ``reference_filter`` follows pydensecrf's ``permutohedral.cpp`` (non-SSE ``init`` and
 ``seqCompute``) point by point with a dict as the hash table, in numpy float32 for the lattice
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from freeseg.refine import _LatticeKeys, _lookup, _PermutohedralLattice
+from freeseg.refine.lattice import PermutohedralLattice, _LatticeKeys, _lookup
 
 
 def reference_filter(feats: np.ndarray, values: np.ndarray):
@@ -108,7 +108,7 @@ def test_lattice_matches_pydensecrf_reference(name, make):
     feats = make()
     values = torch.rand(feats.shape[0], 3, generator=torch.Generator().manual_seed(5))
     m, expected = reference_filter(feats.numpy(), values.double().numpy())
-    lattice = _PermutohedralLattice(feats)
+    lattice = PermutohedralLattice(feats)
     assert lattice.m == m
     got = lattice.apply(values).double().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -124,7 +124,7 @@ def test_compressed_keys_match_the_reference(monkeypatch):
     feats = image_like_features(250, 6)
     values = torch.rand(250, 2, generator=torch.Generator().manual_seed(7))
     m, expected = reference_filter(feats.numpy(), values.double().numpy())
-    lattice = _PermutohedralLattice(feats)
+    lattice = PermutohedralLattice(feats)
     assert encoded and any(t is not None for t in encoded[0].tables)
     assert lattice.m == m
     np.testing.assert_allclose(lattice.apply(values).double().numpy(), expected,
@@ -135,7 +135,7 @@ def test_compressed_keys_match_the_reference(monkeypatch):
 def test_apply_any_channel_count_matches_one_channel_at_a_time(channels):
     feats = image_like_features(400, 8)
     values = torch.rand(400, channels, generator=torch.Generator().manual_seed(channels))
-    lattice = _PermutohedralLattice(feats)
+    lattice = PermutohedralLattice(feats)
     got = lattice.apply(values)
     assert got.shape == (400, channels) and got.dtype == torch.float32
     for c in range(channels):
@@ -147,7 +147,7 @@ def test_apply_into_out_and_repeatable():
     feats = image_like_features(300, 9)
     gen = torch.Generator().manual_seed(10)
     a, b = torch.rand(300, 3, generator=gen), torch.rand(300, 3, generator=gen)
-    lattice = _PermutohedralLattice(feats)
+    lattice = PermutohedralLattice(feats)
     first = lattice.apply(a).clone()
     lattice.apply(b)                               # reuses the scratch buffers
     out = torch.full((300, 3), float("nan"))
