@@ -17,7 +17,7 @@ extension, with ``/`` written ``__``; two images that would share a name (``a.jp
 
 A glob never follows a symbolic link to a folder (a link loop cannot list a file twice); links
 to files are listed. Bytes of a file name that are not UTF-8 (``caf\\xe9.png`` on Linux) are
-written ``\\xNN`` in ``<name>``, in the index and in messages (`shown`); the image itself is
+written ``\\xNN`` in ``<name>``, in the index and in messages (`client.shown`); the image itself is
 read under its real name.
 """
 
@@ -35,7 +35,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Optional, TextIO
 
-from .client import one_line
+from .client import one_line, shown
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DONE_FILE = "done.json"
@@ -61,15 +61,6 @@ class Item:
 def is_batch_input(spec: str) -> bool:
     """True for a folder or a glob pattern (``*``, ``?``, ``[``); False for a file path."""
     return os.path.isdir(spec) or (glob.has_magic(spec) and not os.path.isfile(spec))
-
-
-def shown(text: str) -> str:
-    """`text` as printable UTF-8: the bytes of a file name that are not UTF-8 (which Python
-    holds as surrogate escapes) written ``\\xNN``."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _matches(parts: list[str], pattern: list[str]) -> bool:

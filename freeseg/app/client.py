@@ -575,6 +575,15 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def shown(text: str) -> str:
+    """`text` as printable UTF-8: the bytes of a file name that are not UTF-8 (which Python
+    holds as surrogate escapes) written ``\\xNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ProgressBar:
     """A plain text progress bar on stderr, fed with ComfyClient.run's websocket events.
 
@@ -719,6 +728,18 @@ def report_error(err: ComfyError, prompt: Optional[dict] = None, stream: Optiona
         print(f"error: {one_line(str(err))}", file=stream)
 
 
+def out_folder_error(out: str) -> Optional[str]:
+    """Why `out` cannot be the output folder (it, or a folder above it, is an existing file),
+    or None."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "is" if path == os.path.abspath(out) else f"is inside {shown(path)}, which is"
+        return f"--out {shown(out)} {what} an existing file, not a folder"
+    return None
+
+
 def add_workflow_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `python -m freeseg.app.client` and `python -m freeseg segment` share."""
     parser.add_argument("--workflow", default=DEFAULT_WORKFLOW,
@@ -760,6 +781,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="folder for the downloaded output files (default ./freeseg-output)")
     add_workflow_arguments(parser)
     args = parser.parse_args(argv)
+    problem = out_folder_error(args.out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     client = ComfyClient(args.url)
     prompt = None
     try:

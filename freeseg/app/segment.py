@@ -44,9 +44,9 @@ from PIL import Image
 
 from ..model_files import model_entries
 from .batch import (EXIT_SOME_FAILED, BatchError, Item, index_entries, is_batch_input, list_images, plan,
-                    run_batch, shown, write_index)
+                    run_batch, write_index)
 from .client import (DEFAULT_WORKFLOW, ComfyError, add_workflow_arguments, load_workflow,
-                     missing_node_types, one_line, report_error, workflow_settings)
+                     missing_node_types, one_line, out_folder_error, report_error, shown, workflow_settings)
 from .output import SegmentError, segment_to_folder
 from .pool import ServerPool
 from .remote import WorkflowJob, check_servers
@@ -348,18 +348,6 @@ def check_image(path: str) -> None:
             im.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SegmentError(f"cannot read the image {shown(path)}: {one_line(str(e))}") from None
-
-
-def out_folder_error(out: str) -> Optional[str]:
-    """Why `out` cannot be the output folder (it, or a folder above it, is an existing file),
-    or None."""
-    path = os.path.abspath(out)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        what = "is" if path == os.path.abspath(out) else f"is inside {shown(path)}, which is"
-        return f"--out {shown(out)} {what} an existing file, not a folder"
-    return None
 
 
 # -- command line ---------------------------------------------------------------------------------

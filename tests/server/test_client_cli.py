@@ -116,8 +116,9 @@ def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, image):
     taken.write_text("keep me")
     dead = "http://127.0.0.1:9"  # never asked: the check comes first
     for out, what in ((taken, "is an existing file"), (taken / "sub", f"is inside {taken}, which is an existing file")):
-        for source in (image, os.path.dirname(image)):
-            result = cli("freeseg", "segment", source, "--out", str(out), "--url", dead, timeout=60)
+        for command in (("freeseg", "segment", image), ("freeseg", "segment", os.path.dirname(image)),
+                        ("freeseg.app.client", image)):
+            result = cli(*command, "--out", str(out), "--url", dead, timeout=60)
             assert result.returncode == 2 and not result.stdout, result.stderr
             assert result.stderr.strip().splitlines() == [f"error: --out {out} {what}, not a folder"]
     assert taken.read_text() == "keep me"
