@@ -5,7 +5,9 @@ A model folder is what ``save_pretrained`` writes (and what a hub download of
 ``config.json``, the weights (``model.safetensors`` / ``pytorch_model.bin``, possibly
 sharded with an ``*.index.json``) and the processor files (``preprocessor_config.json`` or
 ``processor_config.json``, ``tokenizer.json`` / ``tokenizer_config.json``...).
-Nothing is ever downloaded.
+Nothing is ever downloaded, and no code from the folder ever runs: a folder that asks for it is
+refused before loading (``freeseg.model_files.check_no_code``) and transformers is called with
+``trust_remote_code=False``.
 
 The paper's captioner (the official code calls LAVIS ``blip_caption`` / ``base_coco``) is
 BLIP base fine-tuned on COCO, whose transformers twin is
@@ -27,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .model_files import check_no_code
 
 # config.json "model_type" -> (model class name, processor class name) in transformers.
 CAPTIONER_TYPES: dict[str, tuple[str, str]] = {
@@ -102,15 +106,18 @@ def load_captioner(folder: str, device: str | torch.device = "cpu",
     is chosen by ``config.json``'s ``model_type``.  Returns ``(model, processor)``;
     the model is in eval mode, on ``device``, with floating weights in ``dtype``.
     Raises FileNotFoundError / ValueError naming ``folder`` when it is not a
-    captioner model folder.
+    captioner model folder, and ValueError naming the file and key when it asks for code
+    (``check_no_code``); nothing in the folder runs.
     """
     import transformers
 
     folder = os.fspath(folder)
     model_cls_name, processor_cls_name = CAPTIONER_TYPES[captioner_type(folder)]
-    processor = getattr(transformers, processor_cls_name).from_pretrained(folder, local_files_only=True)
+    check_no_code("blip2", folder)
+    processor = getattr(transformers, processor_cls_name).from_pretrained(folder, local_files_only=True,
+                                                                         trust_remote_code=False)
     model = getattr(transformers, model_cls_name).from_pretrained(folder, local_files_only=True,
-                                                                 **_dtype_kwarg(dtype))
+                                                                 trust_remote_code=False, **_dtype_kwarg(dtype))
     return model.to(device=device, dtype=dtype).eval(), processor
 
 

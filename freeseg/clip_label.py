@@ -1,6 +1,9 @@
 """Naming masks with an open_clip image-text model (FreeSeg-Diff's CLIP step).
 
-Loading (``load_open_clip``) never downloads.  Two local layouts are accepted:
+Loading (``load_open_clip``) never downloads and never runs code from the model
+folder: a folder that asks for it is refused first (``freeseg.model_files.check_no_code``),
+and an HF tokenizer named by the config (``hf_tokenizer_name``) is loaded from the folder
+itself with ``trust_remote_code=False``.  Two local layouts are accepted:
 
 * a folder in the hub layout of open_clip models: ``open_clip_config.json``
   (``{"model_cfg": {...}, "preprocess_cfg": {...}}``) next to the weights
@@ -20,6 +23,7 @@ probabilities.  Preprocessing runs in torch on the model's device.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -30,6 +34,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from .model_files import check_no_code
 
 CONFIG_NAME = "open_clip_config.json"
 # Preferred weight file names in a model folder, best first (open_clip's own order).
@@ -90,23 +96,36 @@ def split_arch_tag(stem: str) -> tuple[str, str | None]:
 
 
 def _create_from_folder(folder: Path, device: str | torch.device) -> tuple[torch.nn.Module, Any]:
-    """open_clip model + tokenizer from a hub-layout folder (``local-dir:`` in open_clip >= 2.32)."""
+    """open_clip model + tokenizer from a hub-layout folder (``local-dir:`` in open_clip >= 2.32).
+
+    When the config names an HF tokenizer (``text_cfg.hf_tokenizer_name``), it is loaded from
+    the folder itself (``check_no_code`` made sure the folder holds its files), with
+    ``trust_remote_code=False`` and ``local_files_only=True`` overriding the config's
+    ``tokenizer_kwargs``."""
     import open_clip
     import open_clip.factory as factory
 
-    if hasattr(factory, "LOCAL_DIR_PREFIX"):
-        name = f"local-dir:{folder}"
-        return open_clip.create_model(name, device=device), open_clip.get_tokenizer(name)
-    # Older open_clip (2.27 - 2.31, no local-dir schema; not exercised by the tests, which
-    # run open_clip 3.x): register the folder's model_cfg under a private name.
     config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    text_cfg = config["model_cfg"].get("text_cfg")
+    hf_tokenizer = isinstance(text_cfg, dict) and bool(text_cfg.get("hf_tokenizer_name"))
+    safe = {"trust_remote_code": False, "local_files_only": True} if hf_tokenizer else {}
+    if hasattr(factory, "LOCAL_DIR_PREFIX"):
+        # open_clip loads a local-dir model's HF tokenizer from that folder, whatever the name says
+        name = f"local-dir:{folder}"
+        return open_clip.create_model(name, device=device), open_clip.get_tokenizer(name, **safe)
+    # Older open_clip (2.27 - 2.31, no local-dir schema; not exercised by the tests, which
+    # run open_clip 3.x): register the folder's model_cfg under a private name, its HF
+    # tokenizer pointing at the folder.
+    model_cfg = copy.deepcopy(config["model_cfg"])
+    if hf_tokenizer:
+        model_cfg["text_cfg"]["hf_tokenizer_name"] = str(folder)
     name = "freeseg-local-" + hashlib.sha1(str(folder).encode()).hexdigest()[:12]
-    factory._MODEL_CONFIGS[name] = config["model_cfg"]  # no public API registers a dict
+    factory._MODEL_CONFIGS[name] = model_cfg  # no public API registers a dict
     pre = {k: v for k, v in config.get("preprocess_cfg", {}).items()
            if k in ("mean", "std", "interpolation", "resize_mode")}
     model = open_clip.create_model(name, pretrained=str(_folder_weights(folder)), device=device,
                                    force_preprocess_cfg=pre)
-    return model, open_clip.get_tokenizer(name)
+    return model, open_clip.get_tokenizer(name, **safe)
 
 
 def _create_from_file(path: Path, device: str | torch.device) -> tuple[torch.nn.Module, Any]:
@@ -150,9 +169,11 @@ def load_open_clip(path: str, device: str | torch.device = "cpu") -> tuple[torch
     Returns ``(model, preprocess_cfg, tokenizer)``: the model in eval mode on
     ``device``; preprocess_cfg as described in ``_preprocess_cfg``; the tokenizer
     maps ``list[str]`` to a LongTensor [N, context_length].  Never downloads.
-    Raises FileNotFoundError / ValueError naming ``path``.
+    Raises FileNotFoundError / ValueError naming ``path``, and ValueError naming the file
+    and key when the folder asks for code (``check_no_code``); nothing in it runs.
     """
     p = Path(os.fspath(path))
+    check_no_code("open_clip", str(p))
     try:
         model, tokenizer = _create(p, device)
     except FileNotFoundError:

@@ -4,7 +4,7 @@ from .caption import FreeSegCaption
 from .clip_label import FreeSegCLIPLabel
 from .cluster_masks import FreeSegClusterMasks
 from .diffusion_features import FreeSegDiffusionFeatures
-from .loaders import FreeSegBLIP2Loader, FreeSegCLIPLoader, register_folders
+from .loaders import FreeSegBLIP2Loader, FreeSegCLIPLoader, register_download_check, register_folders
 from .pipeline import FreeSegPipeline
 from .refine_masks import FreeSegRefineMasks
 from .save_segments import FreeSegSaveSegments
@@ -15,4 +15,4 @@ NODES = [
     FreeSegCLIPLabel, FreeSegRefineMasks, FreeSegSelectMask, FreeSegPipeline, FreeSegSaveSegments,
 ]
 
-__all__ = ["NODES", "register_folders"]
+__all__ = ["NODES", "register_download_check", "register_folders"]

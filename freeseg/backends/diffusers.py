@@ -217,7 +217,8 @@ def _prompt_tokenizer(tokenizer_root: Optional[Path], text_config: Any) -> Any:
     if tokenizer_root is not None and (tokenizer_root / "tokenizer").is_dir():
         from transformers import CLIPTokenizer
 
-        tok = CLIPTokenizer.from_pretrained(str(tokenizer_root), subfolder="tokenizer", local_files_only=True)
+        tok = CLIPTokenizer.from_pretrained(str(tokenizer_root), subfolder="tokenizer", local_files_only=True,
+                                            trust_remote_code=False)
 
         def tokenize(texts: list[str]) -> torch.Tensor:
             # the text encoder's context length, not the tokenizer's model_max_length (some
@@ -350,7 +351,7 @@ def load_sd(sd: PathLike, sd_config: Optional[PathLike] = None, vae: Union[PathL
         unet = UNet2DConditionModel.from_pretrained(str(src), subfolder="unet", torch_dtype=dtype,
                                                     local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(str(src), subfolder="text_encoder", local_files_only=True,
-                                                     **_transformers_dtype(dtype))
+                                                     trust_remote_code=False, **_transformers_dtype(dtype))
         vae_model = _load_vae(vae, None, src, sd_config, dtype)
         sched_root = src if (src / "scheduler" / "scheduler_config.json").is_file() else \
             _config_root(sd_config, "scheduler", "scheduler_config.json")
@@ -551,7 +552,9 @@ class FreeSegPipeline:
                         sd_config: Optional[PathLike] = None, vae: Union[PathLike, bool, None] = None,
                         device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
                         settings: Optional[FreeSegSettings] = None, **overrides: Any) -> "FreeSegPipeline":
-        """Load every model from local paths (never downloads).
+        """Load every model from local paths (never downloads, never runs code from a model folder:
+        ``load_open_clip`` and ``load_captioner`` refuse a folder that asks for code, see
+        ``freeseg.model_files.check_no_code``; transformers loads with ``trust_remote_code=False``).
 
         Args:
             sd: Stable Diffusion checkpoint file (LDM layout) or diffusers folder.
@@ -568,7 +571,11 @@ class FreeSegPipeline:
         """
         from ..caption import load_captioner
         from ..clip_label import load_open_clip
+        from ..model_files import check_no_code
 
+        for kind, folder in (("open_clip", clip), ("blip2", blip2)):
+            if folder is not None:  # refused before Stable Diffusion is loaded (the loaders check again)
+                check_no_code(kind, os.fspath(folder))
         dev = torch.device(device) if device is not None else _default_device()
         dt = dtype if dtype is not None else _default_dtype(dev)
         base = settings if settings is not None else DEFAULTS

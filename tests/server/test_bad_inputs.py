@@ -2,10 +2,11 @@
 
 Every case asserts a clear error (``node_errors`` from ``/prompt`` naming the node and input,
 or an execution error naming the input) or a correct empty result, and that the server still
-answers afterwards. The server of this module is set up like a shared one: downloads are
-turned off (``FREESEG_DISABLE_DOWNLOADS=1``) and its model folders hold, besides the
-fixtures, truncated weights. A bounded soak at the end checks that the server's memory stays
-flat over many prompts."""
+answers afterwards. The server of this module is set up like a shared one: started without
+``FREESEG_ENABLE_DOWNLOADS`` (so downloads are off), its model folders hold, besides the
+fixtures, truncated weights and folders that ask for remote code (hand-copied and
+downloaded-style, tests/helpers/remote_code_models.py), whose code must never run. A bounded
+soak at the end checks that the server's memory stays flat over many prompts."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import remote_code_models as evil
 from comfy_harness import MODEL_LINKS, REPO, ComfyServer, Graph, link, probed, write_test_image
 from freeseg.app.client import ComfyError
 
@@ -28,10 +30,25 @@ CLIP = MODEL_LINKS["open_clip_dir"][1]
 BLIP = MODEL_LINKS["blip2_dir"][1]
 
 
+# Folders asking for remote code in the hostile server's models/, with the words their refusal
+# names (the file, and the key): (kind, folder, fixture, attacks, downloaded from, words).
+EVIL_MODELS = [
+    ("FreeSegCLIPLoader", "evil-clip", "open_clip_dir", evil.ATTACKS, None, [evil.MODULE, "code file"]),
+    ("FreeSegCLIPLoader", "evil-clip-downloaded", "open_clip_dir", ("auto_map", "kwargs"), "owner/evil-clip-downloaded",
+     ["open_clip_config.json", "model_cfg.text_cfg.tokenizer_kwargs.trust_remote_code"]),
+    ("FreeSegBLIP2Loader", "evil-blip", "blip_dir", ("code", "auto_map"), None, [evil.MODULE, "code file"]),
+    ("FreeSegBLIP2Loader", "evil-blip-downloaded", "blip_dir", ("auto_map",), "owner/evil-blip-downloaded",
+     ["tokenizer_config.json", "auto_map"]),
+]
+
+
 @pytest.fixture(scope="module")
 def hostile(model_files, tmp_path_factory):
-    """A server with downloads off and broken models beside the fixtures; yields it."""
+    """A server with downloads off (as every server is without FREESEG_ENABLE_DOWNLOADS), broken
+    models and folders asking for remote code beside the fixtures; yields it. Afterwards the
+    sentinel the malicious modules would write must not exist."""
     base = str(tmp_path_factory.mktemp("comfy-hostile"))
+    sentinel = os.path.join(base, "SENTINEL")
     for key, (folder, name) in MODEL_LINKS.items():
         link(model_files[key], os.path.join(base, "models", folder, name))
     link(os.path.join(REPO, "tests", "helpers", "probe_pack"), os.path.join(base, "custom_nodes", "freeseg_test_probe"))
@@ -45,10 +62,15 @@ def hostile(model_files, tmp_path_factory):
     truncate(os.path.join(clip_dir, "ViT-B-32.safetensors"))
     shutil.copytree(model_files["blip2_dir"], os.path.join(blip_dir, "truncated-blip2"))
     truncate(os.path.join(blip_dir, "truncated-blip2", "model.safetensors"))
-    with mock.patch.dict(os.environ, {"FREESEG_DISABLE_DOWNLOADS": "1"}):
+    for class_type, name, fixture, attacks, repo_id, _ in EVIL_MODELS:
+        evil.build(model_files[fixture], os.path.join(clip_dir if "CLIP" in class_type else blip_dir, name), sentinel,
+                   attacks, downloaded_from=repo_id)
+    with mock.patch.dict(os.environ):
+        os.environ.pop("FREESEG_ENABLE_DOWNLOADS", None)
         srv = ComfyServer(base).start()
     yield srv
     srv.stop()
+    assert not os.path.exists(sentinel), "code from a model folder ran in the server"
 
 
 def truncate(path: str) -> None:
@@ -196,10 +218,54 @@ def test_download_refuses_what_is_not_a_repository_id(client, repo_id):
     refused(client, g.prompt, node.id, "repo_id", "owner/name")
 
 
-def test_download_is_refused_when_the_operator_turned_downloads_off(client):
+@pytest.mark.parametrize("kind", ["FreeSegBLIP2Loader", "FreeSegCLIPLoader"])
+def test_download_is_refused_unless_the_operator_turned_downloads_on(client, kind):
     g = Graph()
-    node = loader(g, "FreeSegBLIP2Loader", model_name=BLIP, download=True, repo_id="Salesforce/blip2-opt-2.7b")
-    refused(client, g.prompt, node.id, "download", "FREESEG_DISABLE_DOWNLOADS")
+    node = loader(g, kind, model_name=BLIP if kind == "FreeSegBLIP2Loader" else CLIP, download=True,
+                  repo_id="Salesforce/blip2-opt-2.7b")
+    refused(client, g.prompt, node.id, "download", "downloads are off on this server", "FREESEG_ENABLE_DOWNLOADS=1")
+
+
+@pytest.mark.parametrize("value", ["false", "true", "False", "", 0, 1, None, {"__value__": False}])
+@pytest.mark.parametrize("kind", ["FreeSegBLIP2Loader", "FreeSegCLIPLoader"])
+def test_download_must_be_a_json_boolean(client, kind, value):
+    """ComfyUI turns any value of a BOOLEAN input into a bool (the string "false" into True);
+    the pack refuses what is not a JSON boolean before that."""
+    g = Graph()
+    node = loader(g, kind, model_name=BLIP if kind == "FreeSegBLIP2Loader" else CLIP, repo_id="owner/name")
+    g.prompt[node.id]["inputs"]["download"] = value
+    refused(client, g.prompt, node.id, "download", "must be true or false (a JSON boolean)",
+            json.dumps(json.dumps(value))[1:-1])
+
+
+@pytest.fixture(scope="module")
+def downloads_on(model_files, tmp_path_factory):
+    """A server whose operator turned downloads on (FREESEG_ENABLE_DOWNLOADS=1); the harness
+    starts every server with HF_HUB_OFFLINE=1, so each download fails there."""
+    base = str(tmp_path_factory.mktemp("comfy-downloads-on"))
+    for key, (folder, name) in MODEL_LINKS.items():
+        link(model_files[key], os.path.join(base, "models", folder, name))
+    link(os.path.join(REPO, "tests", "helpers", "probe_pack"), os.path.join(base, "custom_nodes", "freeseg_test_probe"))
+    with mock.patch.dict(os.environ, {"FREESEG_ENABLE_DOWNLOADS": "1"}):
+        srv = ComfyServer(base).start()
+    yield srv
+    srv.stop()
+
+
+def test_a_failed_download_names_its_cause_and_leaves_nothing(downloads_on):
+    g = Graph()
+    loader(g, download=True, repo_id="owner/some-clip")
+    failed(downloads_on.client, g.prompt, "repo_id: owner/some-clip was not downloaded",
+           "the hub is switched off on this server (HF_HUB_OFFLINE", "nothing was kept")
+    assert os.listdir(os.path.join(downloads_on.base_dir, "models", "open_clip")) == [CLIP]
+
+
+@pytest.mark.parametrize("class_type,name,fixture,attacks,repo_id,words", EVIL_MODELS,
+                         ids=[m[1] for m in EVIL_MODELS])
+def test_model_folders_asking_for_remote_code_are_refused(client, class_type, name, fixture, attacks, repo_id, words):
+    g = Graph()
+    node = loader(g, class_type, model_name=name)
+    refused(client, g.prompt, node.id, "model_name", name, "never runs code from a model folder", *words)
 
 
 # -- fixed choices and numbers, checked at queue time ---------------------------------------------

@@ -1,12 +1,17 @@
-"""freeseg.model_files: which names pick a model, weight checks, downloads; and that no loading
-path of ours runs the full pickle unpickler (CPU, random-weight fixtures)."""
+"""freeseg.model_files: which names pick a model, weight checks, downloads (with a fake fetch,
+and with huggingface_hub itself against a stand-in hub on loopback for its errors); and that no
+loading path of ours runs the full pickle unpickler (CPU, random-weight fixtures). The checks
+for code in model folders are in test_remote_code.py."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import pickle
 import shutil
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,33 +90,167 @@ def test_bad_repo_ids_are_refused(repo_id: str) -> None:
         mf.check_repo_id(repo_id)
 
 
-def test_download_writes_its_marker_and_never_reuses_another_folder(tmp_path: Path, fixture_paths) -> None:
+GB = 10**9
+
+
+def copy_fixture(src: str, *extra: str):
+    """A fake fetch that copies fixture folder `src` (and files `extra`) into the download folder,
+    checking that the folder being filled is hidden from the model listing meanwhile."""
     calls = []
 
-    def fetch(repo_id: str, local_dir: str) -> None:
-        calls.append(repo_id)
-        for name in os.listdir(fixture_paths["open_clip_dir"]):
-            shutil.copy(os.path.join(fixture_paths["open_clip_dir"], name), local_dir)
+    def fetch(repo_id: str, local_dir: str, max_bytes: int) -> None:
+        calls.append((repo_id, max_bytes))
+        root = os.path.dirname(local_dir)
+        assert os.path.basename(local_dir).startswith(".") and ".partial-" in local_dir
+        for name in os.listdir(src):
+            shutil.copy(os.path.join(src, name), local_dir)
+        for name in extra:
+            Path(local_dir, name).write_text("print('never imported')\n")
+        assert mf.is_model_entry("open_clip", local_dir)  # a model already, and still never listed
+        assert os.path.basename(local_dir) not in mf.model_entries("open_clip", root)
 
+    fetch.calls = calls
+    return fetch
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(os.listdir(root)) if root.exists() else []
+
+
+def test_download_checks_then_renames_into_place_and_reuses(tmp_path: Path, fixture_paths) -> None:
+    fetch = copy_fixture(fixture_paths["open_clip_dir"])
     root = str(tmp_path)
-    target = mf.download_entry("open_clip", root, " owner/clip-model ", fetch)
-    assert target == os.path.join(root, "clip-model") and calls == ["owner/clip-model"]
+    target = mf.download_entry("open_clip", root, " owner/clip-model ", 20 * GB, fetch)
+    assert target == os.path.join(root, "clip-model") and fetch.calls == [("owner/clip-model", 20 * GB)]
     assert json.loads(Path(target, mf.DOWNLOAD_MARKER).read_text()) == {"repo_id": "owner/clip-model",
                                                                         "complete": True}
-    assert mf.download_entry("open_clip", root, "owner/clip-model", fetch) == target and len(calls) == 1
+    assert leftovers(tmp_path) == ["clip-model"]  # no temporary folder left
+    assert mf.download_entry("open_clip", root, "owner/clip-model", 20 * GB, fetch) == target
+    assert len(fetch.calls) == 1  # reused
+    load_open_clip(target)
     with pytest.raises(ValueError, match="already holds a download of 'owner/clip-model'"):
-        mf.download_entry("open_clip", root, "other/clip-model", fetch)
+        mf.download_entry("open_clip", root, "other/clip-model", 20 * GB, fetch)
     shutil.copytree(fixture_paths["open_clip_dir"], tmp_path / "handmade")
     with pytest.raises(ValueError, match="not downloaded here"):
-        mf.download_entry("open_clip", root, "owner/handmade", fetch)
-    assert len(calls) == 1
+        mf.download_entry("open_clip", root, "owner/handmade", 20 * GB, fetch)
+    assert len(fetch.calls) == 1
     assert mf.model_entries("open_clip", root) == ["clip-model", "handmade"]
 
 
-def test_download_that_is_not_a_model_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="is not one of the blip2 models"):
-        mf.download_entry("blip2", str(tmp_path), "owner/empty", lambda repo_id, local_dir: None)
-    assert json.loads(Path(tmp_path, "empty", mf.DOWNLOAD_MARKER).read_text())["complete"] is False
+def test_an_unfinished_download_of_an_older_version_is_not_reused(tmp_path: Path, fixture_paths) -> None:
+    shutil.copytree(fixture_paths["open_clip_dir"], tmp_path / "clip")
+    (tmp_path / "clip" / mf.DOWNLOAD_MARKER).write_text(json.dumps({"repo_id": "owner/clip", "complete": False}))
+    with pytest.raises(ValueError, match="unfinished download"):
+        mf.download_entry("open_clip", str(tmp_path), "owner/clip", 20 * GB,
+                          copy_fixture(fixture_paths["open_clip_dir"]))
+
+
+def test_a_download_failing_midway_leaves_nothing(tmp_path: Path, fixture_paths) -> None:
+    def fetch(repo_id: str, local_dir: str, max_bytes: int) -> None:
+        shutil.copy(Path(fixture_paths["open_clip_dir"], "open_clip_config.json"), local_dir)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(ValueError) as err:
+        mf.download_entry("open_clip", str(tmp_path), "owner/clip", 20 * GB, fetch)
+    assert "repo_id: owner/clip was not downloaded: cannot reach the hub" in str(err.value)
+    assert "Connection refused" in str(err.value) and "nothing was kept" in str(err.value)
+    assert leftovers(tmp_path) == []
+
+    def interrupted(repo_id: str, local_dir: str, max_bytes: int) -> None:
+        shutil.copy(Path(fixture_paths["open_clip_dir"], "open_clip_config.json"), local_dir)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mf.download_entry("open_clip", str(tmp_path), "owner/clip", 20 * GB, interrupted)
+    assert leftovers(tmp_path) == []
+
+
+def test_what_arrives_is_checked_before_it_is_kept(tmp_path: Path, fixture_paths) -> None:
+    clip = fixture_paths["open_clip_dir"]
+    size = sum(os.path.getsize(os.path.join(clip, n)) for n in os.listdir(clip))
+    with pytest.raises(ValueError, match=r"owner/clip is too big to download: what arrived .*FREESEG_DOWNLOAD_MAX_GB"):
+        mf.download_entry("open_clip", str(tmp_path), "owner/clip", size - 1, copy_fixture(clip))
+    with pytest.raises(ValueError, match=r"owner/notes is not one of the blip2 models \(it holds README.md\)"):
+        mf.download_entry("blip2", str(tmp_path), "owner/notes", 20 * GB,
+                          lambda repo_id, local_dir, max_bytes: Path(local_dir, "README.md").write_text("hi"))
+    with pytest.raises(ValueError, match=r"owner/clip was downloaded but not kept: .*tokenizer.py is a code file"):
+        mf.download_entry("open_clip", str(tmp_path), "owner/clip", 20 * GB, copy_fixture(clip, "tokenizer.py"))
+    assert leftovers(tmp_path) == []
+
+
+def test_download_size_cap_setting() -> None:
+    assert mf.download_max_bytes("20") == 20 * GB and mf.download_max_bytes(0.5) == GB // 2
+    for bad in ("0", "-1", "nan", "inf", "lots", None):
+        with pytest.raises(ValueError, match="positive number of GB"):
+            mf.download_max_bytes(bad)
+
+
+# -- the hub's own errors, from huggingface_hub against a stand-in hub on loopback ------------
+
+class StandinHub(http.server.BaseHTTPRequestHandler):
+    """Answers the hub's model-info call: 404 (RepoNotFound), 401 (GatedRepo), or a 30 GB listing."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if "/missing" in self.path:
+            self.reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        elif "/gated" in self.path:
+            self.reply(401, {"error": "Access to this repository is restricted"}, {"X-Error-Code": "GatedRepo"})
+        else:
+            self.reply(200, {"id": "owner/big", "sha": "a" * 40,
+                             "siblings": [{"rfilename": "open_clip_model.safetensors", "size": 30 * GB},
+                                          {"rfilename": "open_clip_config.json", "size": 900}]})
+
+    def reply(self, status: int, body: dict, headers: dict = {}) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture()
+def hub(monkeypatch):
+    """huggingface_hub pointed at a stand-in hub; yields a function that repoints it."""
+    import huggingface_hub.constants as constants
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandinHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield lambda url: monkeypatch.setattr(constants, "ENDPOINT", url)
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("repo_id,words", [
+    ("owner/missing", "the hub has no such repository (404"),
+    ("owner/gated", "the repository is gated"),
+    ("owner/big", "too big to download: its files on the hub add up to 30.00 GB, over this server's cap of 20.00 GB"),
+])
+def test_hub_errors_are_named(tmp_path: Path, hub, repo_id: str, words: str) -> None:
+    with pytest.raises(ValueError) as err:
+        mf.download_entry("open_clip", str(tmp_path), repo_id, 20 * GB)  # the real fetch: huggingface_hub
+    assert words in str(err.value) and f"repo_id: {repo_id}" in str(err.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_an_unreachable_or_switched_off_hub_is_named(tmp_path: Path, hub, monkeypatch) -> None:
+    import huggingface_hub.constants as constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    hub(f"http://127.0.0.1:{closed}")
+    with pytest.raises(ValueError, match=r"cannot reach the hub \(offline, connection refused"):
+        mf.download_entry("open_clip", str(tmp_path), "owner/clip", 20 * GB)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        mf.download_entry("open_clip", str(tmp_path), "owner/clip", 20 * GB)
+    assert leftovers(tmp_path) == []
 
 
 # -- no loading path of ours runs the full unpickler ------------------------------------------
