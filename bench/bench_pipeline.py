@@ -316,9 +316,10 @@ def full_prompt(image: str, resolution: int, k: int, refine: str = "crf", save_f
     """workflows/api/freeseg_full.json with the bench models (checkpoint ``ckpt``, captioner
     folder ``captioner``), ``image``, K and refinement; with ``save_features`` a probe also
     writes the features there."""
-    from freeseg.app.client import fill_workflow, load_workflow
+    from freeseg.app.paths import DEFAULT_WORKFLOW
+    from freeseg.app.workflow import fill_workflow, load_workflow
 
-    prompt = fill_workflow(load_workflow(str(REPO / "workflows" / "api" / "freeseg_full.json")), image=image,
+    prompt = fill_workflow(load_workflow(DEFAULT_WORKFLOW), image=image,
                            class_names=CLASS_NAMES, n_clusters=k, checkpoint=ckpt, blip2=captioner,
                            clip=CLIP_NAME,
                            overrides=[("FreeSegDiffusionFeatures", "resolution", resolution),

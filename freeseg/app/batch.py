@@ -17,7 +17,7 @@ extension, with ``/`` written ``__``; two images that would share a name (``a.jp
 
 A glob never follows a symbolic link to a folder (a link loop cannot list a file twice); links
 to files are listed. Bytes of a file name that are not UTF-8 (``caf\\xe9.png`` on Linux) are
-written ``\\xNN`` in ``<name>``, in the index and in messages (`client.shown`); the image itself is
+written ``\\xNN`` in ``<name>``, in the index and in messages (`console.shown`); the image itself is
 read under its real name.
 """
 
@@ -35,7 +35,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Optional, TextIO
 
-from .client import one_line, shown
+from .client import one_line
+from .console import shown
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DONE_FILE = "done.json"

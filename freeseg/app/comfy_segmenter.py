@@ -24,10 +24,12 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .client import DEFAULT_WORKFLOW, ComfyError, load_workflow
+from .client import DEFAULT_URL, ComfyError
 from .output import SegmentError
+from .paths import DEFAULT_WORKFLOW
 from .pool import ServerPool
 from .remote import WorkflowJob, check_servers
+from .workflow import load_workflow, parse_override
 
 # What a comfyui evaluation may raise that is the user's to fix (printed without a traceback).
 EVAL_ERRORS = (ComfyError, SegmentError)
@@ -81,8 +83,6 @@ def segmenter_from_args(args) -> ComfySegmenter:
     """The ComfySegmenter of ``python -m freeseg eval --backend comfyui`` options (argparse
     namespace: url, per_server, workflow, checkpoint, blip2, clip, clusters, seed, resolution,
     overrides, timeout)."""
-    from .client import DEFAULT_URL, parse_override
-
     if args.per_server < 1:
         raise ValueError("--per-server must be >= 1")
     models = {role: str(getattr(args, role)) for role in ("checkpoint", "blip2", "clip")

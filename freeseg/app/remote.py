@@ -15,6 +15,7 @@ import copy
 import hashlib
 import io
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -22,10 +23,12 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from .client import (MODEL_CHOICES, ComfyClient, ComfyError, choose_models, ensure_outputs, execute, fill_workflow,
-                     missing_node_types, missing_nodes_message, output_text, upload_name)
+from .client import ComfyClient, ComfyError
+from .console import ProgressBar
 from .output import SegmentError, write_segmentation
 from .pool import ServerPool
+from .workflow import (MODEL_CHOICES, choose_models, ensure_outputs, fill_workflow, missing_node_types,
+                       missing_nodes_message, output_text)
 
 LOADER_TYPES = {spec[1] for spec in MODEL_CHOICES.values()}
 
@@ -40,6 +43,27 @@ SETTINGS_FROM_NODES = {
                        "prompt": "caption_prompt"},
     "FreeSegPipeline": {"n_clusters": "n_clusters", "seed": "seed"},
 }
+
+
+def upload_name(path: str) -> str:
+    """A content-addressed upload name (`freeseg-<sha1>.<ext>`), so re-running the same image
+    does not add files and never overwrites a different picture on the server."""
+    with open(path, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()[:16]
+    return f"freeseg-{digest}{os.path.splitext(path)[1].lower() or '.png'}"
+
+
+def execute(client: ComfyClient, prompt: dict, timeout: float = 3600.0, quiet: bool = False) -> dict:
+    """Run the prompt with a progress bar on stderr (unless `quiet`); returns the history entry."""
+    bar = None if quiet else ProgressBar(prompt)
+    try:
+        return client.run(prompt, timeout=timeout, on_event=bar, strict=True)
+    except ComfyError as e:
+        e.prompt = prompt
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def binary_mask(image: Image.Image) -> np.ndarray:
@@ -114,7 +138,7 @@ class WorkflowJob:
     """The settings every image of a run shares.
 
     Args:
-        workflow: an API-format workflow (``client.load_workflow``).
+        workflow: an API-format workflow (``workflow.load_workflow``).
         class_names: names added to the caption's nouns (comma-separated), or None.
         n_clusters / seed: FreeSegClusterMasks (and the features' noise seed), or None = the workflow's.
         models: ``{"checkpoint"|"blip2"|"clip": name}`` that must be on the server.

@@ -45,15 +45,17 @@ from PIL import Image
 from ..model_files import model_entries
 from .batch import (EXIT_SOME_FAILED, BatchError, Item, index_entries, is_batch_input, list_images, plan,
                     run_batch, write_index)
-from .client import (DEFAULT_WORKFLOW, ComfyError, add_workflow_arguments, load_workflow,
-                     missing_node_types, one_line, out_folder_error, report_error, shown, workflow_settings)
+from .client import ComfyError, one_line
+from .console import out_folder_error, report_error, shown
 from .output import SegmentError, segment_to_folder
+from .paths import DEFAULT_WORKFLOW, REPO, fixture_cache
 from .pool import ServerPool
 from .remote import WorkflowJob, check_servers
-from .server import PACK_DIR, ComfyServer, default_comfy_dir, link
+from .server import ComfyServer, default_comfy_dir, link
+from .workflow import add_workflow_arguments, load_workflow, missing_node_types, workflow_settings
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
-FIXTURES_SCRIPT = os.path.join(PACK_DIR, "tests", "helpers", "model_fixtures.py")
+FIXTURES_SCRIPT = os.path.join(REPO, "tests", "helpers", "model_fixtures.py")
 # Where each random-weight fixture goes in the embedded server's models/ folder.
 RANDOM_MODEL_LINKS = {
     "sd15_ckpt": ("checkpoints", "freeseg-tiny-sd15.safetensors"),
@@ -139,14 +141,14 @@ def build_random_models(python: str, comfy_dir: str) -> dict[str, str]:
     """Build (or reuse from the cache) the random-weight fixtures in a subprocess; {key: path}."""
     if not os.path.isfile(FIXTURES_SCRIPT):
         raise SegmentError(f"--random-weights needs the project's checkout ({FIXTURES_SCRIPT} is missing)")
-    cache = os.environ.get("FREESEG_FIXTURE_CACHE") or os.path.join(PACK_DIR, ".cache", "fixtures")
+    cache = fixture_cache()
     # Only what the smoke test uses (not e.g. the large SD2 checkpoint the server tests add).
     code = ("import json, sys; sys.path.insert(0, sys.argv[2]); from model_fixtures import build_all; "
             "print('FIXTURES=' + json.dumps(build_all(sys.argv[1], keys=sys.argv[3].split(','))))")
     print(f"building / reusing the random-weight models in {cache} ...", file=sys.stderr, flush=True)
     env = dict(os.environ, FREESEG_COMFYUI_DIR=comfy_dir)
     proc = subprocess.run([python, "-c", code, cache, os.path.dirname(FIXTURES_SCRIPT), ",".join(RANDOM_FIXTURES)],
-                          cwd=PACK_DIR, capture_output=True, text=True, env=env)
+                          cwd=REPO, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FIXTURES=")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]

@@ -22,14 +22,14 @@ import time
 from typing import IO, Optional, Sequence
 
 from .client import ComfyClient
+from .paths import REPO
 
-PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_NAME = "freeseg-diff"
 
 
 def default_comfy_dir() -> str:
     """The ComfyUI install to run: ``$FREESEG_COMFYUI_DIR`` or the project's ``.venv/ComfyUI``."""
-    return os.environ.get("FREESEG_COMFYUI_DIR") or os.path.join(PACK_DIR, ".venv", "ComfyUI")
+    return os.environ.get("FREESEG_COMFYUI_DIR") or os.path.join(REPO, ".venv", "ComfyUI")
 
 
 def free_port() -> int:
@@ -107,7 +107,7 @@ class ComfyServer:
                                "project's environment, or point to a ComfyUI install")
         os.makedirs(self.base_dir, exist_ok=True)
         if self.link_pack:
-            link(PACK_DIR, os.path.join(self.base_dir, "custom_nodes", PACK_NAME))
+            link(REPO, os.path.join(self.base_dir, "custom_nodes", PACK_NAME))
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         self._log = open(self.log_path, "w")
         group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"

@@ -1,6 +1,6 @@
-"""The command lines: `python -m freeseg.app.client` (any workflow on any server) and
-`python -m freeseg segment` (the output folder), against the real ComfyUI server, one
-embedded-server run with --random-weights, and their error messages.
+"""The command line that reaches servers, `python -m freeseg segment` (any workflow on any
+server; the output folder), and the workflow editing and transport under it, against the real
+ComfyUI server, one embedded-server run with --random-weights, and their error messages.
 
 The unit tests at the top need no server (they run against fake /object_info dicts and a
 stub HTTP server); the rest use the session's server with the random-weight fixtures."""
@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from comfy_harness import MODEL_LINKS, REPO
-from freeseg.app import client as fc
+from freeseg.app import client, console
+from freeseg.app import workflow as wf
 from freeseg.app.segment import build_parser, pick_models, segment_diffusers
 from freeseg.app.output import mask_file_name, write_segmentation
 
@@ -58,7 +59,7 @@ def renumbered(prompt: dict, offset: int = 100) -> dict:
     out = {}
     for k, node in prompt.items():
         node = copy.deepcopy(node)
-        node["inputs"] = {n: [new[v[0]], v[1]] if fc._is_link(v) else v for n, v in node["inputs"].items()}
+        node["inputs"] = {n: [new[v[0]], v[1]] if wf.is_link(v) else v for n, v in node["inputs"].items()}
         out[new[k]] = node
     return out
 
@@ -96,19 +97,19 @@ def test_prompts_with_a_node_without_inputs_are_never_sent(tmp_path):
     """ComfyUI 0.3.75 answers HTTP 200 to such a prompt and its prompt worker dies: the client
     refuses it before any request, naming the node."""
     good = {"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}}
-    fc.check_prompt(good, "p")
+    client.check_prompt(good, "p")
     for node, why in (({"class_type": "PreviewAny"}, "node '2' (PreviewAny) has no inputs object"),
                       ({"class_type": "PreviewAny", "inputs": None}, "node '2' (PreviewAny) has no inputs object"),
                       ({"class_type": "PreviewAny", "inputs": []}, "node '2' (PreviewAny) has no inputs object"),
                       ({"inputs": {}}, "node '2' has no class_type string"),
                       ("PreviewAny", "node '2' is not an object")):
         prompt = dict(good, **{"2": node})
-        with pytest.raises(fc.ComfyError, match="^" + re.escape(f"the prompt: {why}")):
-            fc.ComfyClient("http://127.0.0.1:9").queue(prompt)  # nothing listens there: refused before sending
+        with pytest.raises(client.ComfyError, match="^" + re.escape(f"the prompt: {why}")):
+            client.ComfyClient("http://127.0.0.1:9").queue(prompt)  # nothing listens there: refused before sending
     for how in ("missing", "null"):
         path = without_inputs(str(tmp_path / f"{how}.json"), how)
-        with pytest.raises(fc.ComfyError, match=f"^the workflow {path}: node '99' \\(PreviewAny\\) has no inputs"):
-            fc.load_workflow(path)
+        with pytest.raises(client.ComfyError, match=f"^the workflow {path}: node '99' \\(PreviewAny\\) has no inputs"):
+            wf.load_workflow(path)
 
 
 def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, image):
@@ -116,8 +117,7 @@ def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, image):
     taken.write_text("keep me")
     dead = "http://127.0.0.1:9"  # never asked: the check comes first
     for out, what in ((taken, "is an existing file"), (taken / "sub", f"is inside {taken}, which is an existing file")):
-        for command in (("freeseg", "segment", image), ("freeseg", "segment", os.path.dirname(image)),
-                        ("freeseg.app.client", image)):
+        for command in (("freeseg", "segment", image), ("freeseg", "segment", os.path.dirname(image))):
             result = cli(*command, "--out", str(out), "--url", dead, timeout=60)
             assert result.returncode == 2 and not result.stdout, result.stderr
             assert result.stderr.strip().splitlines() == [f"error: --out {out} {what}, not a folder"]
@@ -144,8 +144,7 @@ def test_a_server_that_answers_no_json_is_named(tmp_path, image):
     try:
         runs = [cli("freeseg", "segment", image, "--out", str(tmp_path / "one"), "--url", url, timeout=60),
                 cli("freeseg", "segment", os.path.dirname(image), "--out", str(tmp_path / "dir"), "--url", url,
-                    timeout=60),
-                cli("freeseg.app.client", image, "--url", url, "--out", str(tmp_path / "client"), timeout=60)]
+                    timeout=60)]
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -154,71 +153,71 @@ def test_a_server_that_answers_no_json_is_named(tmp_path, image):
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith(f"error: the server at {url} is not a ComfyUI server: it answered GET /object_info "
                                "with something that is not JSON ('<html><body>Welcome to nginx!"), line
-    assert not any((tmp_path / d).exists() for d in ("one", "dir", "client"))
+    assert not any((tmp_path / d).exists() for d in ("one", "dir"))
 
 
 
 def test_missing_node_types_are_named():
-    workflow = fc.load_workflow(WORKFLOW)
+    workflow = wf.load_workflow(WORKFLOW)
     info = {t: {} for t in ("LoadImage", "CheckpointLoaderSimple", "PreviewAny", "SaveImage", "MaskToImage")}
-    missing = fc.missing_node_types(workflow, info)
+    missing = wf.missing_node_types(workflow, info)
     assert missing == ["FreeSegBLIP2Loader", "FreeSegCLIPLabel", "FreeSegCLIPLoader", "FreeSegCaption",
                        "FreeSegClusterMasks", "FreeSegDiffusionFeatures", "FreeSegRefineMasks",
                        "FreeSegSaveSegments"]
-    message = fc.missing_nodes_message(missing, "http://h:1")
+    message = wf.missing_nodes_message(missing, "http://h:1")
     assert "http://h:1" in message and "FreeSegRefineMasks" in message and "freeseg-diff" in message
-    assert fc.missing_node_types(workflow, {t: {} for t in {n["class_type"] for n in workflow.values()}}) == []
+    assert wf.missing_node_types(workflow, {t: {} for t in {n["class_type"] for n in workflow.values()}}) == []
 
 
 def test_fill_goes_by_class_type_and_outputs_are_found_or_added():
-    workflow = renumbered(fc.load_workflow(WORKFLOW))
-    filled = fc.fill_workflow(workflow, image="x.png", class_names="dog, cat", n_clusters=3, seed=7,
+    workflow = renumbered(wf.load_workflow(WORKFLOW))
+    filled = wf.fill_workflow(workflow, image="x.png", class_names="dog, cat", n_clusters=3, seed=7,
                               checkpoint="c.safetensors", blip2="b", clip="o",
-                              overrides=[fc.parse_override("FreeSegDiffusionFeatures.resolution=256")])
+                              overrides=[wf.parse_override("FreeSegDiffusionFeatures.resolution=256")])
     by_type = {n["class_type"]: n["inputs"] for n in filled.values()}
     assert by_type["LoadImage"]["image"] == "x.png"
     assert by_type["FreeSegCaption"]["class_names"] == "dog, cat"
-    assert fc._is_link(by_type["FreeSegCLIPLabel"]["class_names"])  # linked to the caption: left alone
+    assert wf.is_link(by_type["FreeSegCLIPLabel"]["class_names"])  # linked to the caption: left alone
     assert (by_type["FreeSegClusterMasks"]["n_clusters"], by_type["FreeSegClusterMasks"]["seed"]) == (3, 7)
     assert by_type["FreeSegDiffusionFeatures"]["resolution"] == 256
     assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "c.safetensors"
     assert (by_type["FreeSegBLIP2Loader"]["model_name"], by_type["FreeSegCLIPLoader"]["model_name"]) == ("b", "o")
-    assert workflow != filled and fc.nodes_of(workflow, "LoadImage") == fc.nodes_of(filled, "LoadImage")
+    assert workflow != filled and wf.nodes_of(workflow, "LoadImage") == wf.nodes_of(filled, "LoadImage")
 
-    prompt, roles = fc.ensure_outputs(filled)
-    refine = fc.nodes_of(prompt, "FreeSegRefineMasks")[0]
+    prompt, roles = wf.ensure_outputs(filled)
+    refine = wf.nodes_of(prompt, "FreeSegRefineMasks")[0]
     assert prompt[roles["json"]]["inputs"]["source"] == [refine, 6]
     assert prompt[roles["labels"]]["inputs"]["source"] == [refine, 2]
     assert prompt[roles["preview"]]["inputs"]["images"] == [refine, 5]
     assert roles["json"] in workflow and roles["masks"] in workflow  # the workflow's own output nodes
-    caption = fc.nodes_of(prompt, "FreeSegCaption")[0]
+    caption = wf.nodes_of(prompt, "FreeSegCaption")[0]
     assert roles["captions"] not in workflow and prompt[roles["captions"]]["inputs"]["source"] == [caption, 0]
-    with pytest.raises(fc.ComfyError, match="--set"):
-        fc.parse_override("resolution=3")
+    with pytest.raises(client.ComfyError, match="--set"):
+        wf.parse_override("resolution=3")
 
 
 def test_model_choice_and_node_error_formatting():
-    workflow = fc.load_workflow(WORKFLOW)
+    workflow = wf.load_workflow(WORKFLOW)
     info = {"CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["only.safetensors"], {}]}}},
             "FreeSegBLIP2Loader": {"input": {"required": {"model_name": ["COMBO", {"options": ["(none found)"]}]}}},
             "FreeSegCLIPLoader": {"input": {"required": {"model_name": [["a", "b"], {}]}}}}
-    with pytest.raises(fc.ComfyError, match="pick one with --clip: a, b"):
-        fc.choose_models(fc.fill_workflow(workflow, class_names="dog"), info, "U")
-    with pytest.raises(fc.ComfyError, match="no BLIP / BLIP-2 captioner: put a BLIP folder"):
-        fc.choose_models(workflow, info, "U", {"clip": "b"})
-    with pytest.raises(fc.ComfyError, match="--checkpoint 'x': the server at U has no such checkpoint"):
-        fc.choose_models(workflow, info, "U", {"checkpoint": "x"})
+    with pytest.raises(client.ComfyError, match="pick one with --clip: a, b"):
+        wf.choose_models(wf.fill_workflow(workflow, class_names="dog"), info, "U")
+    with pytest.raises(client.ComfyError, match="no BLIP / BLIP-2 captioner: put a BLIP folder"):
+        wf.choose_models(workflow, info, "U", {"clip": "b"})
+    with pytest.raises(client.ComfyError, match="--checkpoint 'x': the server at U has no such checkpoint"):
+        wf.choose_models(workflow, info, "U", {"checkpoint": "x"})
     # With class names typed in and no BLIP-2 on the server, the captioner is left out.
-    prompt = fc.choose_models(fc.fill_workflow(workflow, class_names="dog"), info, "U", {"clip": "b"})
-    assert not fc.nodes_of(prompt, "FreeSegBLIP2Loader")
-    assert "blip2" not in prompt[fc.nodes_of(prompt, "FreeSegCaption")[0]]["inputs"]
-    assert prompt[fc.nodes_of(prompt, "CheckpointLoaderSimple")[0]]["inputs"]["ckpt_name"] == "only.safetensors"
+    prompt = wf.choose_models(wf.fill_workflow(workflow, class_names="dog"), info, "U", {"clip": "b"})
+    assert not wf.nodes_of(prompt, "FreeSegBLIP2Loader")
+    assert "blip2" not in prompt[wf.nodes_of(prompt, "FreeSegCaption")[0]]["inputs"]
+    assert prompt[wf.nodes_of(prompt, "CheckpointLoaderSimple")[0]]["inputs"]["ckpt_name"] == "only.safetensors"
 
     details = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
                "node_errors": {"8": {"class_type": "FreeSegClusterMasks", "dependent_outputs": ["12"], "errors": [
                    {"type": "value_bigger_than_max", "message": "Value 99 bigger than max of 64",
                     "details": "n_clusters"}]}}}
-    lines = fc.format_node_errors(details, workflow)
+    lines = client.format_node_errors(details, workflow)
     assert lines[0] == "ComfyUI rejected the prompt: Prompt outputs failed validation"
     assert lines[1] == ("  node 8 (FreeSegClusterMasks, 'FreeSeg-Diff Cluster Masks'): Value 99 bigger than max "
                         "of 64 - n_clusters")
@@ -227,7 +226,7 @@ def test_model_choice_and_node_error_formatting():
 def test_progress_bar_text():
     out = io.StringIO()
     prompt = {"1": {"class_type": "A", "inputs": {}}, "2": {"class_type": "B", "inputs": {}, "_meta": {"title": "Bee"}}}
-    bar = fc.ProgressBar(prompt, stream=out, width=10)
+    bar = console.ProgressBar(prompt, stream=out, width=10)
     for kind, data in [("execution_cached", {"nodes": ["1"]}), ("executing", {"node": "2"}),
                        ("progress", {"value": 1, "max": 2, "node": "2"}), ("executing", {"node": None}),
                        ("execution_success", {})]:
@@ -320,13 +319,13 @@ class _NoPackServer(BaseHTTPRequestHandler):
         pass
 
 
-def test_cli_names_missing_node_types_and_unreachable_server(image):
+def test_cli_names_missing_node_types_and_unreachable_server(tmp_path, image):
     httpd = HTTPServer(("127.0.0.1", 0), _NoPackServer)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}"
-        result = cli("freeseg.app.client", image, "--url", url, timeout=60)
+        result = cli("freeseg", "segment", image, "--out", str(tmp_path / "o"), "--url", url, timeout=60)
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -335,34 +334,30 @@ def test_cli_names_missing_node_types_and_unreachable_server(image):
     assert url in line and "FreeSegCaption" in line and "FreeSegRefineMasks" in line and "freeseg-diff" in line
 
     dead = f"http://127.0.0.1:{httpd.server_address[1]}"  # closed now
-    for args in (("freeseg.app.client", image, "--url", dead), ("freeseg", "segment", image, "--out", "/nonexistent",
-                                                            "--url", dead)):
-        result = cli(*args, timeout=60)
+    for source in (image, os.path.dirname(image)):
+        result = cli("freeseg", "segment", source, "--out", str(tmp_path / "o"), "--url", dead, timeout=60)
         assert result.returncode != 0
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith("error: cannot reach the ComfyUI server at " + dead), line
+    assert not (tmp_path / "o").exists()
 
 
 # -- the session's server -----------------------------------------------------------------------------
 
 
-def test_client_cli_runs_the_full_workflow(server, tmp_path, image):
+def test_segment_cli_with_model_names_shows_progress(server, tmp_path, image):
+    """Model names, cluster count and seed given: the run uses them and draws its progress bar
+    on stderr (node titles included); stdout is the labels document."""
     out = tmp_path / "out"
-    result = cli("freeseg.app.client", image, "--url", server.url, "--out", str(out), "--class-names", CLASS_NAMES,
+    result = cli("freeseg", "segment", image, "--url", server.url, "--out", str(out), "--class-names", CLASS_NAMES,
                  "--clusters", "3", "--seed", "1", "--checkpoint", MODEL_LINKS["sd15_ckpt"][1],
                  "--blip2", MODEL_LINKS["blip2_dir"][1], "--clip", MODEL_LINKS["open_clip_dir"][1], *FAST)
     assert result.returncode == 0, result.stderr
-    records = json.loads(result.stdout)
-    assert records and all(r["label"] in CLASS_NAMES.split(", ") and r["image"] == 0 for r in records)
-    assert len(records) <= 3
+    doc = json.loads(result.stdout)
+    assert doc == json.loads((out / "labels.json").read_text())
+    assert doc["masks"] and all(m["label"] in CLASS_NAMES.split(", ") for m in doc["masks"])
+    assert len(doc["masks"]) <= 3 and doc["settings"]["n_clusters"] == 3 and doc["settings"]["seed"] == 1
     assert "[" + "#" * 30 + "] 100%" in result.stderr and "FreeSeg-Diff Diffusion Features" in result.stderr
-    files = sorted(os.listdir(out))
-    masks = [f for f in files if "full_mask" in f]
-    assert len(masks) == len(records) and len([f for f in files if "full_preview" in f]) == 1, files
-    # Save Segments' files come too: its labels.json lists the same labels as the JSON output.
-    (labels_json,) = [f for f in files if f.endswith("_labels.json")]
-    assert [m["label"] for m in json.loads((out / labels_json).read_text())["masks"]] == [r["label"] for r in records]
-    assert all(Image.open(out / f).size == (WIDTH, HEIGHT) for f in files if f != labels_json)
 
 
 def test_segment_cli_on_a_server_writes_the_output_folder(server, tmp_path, image):
@@ -399,7 +394,7 @@ def test_rejected_prompt_prints_node_errors(server, tmp_path, image):
     # and reports the rest; the client takes such a prompt back and fails like a rejected one.
     # With max_new_tokens wrong too, no output validates and ComfyUI answers HTTP 400.
     for extra in ([], ["--set", "FreeSegCaption.max_new_tokens=0"]):
-        result = cli("freeseg.app.client", image, "--url", server.url, "--out", str(tmp_path / "o"), "--class-names",
+        result = cli("freeseg", "segment", image, "--url", server.url, "--out", str(tmp_path / "o"), "--class-names",
                      CLASS_NAMES, "--clusters", "999", *FAST, *extra)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
@@ -457,7 +452,8 @@ def test_a_workflow_node_without_inputs_is_never_sent(server, tmp_path, image, u
     sent, naming the node; the server goes on running prompts (ComfyUI 0.3.75 would have lost its
     prompt worker)."""
     before = len(server.client.get_json("/history"))
-    for how, command in (("missing", ("freeseg.app.client", image, "--url", server.url, "--out", str(tmp_path / "c"))),
+    for how, command in (("missing", ("freeseg", "segment", os.path.dirname(image), "--out", str(tmp_path / "c"),
+                                      "--url", server.url)),
                          ("null", ("freeseg", "segment", image, "--out", str(tmp_path / "s"), "--url", server.url))):
         path = without_inputs(str(tmp_path / f"{how}.json"), how)
         result = cli(*command, "--workflow", path, timeout=60)
@@ -513,7 +509,7 @@ def test_ctrl_c_while_the_embedded_server_starts_stops_it(model_files, tmp_path,
             time.sleep(0.05)
         (pid, cmdline), = children.items()
         port = cmdline.split("--port ", 1)[1].split()[0]
-        assert not fc.ComfyClient(f"http://127.0.0.1:{port}", timeout=2).is_up()  # still starting
+        assert not client.ComfyClient(f"http://127.0.0.1:{port}", timeout=2).is_up()  # still starting
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
         reader.join(timeout=10)

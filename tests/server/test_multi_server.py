@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from comfy_harness import MODEL_LINKS, REPO, ComfyServer, free_port, link, write_test_image
-from freeseg.app import client as fc
+from freeseg.app.remote import upload_name
 
 PYTHON = sys.executable
 CLASS_NAMES = "dog, cat, tree, sky"  # the random BLIP-2 writes no real nouns
@@ -46,7 +46,7 @@ def history_size(server: ComfyServer) -> int:
 def runs_of(server: ComfyServer, paths: list[str]) -> int:
     """Prompts the server has finished that load one of the pictures `paths` (by the name the
     client uploads them under), so prompts other tests left on the server do not count."""
-    names = {fc.upload_name(p) for p in paths}
+    names = {upload_name(p) for p in paths}
     return sum(any(n.get("class_type") == "LoadImage" and n.get("inputs", {}).get("image") in names
                    for n in entry["prompt"][2].values())
                for entry in server.client.get_json("/history").values())

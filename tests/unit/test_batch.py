@@ -268,14 +268,14 @@ def test_pool_with_one_server_raises_its_own_error():
 
 
 def test_pool_connect_drops_unreachable_servers(monkeypatch):
-    from freeseg.app import client as fc
+    from freeseg.app.client import ComfyClient
 
     def object_info(self, node_class=None):
         if "dead" in self.url:
             raise ComfyConnectionError(f"cannot reach the ComfyUI server at {self.url}: refused")
         return {"LoadImage": {}}
 
-    monkeypatch.setattr(fc.ComfyClient, "object_info", object_info)
+    monkeypatch.setattr(ComfyClient, "object_info", object_info)
     pool = ServerPool(["http://ok", "http://dead"], stream=io.StringIO())
     pool.connect()
     assert [s.url for s in pool.live] == ["http://ok"] and "dropping http://dead" in pool.stream.getvalue()
@@ -351,7 +351,8 @@ def test_folder_with_the_diffusers_backend(tmp_path, monkeypatch, capsys):
 def test_servers_with_different_models_are_refused():
     """Outputs must not depend on the server: servers that would fill the workflow with other
     model names are refused before anything runs; the same names give one key."""
-    from freeseg.app.client import DEFAULT_WORKFLOW, load_workflow
+    from freeseg.app.paths import DEFAULT_WORKFLOW
+    from freeseg.app.workflow import load_workflow
     from freeseg.app.remote import WorkflowJob, check_servers
 
     workflow = load_workflow(DEFAULT_WORKFLOW)
