@@ -9,15 +9,16 @@ Each graph below is described once, in Python. From that description this script
   * `workflows/api/<name>.json`: the API ("prompt") format that `POST /prompt` takes, which is
     what the frontend's "Export (API)" writes for the same graph.
 
-Slot names and types, widget order and defaults come from a copy of a running server's
-`/object_info` (this script starts nothing). By default it reads `.cache/object_info.json`,
-which `tests/server/test_workflows.py` writes from the live test server on every run; give
-`--object-info FILE` or `--server http://127.0.0.1:8188` to use another source. The test
-also checks that the files in workflows/ are exactly what this script generates.
+Slot names and types, widget order and defaults come from the `/object_info` of a ComfyUI
+0.3.75 server with this pack (this script starts nothing): `--server http://127.0.0.1:8188`
+reads it from a running server, `--object-info FILE` from a saved copy.
+`tests/server/test_workflows.py` checks that the files in workflows/ are exactly what this
+script generates from the test server; when they are not, it saves that server's
+`/object_info` into the run's pytest temporary folder and names the file in its failure.
 
 Usage:
-    .venv/bin/python scripts/make_workflows.py            # (re)write workflows/
-    .venv/bin/python scripts/make_workflows.py --check    # exit 1 if a file would change
+    .venv/bin/python scripts/make_workflows.py --object-info FILE          # (re)write workflows/
+    .venv/bin/python scripts/make_workflows.py --object-info FILE --check  # exit 1 if a file would change
 
 The thumbnails (`workflows/<name>.jpg`) and `docs/freeseg_full.png` are screenshots of the
 real frontend, taken by `FREESEG_UPDATE_SCREENSHOTS=1 .venv/bin/python -m pytest
@@ -36,7 +37,6 @@ from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = os.path.join(REPO, "workflows")
-DEFAULT_OBJECT_INFO = os.path.join(REPO, ".cache", "object_info.json")
 
 # User-facing default model names (the tests swap in their random-weight fixtures).
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
@@ -600,18 +600,17 @@ def load_object_info(path: str | None, server: str | None) -> dict:
     if server:
         with urllib.request.urlopen(server.rstrip("/") + "/object_info", timeout=60) as resp:
             return json.loads(resp.read())
-    path = path or DEFAULT_OBJECT_INFO
     if not os.path.isfile(path):
-        sys.exit(f"no {path}: run `.venv/bin/python -m pytest tests/server/test_workflows.py` once (it saves the "
-                 "test server's /object_info there), or pass --server URL / --object-info FILE")
+        sys.exit(f"--object-info {path}: no such file")
     with open(path) as f:
         return json.load(f)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--object-info", help=f"a saved /object_info (default: {DEFAULT_OBJECT_INFO})")
-    parser.add_argument("--server", help="read /object_info from this running ComfyUI instead")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--object-info", help="a saved /object_info of ComfyUI 0.3.75 with this pack")
+    source.add_argument("--server", help="read /object_info from this running ComfyUI 0.3.75 with this pack")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
     args = parser.parse_args(argv)
     wanted = files(load_object_info(args.object_info, args.server))

@@ -10,6 +10,8 @@
 #   FREESEG_VENV=DIR          build the virtualenv in DIR instead of .venv/
 #   FREESEG_COMFYUI_DIR=DIR   use the ComfyUI tree in DIR (not unpacked, not changed) instead of
 #                             the pinned 0.3.75 in <venv>/ComfyUI
+#   FREESEG_FRONTEND=VERSION  install comfyui-frontend-package==VERSION instead of the version the
+#                             tree's requirements pin
 #   PYTHON=python3.11         the interpreter that creates the virtualenv
 # Idempotent: a second run checks a stamp and returns in a second or two.
 set -euo pipefail
@@ -27,7 +29,8 @@ fi
 # The stamp covers what decides the environment: these files and, for a tree given from outside,
 # its path and requirements (the pinned tree is fixed by horde_version above).
 stamp_src=$( (cat scripts/setup_env.sh scripts/torch-constraints.txt requirements.txt requirements-test.txt
-              if [ -n "${FREESEG_COMFYUI_DIR:-}" ]; then echo "$comfy"; cat "$comfy/requirements.txt"; fi) |
+              if [ -n "${FREESEG_COMFYUI_DIR:-}" ]; then echo "$comfy"; cat "$comfy/requirements.txt"; fi
+              echo "frontend=${FREESEG_FRONTEND:-}") |
             sha256sum | cut -c1-16)
 stamp="$venv/.freeseg-env-$stamp_src"
 
@@ -68,7 +71,13 @@ fi
 # The tree's requirements without torch and torchvision (pinned above); torchaudio, which newer
 # trees import at start-up, comes at the constraints file's version (the newest that declares
 # support for the pinned torch). `requests` is imported by ComfyUI but missing from older lists.
+# With FREESEG_FRONTEND the frontend package comes at that version instead of the tree's pin.
 grep -v -E '^\s*(torch|torchvision)\s*([<>=!~;#].*)?$' "$comfy/requirements.txt" > "$venv/comfy-requirements.txt"
+if [ -n "${FREESEG_FRONTEND:-}" ]; then
+  grep -v -E '^\s*comfyui-frontend-package\s*([<>=!~;#].*)?$' "$venv/comfy-requirements.txt" > "$venv/comfy-requirements.tmp"
+  echo "comfyui-frontend-package==$FREESEG_FRONTEND" >> "$venv/comfy-requirements.tmp"
+  mv "$venv/comfy-requirements.tmp" "$venv/comfy-requirements.txt"
+fi
 "${pip[@]}" -r "$venv/comfy-requirements.txt" requests
 "${pip[@]}" -r requirements.txt -r requirements-test.txt
 # A last check that torch was not replaced and that torchaudio (when the tree wants it) loads

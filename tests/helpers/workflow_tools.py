@@ -15,12 +15,17 @@ from comfy_harness import MODEL_LINKS, REPO
 WORKFLOW_DIR = os.path.join(REPO, "workflows")
 API_DIR = os.path.join(WORKFLOW_DIR, "api")
 # The ComfyUI the workflow files are generated from (scripts/make_workflows.py reads its
-# /object_info); newer cores are checked for structure only.
+# /object_info); newer cores are checked for structure only, tolerating what they changed (see
+# validate_ui and prompt_differences: `pinned=False`).
 PINNED_COMFYUI = "0.3.75"
 NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabulary", "freeseg_batch",
          "freeseg_video")
 
-SOCKETLESS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # types the frontend draws as widgets
+# A combo whose chosen option brings inputs of its own (newer cores: Save Video's `format`, whose
+# option brings `codec`): the frontend draws it as a combo and the chosen option's inputs as
+# widgets named "<combo>.<input>" right after it.
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+SOCKETLESS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}  # types the frontend draws as widgets
 UPLOAD_OPTIONS = ("image_upload", "animated_image_upload", "video_upload", "audio_upload")  # combos with an upload button
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # virtual nodes: saved in the UI file, never queued
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -44,47 +49,80 @@ TEST_CLASS_NAMES = "dog, cat, tree, sky"
 
 
 def declared_inputs(node_def: dict) -> list[tuple[str, str, dict, bool]]:
-    """(name, type, options, optional) per input, required ones first, in declared order."""
+    """(name, type, options, optional) per input, required ones first, in declared order. A
+    combo declared as `[[choices], {...}]` gets its choices as options["options"]."""
+    return _inputs(node_def["input"], node_def.get("input_order", {}))
+
+
+def _inputs(sections: dict, order: dict) -> list[tuple[str, str, dict, bool]]:
     result = []
     for section in ("required", "optional"):
-        specs = node_def["input"].get(section, {})
-        for name in node_def.get("input_order", {}).get(section, list(specs)):
+        specs = sections.get(section, {})
+        for name in order.get(section, list(specs)):
             spec = specs[name]
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            result.append((name, "COMBO" if isinstance(spec[0], list) else spec[0], opts, section == "optional"))
+            if isinstance(spec[0], list):
+                result.append((name, "COMBO", {**opts, "options": spec[0]}, section == "optional"))
+            else:
+                result.append((name, spec[0], opts, section == "optional"))
     return result
 
 
-def combo_options(node_def: dict, name: str) -> list:
-    for section in ("required", "optional"):
-        spec = node_def["input"].get(section, {}).get(name)
-        if spec is not None:
-            return spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
-    raise KeyError(name)
+def options_of(kind: str, opts: dict) -> list:
+    """The choices of a combo, or the option keys of a dynamic combo."""
+    if kind == DYNAMIC_COMBO:
+        return [o["key"] for o in opts.get("options", [])]
+    return opts.get("options", [])
 
 
-def widget_entries(node_def: dict) -> list[tuple[str, str]]:
-    """What each `widgets_values` entry holds: (input name, "value" | "control" | "upload").
+def default_value(kind: str, opts: dict):
+    """The value the frontend gives a new widget: its default, else a combo's first choice."""
+    if "default" in opts:
+        return opts["default"]
+    choices = options_of(kind, opts)
+    return choices[0] if choices else None
+
+
+def widget_inputs(node_def: dict, values: list | None = None) -> list[tuple[str, str, str, dict, bool]]:
+    """What each `widgets_values` entry holds, in order: (input name, "value" | "control" |
+    "upload", type, options, optional).
 
     The frontend makes a widget of every INT/FLOAT/STRING/BOOLEAN/COMBO input (unless
     forceInput), follows INT inputs named seed/noise_seed (or flagged control_after_generate)
     with a "control after generate" combo, and upload combos (image, video, audio) with an
-    upload button whose saved value is "image"."""
+    upload button whose saved value is "image". A dynamic combo is followed by the widgets of
+    the option `values` chooses there (named "<combo>.<input>"; none when `values` ends
+    before it)."""
     entries = []
-    for name, kind, opts, _ in declared_inputs(node_def):
-        if kind not in SOCKETLESS or opts.get("forceInput"):
-            continue
-        entries.append((name, "value"))
-        control = opts.get("control_after_generate")
-        if kind == "INT" and (control if control is not None else name in ("seed", "noise_seed")):
-            entries.append((name, "control"))
-        if kind == "COMBO" and any(opts.get(o) for o in UPLOAD_OPTIONS):
-            entries.append((name, "upload"))
+
+    def add(inputs, prefix):
+        for name, kind, opts, optional in inputs:
+            if kind not in SOCKETLESS or opts.get("forceInput"):
+                continue
+            full = prefix + name
+            entries.append((full, "value", kind, opts, optional))
+            control = opts.get("control_after_generate")
+            if kind == "INT" and (control if control is not None else name in ("seed", "noise_seed")):
+                entries.append((full, "control", kind, opts, optional))
+            if kind == "COMBO" and any(opts.get(o) for o in UPLOAD_OPTIONS):
+                entries.append((full, "upload", kind, opts, optional))
+            if kind == DYNAMIC_COMBO and values is not None and len(entries) <= len(values):
+                chosen = [o for o in opts.get("options", []) if o["key"] == values[len(entries) - 1]]
+                if chosen:
+                    add(_inputs(chosen[0]["inputs"], {}), full + ".")
+
+    add(declared_inputs(node_def), "")
     return entries
 
 
+def widget_entries(node_def: dict, values: list | None = None) -> list[tuple[str, str]]:
+    """(input name, "value" | "control" | "upload") per `widgets_values` entry (widget_inputs)."""
+    return [(name, part) for name, part, _, _, _ in widget_inputs(node_def, values)]
+
+
 def widget_values_by_name(node: dict, node_def: dict) -> dict:
-    return {name: value for (name, part), value in zip(widget_entries(node_def), node.get("widgets_values") or [])
+    values = node.get("widgets_values") or []
+    return {name: value for (name, part), value in zip(widget_entries(node_def, values), values)
             if part == "value"}
 
 
@@ -106,6 +144,30 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"],
                                    "_meta": {"title": node.get("title") or node_def["display_name"]}}
     return prompt
+
+
+def prompt_differences(got: dict, want: dict, pinned: bool) -> list[str]:
+    """How the API prompt `got` differs from `want` (empty when it does not).
+
+    On the pinned core: any difference. On a newer core (`pinned=False`) the nodes, their class
+    types and every input both name must agree, and an input only one side names is tolerated:
+    the newer core's frontend sends the widgets that core added (Create Video's `bit_depth`,
+    Save Video's `format.codec`) with their values, and a saved widget value can land on the
+    widget that now stands at its place."""
+    if pinned:
+        return [] if got == want else [f"{got} != {want}"]
+    problems = []
+    if sorted(got) != sorted(want):
+        return [f"node ids {sorted(got)} != {sorted(want)}"]
+    for node_id in sorted(got, key=int):
+        a, b = got[node_id], want[node_id]
+        where = f"node {node_id} ({b['class_type']})"
+        if a["class_type"] != b["class_type"] or a.get("_meta") != b.get("_meta"):
+            problems.append(f"{where}: {a['class_type']} {a.get('_meta')} != {b['class_type']} {b.get('_meta')}")
+        for name in sorted(set(a["inputs"]) & set(b["inputs"])):
+            if a["inputs"][name] != b["inputs"][name]:
+                problems.append(f"{where}: {name} = {a['inputs'][name]!r}, not {b['inputs'][name]!r}")
+    return problems
 
 
 def without_default_titles(prompt: dict, ui: dict) -> dict:
@@ -140,11 +202,15 @@ def check_value(kind: str, opts: dict, value, options: list | None) -> str | Non
     return None
 
 
-def validate_ui(ui: dict, object_info: dict, check_files: bool = True) -> list[str]:
+def validate_ui(ui: dict, object_info: dict, check_files: bool = True, pinned: bool = True) -> list[str]:
     """Every way the UI workflow disagrees with what the server declares (empty when none).
 
     `check_files=False` skips the choice check of inputs listing the server's files (model
-    names, input images), which the published workflows name by their usual user-side names."""
+    names, input images), which the published workflows name by their usual user-side names.
+    `pinned=False` (a newer core than the one the files come from) tolerates what such a core
+    changed in a core node, as its frontend does when it loads the file: optional widgets added
+    after the saved values (they take their defaults) and a combo input turned into a dynamic
+    combo (the saved value still one of its options)."""
     problems = []
     nodes = {n["id"]: n for n in ui["nodes"]}
     if len(nodes) != len(ui["nodes"]):
@@ -167,10 +233,13 @@ def validate_ui(ui: dict, object_info: dict, check_files: bool = True) -> list[s
             continue
         declared = {n: (k, o, opt) for n, k, o, opt in declared_inputs(node_def)}
         # widgets
-        entries, values = widget_entries(node_def), node.get("widgets_values") or []
-        if len(values) != len(entries):
+        values = node.get("widgets_values") or []
+        widgets = widget_inputs(node_def, values)
+        entries = [(name, part) for name, part, _, _, _ in widgets]
+        added = widgets[len(values):]  # widgets without a saved value
+        if len(values) > len(entries) or (added and (pinned or not all(w[4] for w in added))):
             problems.append(f"{where}: {len(values)} widgets_values for {len(entries)} widgets {entries}")
-        for (name, part), value in zip(entries, values):
+        for (name, part, kind, opts, _), value in zip(widgets, values):
             if part == "control":
                 if value not in CONTROL_VALUES:
                     problems.append(f"{where}: control_after_generate of {name} is {value!r}")
@@ -179,10 +248,9 @@ def validate_ui(ui: dict, object_info: dict, check_files: bool = True) -> list[s
                 if value != "image":
                     problems.append(f"{where}: upload widget value {value!r}")
                 continue
-            kind, opts, _ = declared[name]
             skip_options = not check_files and (node["type"], name) in file_inputs
-            options = combo_options(node_def, name) if kind == "COMBO" and not skip_options else None
-            why = check_value(kind, opts, value, options)
+            options = options_of(kind, opts) if kind in ("COMBO", DYNAMIC_COMBO) and not skip_options else None
+            why = check_value("COMBO" if kind == DYNAMIC_COMBO else kind, opts, value, options)
             if why:
                 problems.append(f"{where}: widget {name}: {why}")
         # input slots: names and types
@@ -191,7 +259,8 @@ def validate_ui(ui: dict, object_info: dict, check_files: bool = True) -> list[s
                 continue
             if slot["name"] not in declared:
                 problems.append(f"{where}: input slot {slot['name']!r} is not declared")
-            elif slot["type"] != declared[slot["name"]][0]:
+            elif slot["type"] != declared[slot["name"]][0] and (
+                    pinned or (slot["type"], declared[slot["name"]][0]) != ("COMBO", DYNAMIC_COMBO)):
                 problems.append(f"{where}: input {slot['name']} has type {slot['type']}, declared "
                                 f"{declared[slot['name']][0]}")
         linked = {s["name"] for s in node.get("inputs", []) if s.get("link") is not None}
@@ -271,7 +340,7 @@ def adapt_ui(ui: dict, object_info: dict, images: dict) -> dict:
         if node["type"] in FRONTEND_ONLY:
             continue
         node_def = object_info[node["type"]]
-        entries = widget_entries(node_def)
+        entries = widget_entries(node_def, node.get("widgets_values"))
         current = widget_values_by_name(node, node_def)
         for name, value in fixture_values(node["type"], node["id"], images, current).items():
             node["widgets_values"][entries.index((name, "value"))] = value

@@ -6,6 +6,7 @@ import pytest
 
 from model_fixtures import build_all_subprocess
 from comfy_harness import EXTRA_MODEL_LINKS, FIXTURE_CACHE, MODEL_LINKS, REPO, ComfyServer, link, write_test_image
+from workflow_tools import PINNED_COMFYUI
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +50,18 @@ def models_client(models_server):
 @pytest.fixture(scope="session")
 def client(server):
     return server.client
+
+
+@pytest.fixture(scope="session")
+def comfyui_version(client) -> str:
+    return client.get_json("/system_stats")["system"]["comfyui_version"]
+
+
+@pytest.fixture(scope="session")
+def pinned(comfyui_version) -> bool:
+    """Whether the server is the ComfyUI the workflow files are generated from
+    (workflow_tools.PINNED_COMFYUI); on another one the workflow tests tolerate what it changed."""
+    return comfyui_version == PINNED_COMFYUI
 
 
 def uploader(client, folder):
