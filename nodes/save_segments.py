@@ -1,30 +1,20 @@
 """FreeSegSaveSegments: the segmentation as files in ComfyUI's output folder (one PNG per named
 mask, one overlay PNG per image, labels.json), listed in the node's UI output so that any
-client that downloads through /view (and the frontend's queue panel) gets all of it."""
+client that downloads through /view (and the frontend's queue panel) gets all of it. The files
+and labels.json are those of ``freeseg.labels_file`` (the layout ``freeseg segment`` writes)."""
 
 from __future__ import annotations
 
-import json
 import os
 
-import numpy as np
 import torch
-from PIL import Image
 
 import folder_paths
 
-from ..freeseg.app.output import safe_label
+from ..freeseg.labels_file import write_segments
 from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.segments import draw_overlay
 from .common import CATEGORY, Segments, io, to_rgb
-
-LABELS_FORMAT = "freeseg-diff/segments-v1"
-
-
-def to_png(array: torch.Tensor) -> Image.Image:
-    """`[H,W]` (grey) or `[H,W,3]` (RGB) float 0..1 -> an 8-bit PIL image."""
-    pixels = (array.detach().float().cpu().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
-    return Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB")
 
 
 NAME_BYTES = 255  # the longest file or folder name most file systems take
@@ -68,14 +58,16 @@ def prefix_problem(prefix, output_dir: str) -> str | None:
 
 def save_segments(segments: SegmentsData, images: torch.Tensor, folder: str, stem: str,
                   subfolder: str = "") -> tuple[list[dict], list[dict], dict]:
-    """Write the files of one run into `folder`, every name starting with `stem`:
+    """Write the files of one run into `folder` through ``freeseg.labels_file.write_segments``,
+    every name starting with `stem`:
 
     * ``<stem>_overlay_<b>.png``: image b's coloured overlay with the names (RGB);
-    * ``<stem>_mask_<i>_<label>.png``: named mask i (8-bit grey, 255 = fully in), i in the
-      order of Refine Masks' `masks` and `labels` outputs (batch, then mask order); the label
-      through ``freeseg.app.output.safe_label`` (ASCII, at most 60 characters: the full label is
-      in labels.json);
-    * ``<stem>_labels.json``: the document returned.
+    * ``<stem>_mask_<i>_<label>.png``: named mask i (8-bit grey, 255 = fully in, soft edges
+      kept), i in the order of Refine Masks' `masks` and `labels` outputs (batch, then mask
+      order); the label through ``freeseg.labels_file.safe_label`` (ASCII, at most 60
+      characters: the full label is in labels.json);
+    * ``<stem>_labels.json``: the document returned (``freeseg.labels_file``; ``backend``
+      "comfyui", no settings or timings, ``source`` and ``caption`` empty).
 
     Every name is made before the first file is written, so a problem with the inputs stops the
     save before it writes anything.
@@ -85,39 +77,24 @@ def save_segments(segments: SegmentsData, images: torch.Tensor, folder: str, ste
         subfolder: the output subfolder the file entries name (as /view takes it).
     Returns:
         (image entries, other file entries) as ``{"filename", "subfolder", "type": "output"}``
-        (overlays first, then masks; labels.json), and the labels document:
-        ``{"format", "width", "height", "images": [{"index", "overlay", "class_names"}],
-        "masks": [{"index", "image", "mask", "label", "score", "area", "bbox", "file"}],
-        "labels": "<labels.json name>"}`` (bbox ``[x0, y0, x1, y1]``, exclusive ends, or None).
+        (overlays first, then masks; labels.json), and the labels document.
     """
     pixels = to_rgb(images)
     if pixels.shape[0] != segments.batch_size or tuple(pixels.shape[1:3]) != segments.image_size:
         raise ValueError(f"image: {tuple(pixels.shape[:3])} is not the [B,H,W]="
                          f"{(segments.batch_size, *segments.image_size)} batch the segments came from")
     records = segments.records()
-    overlay_names = [f"{stem}_overlay_{b}.png" for b in range(segments.batch_size)]
-    mask_names = [f"{stem}_mask_{i}_{safe_label(rec['label'])}.png" for i, rec in enumerate(records)]
-    labels_name = f"{stem}_labels.json"
-    height, width = segments.image_size
+    overlays = [draw_overlay(pixels[b], segments.masks[b], segments.labels[b]) for b in range(segments.batch_size)]
+    masks = [segments.masks[rec["image"], rec["mask"]].float() for rec in records]
+    infos = [{"class_names": list(segments.class_names[b]) if b < len(segments.class_names) else []}
+             for b in range(segments.batch_size)]
+    doc = write_segments(folder, masks, records, overlays, infos, stem=stem)
 
     def entry(name: str) -> dict:
         return {"filename": name, "subfolder": subfolder, "type": "output"}
 
-    doc_images = [{"index": b, "overlay": name,
-                   "class_names": list(segments.class_names[b]) if b < len(segments.class_names) else []}
-                  for b, name in enumerate(overlay_names)]
-    doc_masks = [{"index": i, **rec, "file": name} for i, (rec, name) in enumerate(zip(records, mask_names))]
-    doc = {"format": LABELS_FORMAT, "width": width, "height": height, "images": doc_images, "masks": doc_masks,
-           "labels": labels_name}
-
-    os.makedirs(folder, exist_ok=True)
-    for b, name in enumerate(overlay_names):
-        to_png(draw_overlay(pixels[b], segments.masks[b], segments.labels[b])).save(os.path.join(folder, name))
-    for rec, name in zip(records, mask_names):
-        to_png(segments.masks[rec["image"], rec["mask"]]).save(os.path.join(folder, name))
-    with open(os.path.join(folder, labels_name), "w", encoding="utf-8") as f:
-        f.write(json.dumps(doc, indent=2) + "\n")
-    return [entry(name) for name in overlay_names + mask_names], [entry(labels_name)], doc
+    names = [i["overlay"] for i in doc["images"]] + [m["file"] for m in doc["masks"]]
+    return [entry(name) for name in names], [entry(doc["labels"])], doc
 
 
 class FreeSegSaveSegments(io.ComfyNode):

@@ -298,7 +298,7 @@ def index_entries(items: list[Item], key: str, failures: dict[str, str], out_dir
         elif is_done(item, key):
             with open(os.path.join(item.folder, "labels.json"), encoding="utf-8") as f:
                 doc = json.load(f)
-            entry.update(status="done", caption=doc.get("caption", ""))
+            entry.update(status="done", caption=(doc.get("images") or [{}])[0].get("caption", ""))
             entry["masks"] = [{"index": m["index"], "label": m["label"], "score": m["score"], "area": m["area"],
                                "bbox": m["bbox"], "file": os.path.relpath(os.path.join(item.folder, m["file"]),
                                                                           out_dir).replace(os.sep, "/")}

@@ -1,20 +1,19 @@
-"""Writing a segmentation to a folder: one PNG per named mask, overlay.png and labels.json.
-
-Both backends of `python -m freeseg segment` (ComfyUI and diffusers) write through here, so
-their folders have the same layout."""
+"""The command line's output folder of one image: one PNG per named mask (0 / 255),
+overlay.png and labels.json, in the layout of ``freeseg.labels_file`` (the one Save Segments
+writes too). Both backends of `python -m freeseg segment` (ComfyUI and diffusers) write through
+here."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import unicodedata
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..labels_file import write_segments
 from ..segments import draw_overlay, mask_bbox
 
 
@@ -22,64 +21,39 @@ class SegmentError(RuntimeError):
     """A problem the user can fix (missing weights, bad options); printed without a traceback."""
 
 
-LABEL_CHARS = 60  # the most characters of a label that go into a file name
-
-
-def safe_label(label: str) -> str:
-    """A label as a short, ASCII-only file-name part, the one rule for the CLI's mask files and
-    Save Segments': accents dropped (e-acute -> "e"), runs of other characters than ASCII letters
-    and digits become "_" ("potted plant" -> "potted_plant"), cut to LABEL_CHARS
-    characters; "mask" when nothing is left (an empty label, or one of only symbols or non-Latin
-    letters). The full label is kept in labels.json; the mask index in front of this part keeps
-    file names unique."""
-    text = unicodedata.normalize("NFKD", str(label)).encode("ascii", "ignore").decode("ascii")
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:LABEL_CHARS].rstrip("_") or "mask"
-
-
-def mask_file_name(index: int, label: str) -> str:
-    """``mask_<index>_<label>.png``, the label through `safe_label`."""
-    return f"mask_{index}_{safe_label(label)}.png"
-
-
 def write_segmentation(out_dir: str, image_path: str, masks: list[np.ndarray], records: list[dict],
                        overlay: Image.Image, caption: str = "", class_names: Optional[list[str]] = None,
                        backend: str = "comfyui", settings: Optional[dict] = None,
                        timings: Optional[dict] = None) -> dict:
-    """Write the masks, overlay.png and labels.json into `out_dir`; returns the labels document,
-    in the layout ``segment_to_folder`` (the diffusers backend) writes.
+    """Write the masks, overlay.png and labels.json of one image into `out_dir` through
+    ``freeseg.labels_file.write_segments``; returns the labels document.
 
     Args:
-        masks: one HxW mask per named segment (bool, or float/uint8 where >= 0.5 / 128 is in).
-        records: one dict per mask with at least ``label`` (and ``score``); area and bbox are
-            recomputed from the written masks so the JSON and the files always agree.
+        masks: one HxW mask per named segment (bool, or float/uint8 where >= 0.5 / 128 is in),
+            written 0 / 255.
+        records: one dict per mask with at least ``label`` (and ``score``, ``mask``); ``image``
+            is 0, area and bbox are recomputed from the written masks so the JSON and the files
+            always agree.
         overlay: the labelled overlay (saved as RGB PNG).
     Old ``mask_<i>_*.png`` files in `out_dir` are removed first, so the folder holds one run.
     """
     if len(masks) != len(records):
         raise SegmentError(f"{len(masks)} masks but {len(records)} labels came back")
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):
-        if re.fullmatch(r"mask_\d+_[A-Za-z0-9_]*\.png", name):
-            os.remove(os.path.join(out_dir, name))
-    overlay = overlay.convert("RGB")
-    width, height = overlay.size
-    entries = []
-    for i, (mask, rec) in enumerate(zip(masks, records)):
+    binary = []
+    for mask in masks:
         m = np.asarray(mask)
-        m = m if m.dtype == bool else (m >= (128 if m.dtype == np.uint8 else 0.5))
-        height, width = m.shape
-        name = mask_file_name(i, rec["label"])
-        Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(os.path.join(out_dir, name))
-        area, bbox = int(m.sum()), mask_bbox(torch.from_numpy(m))
-        entries.append({"index": i, "file": name, "label": rec["label"], "score": float(rec.get("score", 0.0)),
-                        "area": area, "bbox": bbox})
-    overlay.save(os.path.join(out_dir, "overlay.png"))
-    doc = {"image": str(image_path), "width": width, "height": height, "caption": caption,
-           "class_names": list(class_names or []), "backend": backend, "settings": dict(settings or {}),
-           "overlay": "overlay.png", "masks": entries, "timings": dict(timings or {})}
-    with open(os.path.join(out_dir, "labels.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps(doc, indent=2) + "\n")
-    return doc
+        binary.append(m if m.dtype == bool else (m >= (128 if m.dtype == np.uint8 else 0.5)))
+    entries = [{"image": 0, "mask": int(rec.get("mask", i)), "label": rec["label"],
+                "score": float(rec.get("score", 0.0)), "area": int(m.sum()), "bbox": mask_bbox(torch.from_numpy(m)),
+                **({"instance": rec["instance"]} if "instance" in rec else {})}
+               for i, (m, rec) in enumerate(zip(binary, records))]
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            if re.fullmatch(r"mask_\d+_[A-Za-z0-9_]*\.png", name):
+                os.remove(os.path.join(out_dir, name))
+    image = {"source": str(image_path), "caption": caption, "class_names": list(class_names or [])}
+    return write_segments(out_dir, binary, entries, [overlay], [image], backend=backend, settings=settings,
+                          timings=timings)
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -93,13 +67,8 @@ def segment_to_folder(pipeline: Any, image_path: str, out_dir: str,
     * ``mask_<i>_<label>.png``: one 8-bit greyscale PNG (0 / 255, mask > 0.5) per NAMED mask,
       i = 0.. in mask order, label made file-name safe and short (``safe_label``);
     * ``overlay.png``: coloured masks with their names over the image;
-    * ``labels.json``: the returned dict.
-
-    Returns:
-        ``{"image": path, "width", "height", "caption", "class_names", "backend": "diffusers",
-        "settings": {...}, "overlay": "overlay.png", "masks": [{"index": i, "file",
-        "label", "score", "area", "bbox": [x0, y0, x1, y1] (exclusive ends) or None}, ...],
-        "timings": {...}}``.
+    * ``labels.json``: the returned document (``freeseg.labels_file``), ``backend``
+      ``"diffusers"``.
     """
     from ..backends.diffusers import load_image
 

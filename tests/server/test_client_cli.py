@@ -27,7 +27,8 @@ from comfy_harness import MODEL_LINKS, REPO
 from freeseg.app import client, console
 from freeseg.app import workflow as wf
 from freeseg.app.segment import build_parser, pick_models, segment_diffusers
-from freeseg.app.output import mask_file_name, write_segmentation
+from freeseg.app.output import write_segmentation
+from freeseg.labels_file import LABELS_FORMAT, mask_file_name
 
 PYTHON = sys.executable
 WORKFLOW = os.path.join(REPO, "workflows", "api", "freeseg_full.json")
@@ -238,17 +239,18 @@ def test_progress_bar_text():
 def test_output_folder_layout(tmp_path):
     masks = [np.zeros((4, 6), bool), np.ones((4, 6), np.float32) * 0.7]
     masks[0][1:3, 2:5] = True
-    records = [{"label": "Red car!", "score": 0.5, "area": 999}, {"label": "sky", "score": 0.25}]
+    records = [{"label": "Red car!", "score": 0.5, "area": 999, "mask": 3}, {"label": "sky", "score": 0.25}]
     (tmp_path / "mask_7_old.png").write_bytes(b"")
     doc = write_segmentation(str(tmp_path), "/x/pic.jpg", masks, records, Image.new("RGB", (6, 4)), "a car",
                              ["car", "sky"], settings={"n_clusters": 2})
-    assert doc["masks"][0] == {"index": 0, "file": "mask_0_Red_car.png", "label": "Red car!", "score": 0.5,
-                               "area": 6, "bbox": [2, 1, 5, 3]}
+    assert doc["masks"][0] == {"index": 0, "image": 0, "mask": 3, "file": "mask_0_Red_car.png", "label": "Red car!",
+                               "score": 0.5, "area": 6, "bbox": [2, 1, 5, 3]}
     assert doc["masks"][1]["file"] == mask_file_name(1, "sky") == "mask_1_sky.png"
     assert mask_file_name(2, "potted plant") == "mask_2_potted_plant.png"  # as freeseg.backends.diffusers names them
-    assert (doc["image"], doc["width"], doc["height"], doc["caption"], doc["class_names"], doc["backend"],
-            doc["settings"], doc["overlay"]) == ("/x/pic.jpg", 6, 4, "a car", ["car", "sky"], "comfyui",
-                                                 {"n_clusters": 2}, "overlay.png")
+    assert (doc["format"], doc["width"], doc["height"], doc["backend"], doc["settings"], doc["labels"]) == (
+        LABELS_FORMAT, 6, 4, "comfyui", {"n_clusters": 2}, "labels.json")
+    assert doc["images"] == [{"index": 0, "source": "/x/pic.jpg", "overlay": "overlay.png", "caption": "a car",
+                              "class_names": ["car", "sky"]}]
     assert sorted(os.listdir(tmp_path)) == ["labels.json", "mask_0_Red_car.png", "mask_1_sky.png", "overlay.png"]
     assert json.loads((tmp_path / "labels.json").read_text()) == doc
     m = Image.open(tmp_path / "mask_0_Red_car.png")
@@ -355,7 +357,7 @@ def test_segment_cli_with_model_names_shows_progress(server, tmp_path, image):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc == json.loads((out / "labels.json").read_text())
-    assert doc["masks"] and all(m["label"] in CLASS_NAMES.split(", ") for m in doc["masks"])
+    assert doc["masks"] and all(m["label"] in CLASS_NAMES.split(", ") and m["image"] == 0 for m in doc["masks"])
     assert len(doc["masks"]) <= 3 and doc["settings"]["n_clusters"] == 3 and doc["settings"]["seed"] == 1
     assert "[" + "#" * 30 + "] 100%" in result.stderr and "FreeSeg-Diff Diffusion Features" in result.stderr
 
@@ -368,16 +370,18 @@ def test_segment_cli_on_a_server_writes_the_output_folder(server, tmp_path, imag
     assert result.returncode == 0, result.stderr
     doc = json.loads((out / "labels.json").read_text())
     assert json.loads(result.stdout) == doc
-    assert (doc["image"], doc["width"], doc["height"], doc["backend"]) == (image, WIDTH, HEIGHT, "comfyui")
-    assert isinstance(doc["caption"], str) and doc["caption"]  # captioned by the (random) BLIP-2
-    assert set(CLASS_NAMES.split(", ")) <= set(doc["class_names"])
+    assert (doc["format"], doc["width"], doc["height"], doc["backend"]) == (LABELS_FORMAT, WIDTH, HEIGHT, "comfyui")
+    (info,) = doc["images"]
+    assert info["source"] == image and info["overlay"] == "overlay.png"
+    assert isinstance(info["caption"], str) and info["caption"]  # captioned by the (random) BLIP-2
+    assert set(CLASS_NAMES.split(", ")) <= set(info["class_names"])
     assert doc["settings"]["resolution"] == 128 and doc["settings"]["use_caption"] is True
-    assert doc["overlay"] == "overlay.png" and doc["timings"]["total"] > 0
+    assert doc["timings"]["total"] > 0
     assert doc["masks"] and sorted(os.listdir(out)) == sorted(["labels.json", "overlay.png"]
                                                               + [m["file"] for m in doc["masks"]])
     for i, seg in enumerate(doc["masks"]):
         assert seg["index"] == i and seg["file"] == mask_file_name(i, seg["label"])
-        assert seg["label"] in doc["class_names"]
+        assert seg["label"] in info["class_names"] and seg["image"] == 0
         mask = Image.open(out / seg["file"])
         pixels = np.asarray(mask)
         assert mask.mode == "L" and mask.size == (WIDTH, HEIGHT) and set(np.unique(pixels)) <= {0, 255}

@@ -17,7 +17,8 @@ import pytest
 
 from comfy_harness import MODEL_LINKS, Graph, probed
 from freeseg.app.client import ComfyError
-from freeseg.app.output import LABEL_CHARS, mask_file_name, write_segmentation
+from freeseg.app.output import write_segmentation
+from freeseg.labels_file import LABEL_CHARS, LABELS_FORMAT, mask_file_name
 
 CLASSES = "dog, cat, tree, sky"
 
@@ -53,7 +54,7 @@ def download_all(url: str, outputs: dict) -> dict[str, bytes]:
     return files
 
 
-def test_file_only_client_gets_masks_overlays_and_labels(client, server, upload):
+def test_file_only_client_gets_masks_overlays_and_labels(client, server, upload, tmp_path):
     seed = random.randrange(2**31)
     prefix = f"freeseg_test/save_{seed}"
     g = Graph()
@@ -77,6 +78,13 @@ def test_file_only_client_gets_masks_overlays_and_labels(client, server, upload)
     doc = json.loads(files[labels_name])
     assert labels_name.startswith(f"save_{seed}_00001_")
     assert (doc["width"], doc["height"]) == (90, 70) and doc["labels"] == labels_name
+    # One layout with `freeseg segment`'s labels.json: the same version and the same keys.
+    cli_doc = write_segmentation(str(tmp_path), "/x/p.png", [np.ones((2, 3), bool)],
+                                 [{"label": "dog", "score": 0.5, "mask": 0}], Image.new("RGB", (3, 2)))
+    assert doc["format"] == cli_doc["format"] == LABELS_FORMAT and doc["backend"] == "comfyui"
+    assert set(doc) == set(cli_doc) and set(doc["masks"][0]) >= set(cli_doc["masks"][0])
+    assert set(doc["images"][0]) == set(cli_doc["images"][0])
+    assert [(i["source"], i["caption"]) for i in doc["images"]] == [("", ""), ("", "")]
 
     # The same segmentation as Refine Masks' outputs: labels in order, the JSON records, the masks.
     labels = [l for l in probed(entry, probes["labels"])["value"].splitlines() if l]

@@ -99,8 +99,8 @@ def test_file_names_that_are_not_utf8(tmp_path):
         except OSError:
             raise ValueError(f"cannot read the image {item.image}") from None  # the name as Python holds it
         os.makedirs(item.folder, exist_ok=True)
-        doc = {"caption": "", "masks": [{"index": 0, "file": "mask_0_dog.png", "label": "dog", "score": 1.0,
-                                         "area": 1, "bbox": None}]}
+        doc = {"images": [{"caption": ""}], "masks": [{"index": 0, "file": "mask_0_dog.png", "label": "dog",
+                                                       "score": 1.0, "area": 1, "bbox": None}]}
         with open(os.path.join(item.folder, "labels.json"), "w") as f:
             json.dump(doc, f)
         return doc
@@ -145,7 +145,7 @@ def test_run_batch_skips_done_reports_failures_and_writes_the_index(tmp_path):
         os.makedirs(item.folder, exist_ok=True)
         masks = [] if item.name == "empty" else [{"index": 0, "file": "mask_0_dog.png", "label": "dog",
                                                   "score": 0.5, "area": 3, "bbox": [0, 0, 2, 2]}]
-        doc = {"caption": "a dog", "masks": masks}
+        doc = {"images": [{"caption": "a dog"}], "masks": masks}
         with open(os.path.join(item.folder, "labels.json"), "w") as f:
             json.dump(doc, f)
         return doc
@@ -327,8 +327,8 @@ def test_folder_with_the_diffusers_backend(tmp_path, monkeypatch, capsys):
     def segment_to_folder(pipeline, image_path, out_dir, class_names=None):
         runs.append((os.path.basename(image_path), os.path.basename(out_dir), class_names))
         os.makedirs(out_dir, exist_ok=True)
-        doc = {"caption": "", "masks": [{"index": 0, "file": "mask_0_dog.png", "label": "dog", "score": 1.0,
-                                         "area": 1, "bbox": [0, 0, 1, 1]}]}
+        doc = {"images": [{"caption": ""}], "masks": [{"index": 0, "file": "mask_0_dog.png", "label": "dog",
+                                                       "score": 1.0, "area": 1, "bbox": [0, 0, 1, 1]}]}
         (tmp_path / "out" / os.path.basename(out_dir) / "labels.json").write_text(json.dumps(doc))
         return doc
 
