@@ -1,6 +1,6 @@
 """Measure the beyond-the-paper options on synthetic scenes with known ground truth.
 
-No diffusion model runs here: the feature grids are built directly (tests/helpers/synthetic_scenes.py:
+No diffusion model runs here: the feature grids are built directly (synthetic/scenes.py:
 one random vector per object class and UNet block, average-pooled to the block's token grid, plus
 Gaussian noise, resized and concatenated as FreeSeg-Diff does), so what is measured is the
 clustering-level behaviour of each option, not segmentation quality on real photographs.
@@ -26,14 +26,13 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "helpers")]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository root importable
 from freeseg.cluster import (cluster_features, cluster_features_shared, labels_to_masks,  # noqa: E402
                              silhouette_score)
 from freeseg.instances import split_instances  # noqa: E402
 from freeseg.refine import refine_masks  # noqa: E402
 from freeseg.segments import Segments  # noqa: E402
-from synthetic_scenes import (block_features, instances_scene, matched_miou, moving_scene,  # noqa: E402
+from synthetic.scenes import (block_features, instances_scene, matched_miou, moving_scene,  # noqa: E402
                               objects_scene, scene_features, scene_image, thin_scene)
 from freeseg.features import aggregate_maps  # noqa: E402
 

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository root importable
 from freeseg.refine import CRF_DEFAULTS, refine_masks  # noqa: E402
 
 PALETTE = torch.tensor([[0.35, 0.45, 0.55],   # background (plus a vertical gradient)

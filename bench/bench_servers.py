@@ -23,13 +23,12 @@ import tempfile
 import time
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests", "helpers")]
-
-from comfy_harness import FIXTURE_CACHE, MODEL_LINKS, ComfyServer, link, write_test_image  # noqa: E402
-from model_fixtures import build_all_subprocess  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository root importable
 
 from freeseg.app import segment  # noqa: E402
+from freeseg.app.server import ComfyServer, link  # noqa: E402
+from synthetic.cache import build_all_subprocess  # noqa: E402
+from synthetic.scenes import write_test_image  # noqa: E402
 
 CLASS_NAMES = "dog, cat, tree, sky"
 
@@ -76,13 +75,13 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=128, help="features pass resolution (default 128)")
     parser.add_argument("--per-server", type=int, default=2, help="prompts in flight per server (default 2)")
     args = parser.parse_args()
-    files = build_all_subprocess(FIXTURE_CACHE)
+    files = build_all_subprocess()
     work = tempfile.mkdtemp(prefix="freeseg-bench-servers-")
     servers = []
     try:
         for name in "ab":
             base = os.path.join(work, f"comfy-{name}")
-            for key, (folder, fname) in MODEL_LINKS.items():
+            for key, (folder, fname) in segment.RANDOM_MODEL_LINKS.items():
                 link(files[key], os.path.join(base, "models", folder, fname))
             servers.append(ComfyServer(base).start())
         a, b = servers

@@ -1,6 +1,6 @@
 """Random-weight models at the REAL architectures and on-disk formats, for bench_pipeline.py.
 
-Same recipe as the test fixtures (``tests/helpers/model_fixtures.py``: ComfyUI's own model
+Same recipe as the test fixtures (``synthetic/models.py``: ComfyUI's own model
 classes, seeded ``reset_parameters``, atomic safetensors writes with mode 0644), at full size:
 
 * ``sd15``: one SD1.5 single-file checkpoint in the LDM key layout (fp16): the real SD1.5
@@ -23,7 +23,7 @@ Built only on request (``--sdxl`` / ``--blip2`` of bench_pipeline.py; several GB
   ComfyUI's ``SDXLClipModel`` and converted with ``SDXL.process_clip_state_dict_for_saving``.
   ComfyUI's ``CheckpointLoaderSimple`` detects it as ``SDXL``.
 * ``sdxl_reduced``: the same layout with the test fixtures' reduced SDXL-family UNet
-  (``model_fixtures.SDXL_UNET_CONFIG``, detected as ``KOALA_700M``) and a TAESD VAE with SDXL
+  (``synthetic.models.SDXL_UNET_CONFIG``, detected as ``KOALA_700M``) and a TAESD VAE with SDXL
   latent scale, and the full-size text encoders (ComfyUI builds them from fixed configs, so
   they cannot be reduced): what ``--sdxl --fixtures`` runs.
 * ``blip2``: a BLIP-2 captioner of the ``Salesforce/blip2-opt-2.7b`` shape
@@ -56,9 +56,9 @@ from typing import Any, Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "helpers"))
-import model_fixtures as fx  # noqa: E402  (shared build helpers of the test fixtures)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository root importable
+from synthetic import cache as fixture_cache  # noqa: E402
+from synthetic import models as fx  # noqa: E402  (shared build helpers of the test fixtures)
 
 # Bump when a recipe below changes: cached models are rebuilt.
 REALSIZE_VERSION = 1
@@ -146,7 +146,7 @@ def build_sd15(path: Path, seed: int = SEED) -> None:
 
 
 def _build_unet_fp16(family: str, unet_config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """Like ``model_fixtures._build_unet`` but built directly in float16 (an SDXL UNet in fp32
+    """Like ``synthetic.models._build_unet`` but built directly in float16 (an SDXL UNet in fp32
     would need 10.3 GB just to be initialised): the random state dict, fp16."""
     fx.import_comfy()
     import comfy.supported_models
@@ -337,7 +337,7 @@ def build(cache: Path, verbose: bool = True, keys: tuple[str, ...] = DEFAULT_KEY
         raise KeyError(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
     cache = cache.resolve()
     out: dict[str, str] = {}
-    with fx._cache_lock(cache):
+    with fixture_cache._cache_lock(cache):
         for key in keys:
             rel, builder = MODELS[key]
             target, stamp = cache / rel, cache / "stamps" / f"{key}.json"

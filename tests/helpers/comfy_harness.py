@@ -3,22 +3,16 @@
 The server (`freeseg.app.server.ComfyServer`) runs `main.py --cpu` from the ComfyUI tree the
 environment script installed, on loopback and a free port, with `--base-directory` in a
 temporary folder that holds our pack (linked into `custom_nodes/`) and the random-weight
-fixtures (linked into `models/`).
+fixtures (linked into `models/`: `MODEL_LINKS`). The fixtures themselves are built by
+``synthetic.cache``; test pictures come from ``synthetic.scenes.write_test_image``.
 """
 
 from __future__ import annotations
-
-import os
-
-import numpy as np
-from PIL import Image
 
 # The server launcher lives in the library (the embedded mode of `python -m freeseg segment`
 # uses it too); re-exported here so the tests keep importing it from the harness.
 from freeseg.app.server import PACK_NAME, ComfyServer, default_comfy_dir, free_port, link  # noqa: F401
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIXTURE_CACHE = os.environ.get("FREESEG_FIXTURE_CACHE", os.path.join(REPO, ".cache", "fixtures"))
 COMFY_DIR = default_comfy_dir()
 
 # Where each random-weight fixture goes in the server's models/ folder.
@@ -73,19 +67,3 @@ def probed(result: dict, node: NodeRef) -> dict:
     import json
 
     return json.loads(result["outputs"][node.id]["probe"][0])
-
-
-def write_test_image(path: str, width: int, height: int, seed: int = 0, mode: str = "RGB") -> str:
-    """A synthetic picture: a few flat-coloured shapes on a gradient, saved as PNG."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    img = np.stack([xx / max(width - 1, 1), yy / max(height - 1, 1), np.full_like(xx, 0.3, float)], -1)
-    for _ in range(3):
-        cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
-        r = rng.uniform(0.1, 0.25) * min(width, height)
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 1, 3)
-    pil = Image.fromarray((img * 255).astype(np.uint8))
-    if mode != "RGB":
-        pil = pil.convert(mode)
-    pil.save(path)
-    return path

@@ -30,16 +30,17 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repository root importable
+from freeseg.app.paths import REPO  # noqa: E402
+
 PACK = "freeseg_pack_under_test"
 
 
 def import_pack_module(name: str):
     """Import ``<repo>/<name>`` as part of the pack package (the nodes use relative imports)."""
     if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
+        spec = importlib.util.spec_from_file_location(PACK, Path(REPO) / "__init__.py",
+                                                      submodule_search_locations=[REPO])
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = module
         spec.loader.exec_module(module)
@@ -61,10 +62,9 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     job = torch.load(argv[0], weights_only=True)
-    sys.path.insert(0, str(HERE))
-    import model_fixtures
+    from synthetic.models import import_comfy
 
-    model_fixtures.import_comfy()
+    import_comfy()
     import comfy.sd
 
     df = import_pack_module("nodes.diffusion_features")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import os
 
-from comfy_harness import MODEL_LINKS, REPO
+from comfy_harness import MODEL_LINKS
+from freeseg.app.paths import REPO
 
 WORKFLOW_DIR = os.path.join(REPO, "workflows")
 API_DIR = os.path.join(WORKFLOW_DIR, "api")

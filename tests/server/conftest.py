@@ -4,8 +4,10 @@ import os
 
 import pytest
 
-from model_fixtures import build_all_subprocess
-from comfy_harness import EXTRA_MODEL_LINKS, FIXTURE_CACHE, MODEL_LINKS, REPO, ComfyServer, link, write_test_image
+from comfy_harness import EXTRA_MODEL_LINKS, MODEL_LINKS, ComfyServer, link
+from freeseg.app.paths import REPO
+from synthetic.cache import build_all_subprocess
+from synthetic.scenes import write_test_image
 from workflow_tools import PINNED_COMFYUI
 
 
@@ -13,7 +15,7 @@ from workflow_tools import PINNED_COMFYUI
 def model_files() -> dict:
     """The random-weight models (built once, cached under .cache/fixtures), in a subprocess so
     the test process never imports ComfyUI itself."""
-    return build_all_subprocess(FIXTURE_CACHE)
+    return build_all_subprocess()
 
 
 def start_server(model_files: dict, base: str, links: dict) -> ComfyServer:

@@ -22,7 +22,9 @@ import pytest
 from PIL import Image
 
 import remote_code_models as evil
-from comfy_harness import MODEL_LINKS, REPO, ComfyServer, Graph, link, probed, write_test_image
+from comfy_harness import MODEL_LINKS, ComfyServer, Graph, link, probed
+from freeseg.app.paths import REPO
+from synthetic.scenes import write_test_image
 from freeseg.app.client import ComfyError
 
 CKPT = MODEL_LINKS["sd15_ckpt"][1]

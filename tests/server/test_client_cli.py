@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import MODEL_LINKS, REPO
+from comfy_harness import MODEL_LINKS
+from freeseg.app.paths import REPO
 from freeseg.app import client, console
 from freeseg.app import workflow as wf
 from freeseg.app.segment import build_parser, pick_models, segment_diffusers

@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import MODEL_LINKS, REPO, ComfyServer, free_port, link, write_test_image
+from comfy_harness import MODEL_LINKS, ComfyServer, free_port, link
+from freeseg.app.paths import REPO
+from synthetic.scenes import write_test_image
 from freeseg.app.remote import upload_name
 
 PYTHON = sys.executable

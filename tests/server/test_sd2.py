@@ -4,7 +4,7 @@ encoder, linear transformers, context 1024) is detected as SD2 and runs the whol
 import random
 
 from comfy_harness import EXTRA_MODEL_LINKS, MODEL_LINKS, Graph, probed
-from model_fixtures import SD2_QUERY_CHANNELS
+from synthetic.models import SD2_QUERY_CHANNELS
 
 
 def test_sd2_checkpoint_runs_the_full_graph(models_client, models_upload):

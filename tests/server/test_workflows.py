@@ -29,7 +29,8 @@ import pytest
 from PIL import Image
 
 import workflow_tools as wt
-from comfy_harness import PACK_NAME, REPO
+from comfy_harness import PACK_NAME
+from freeseg.app.paths import REPO
 
 WIDTH, HEIGHT = 96, 64
 

@@ -27,7 +27,7 @@ import time
 import pytest
 
 import workflow_tools as wt
-from comfy_harness import REPO
+from freeseg.app.paths import REPO
 
 CHROMIUM = os.environ.get("FREESEG_CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -261,7 +261,7 @@ def write_pictures(page, name: str, ui: dict) -> None:
 @pytest.fixture(scope="module")
 def example_png(client, tmp_path_factory):
     """An input image named like ComfyUI's own example.png, so the screenshots show a picture."""
-    from comfy_harness import write_test_image
+    from synthetic.scenes import write_test_image
 
     path = write_test_image(str(tmp_path_factory.mktemp("example") / "example.png"), 512, 384, seed=3)
     return client.upload_image(path)

@@ -2,12 +2,14 @@
 nothing timed: the benchmark itself is run by hand, see its docstring)."""
 
 import importlib.util
+import os
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_pipeline.py"
+from freeseg.app.paths import REPO
+
+BENCH = os.path.join(REPO, "bench", "bench_pipeline.py")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def test_plan_picks_the_layout_that_fits(bench, monkeypatch, avail_gib, argv, la
 
 @pytest.fixture(scope="module")
 def realsize():
-    path = BENCH.parent / "realsize_models.py"
+    path = os.path.join(REPO, "bench", "realsize_models.py")
     spec = importlib.util.spec_from_file_location("realsize_models_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

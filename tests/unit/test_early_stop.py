@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model_fixtures as fx
+from synthetic import cache
+from synthetic import models as fx
 from comfy_unet_features import import_pack_module
 
 from freeseg.features import SOURCE_DECODER, SOURCE_QUERIES, last_used_layer, output_factor, wanted_factors
@@ -31,7 +32,7 @@ def models(df) -> dict[str, tuple]:
     import comfy.sd
     import comfy.utils
 
-    paths = fx.build_all(fx.default_cache_dir())
+    paths = cache.build_all(cache.default_cache_dir())
     sd15, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(paths["sd15_ckpt"])
     sdxl = comfy.sd.load_diffusion_model(paths["sdxl_unet"])
     sdxl_vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(paths["sdxl_vae"]))
@@ -68,7 +69,7 @@ def test_early_stop_gives_the_whole_pass_features(df, models, family: str, sourc
     assert outs[True].blocks == outs[False].blocks and outs[True].blocks
     assert torch.equal(outs[True].features, outs[False].features)
     assert not any(h for m in dm.modules() for h in m._forward_hooks.values()
-                   if getattr(h, "__qualname__", "").startswith("capture")), "a hook was left on the UNet"
+                   if getattr(h, "__qualname__", "").startswith("LayerCapture.")), "a hook was left on the UNet"
 
 
 @pytest.mark.parametrize("family", ["SD15", "SDXL"])

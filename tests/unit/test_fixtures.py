@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import model_fixtures as fx
+from synthetic import cache
+from synthetic import models as fx
 
 pytestmark = pytest.mark.skipif(
     not (fx.comfy_dir() / "comfy" / "sd.py").is_file(), reason="ComfyUI source tree not available"
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 def fixture_paths() -> dict[str, str]:
     """All fixtures, built once into the shared cache (imports ComfyUI in-process)."""
     fx.import_comfy()
-    return fx.build_all(fx.default_cache_dir())
+    return cache.build_all(cache.default_cache_dir())
 
 
 @pytest.fixture(scope="module")
@@ -203,12 +204,12 @@ def test_build_all_stamps_skip_and_rebuild(tmp_path: Path, monkeypatch: pytest.M
         Path(path).write_text("x")
         return path
 
-    monkeypatch.setattr(fx, "ARTIFACTS", {"thing": ("sub/thing.txt", builder)})
-    first = fx.build_all(tmp_path)
+    monkeypatch.setattr(cache, "ARTIFACTS", {"thing": ("sub/thing.txt", builder)})
+    first = cache.build_all(tmp_path)
     assert first == {"thing": str(tmp_path.resolve() / "sub" / "thing.txt")} and len(calls) == 1
-    assert fx.build_all(tmp_path) == first and len(calls) == 1
-    monkeypatch.setattr(fx, "FIXTURE_VERSION", fx.FIXTURE_VERSION + 1)
-    fx.build_all(tmp_path)
+    assert cache.build_all(tmp_path) == first and len(calls) == 1
+    monkeypatch.setattr(cache, "FIXTURE_VERSION", cache.FIXTURE_VERSION + 1)
+    cache.build_all(tmp_path)
     assert len(calls) == 2
 
 
@@ -221,7 +222,7 @@ def test_build_all_only_the_keys_asked_for(tmp_path: Path, monkeypatch: pytest.M
         Path(path).write_text("x")
         return path
 
-    monkeypatch.setattr(fx, "ARTIFACTS", {"a": ("a.txt", builder), "b": ("b.txt", builder)})
-    assert list(fx.build_all(tmp_path, keys=["b"])) == ["b"] and built == ["b.txt"]
+    monkeypatch.setattr(cache, "ARTIFACTS", {"a": ("a.txt", builder), "b": ("b.txt", builder)})
+    assert list(cache.build_all(tmp_path, keys=["b"])) == ["b"] and built == ["b.txt"]
     with pytest.raises(KeyError, match="'c'"):
-        fx.build_all(tmp_path, keys=["c"])
+        cache.build_all(tmp_path, keys=["c"])

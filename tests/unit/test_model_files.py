@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import model_fixtures as fx
+from synthetic import cache
 from freeseg import model_files as mf
 from freeseg.caption import load_captioner
 from freeseg.clip_label import load_open_clip
@@ -26,7 +26,7 @@ from freeseg.clip_label import load_open_clip
 
 @pytest.fixture(scope="session")
 def fixture_paths() -> dict[str, str]:
-    return fx.build_all_subprocess(fx.default_cache_dir())
+    return cache.build_all_subprocess()
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ import ast
 import glob
 import os
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from freeseg.app.paths import REPO
 
 
 def comfy_api_imports(path: str) -> list[str]:

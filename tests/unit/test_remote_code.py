@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import model_fixtures as fx
+from synthetic import cache
 import remote_code_models as evil
 from freeseg import model_files as mf
 from freeseg.caption import load_captioner
@@ -24,7 +24,7 @@ from freeseg.clip_label import load_open_clip
 
 @pytest.fixture(scope="session")
 def fixture_paths() -> dict[str, str]:
-    return fx.build_all_subprocess(fx.default_cache_dir())
+    return cache.build_all_subprocess()
 
 
 @pytest.fixture()
