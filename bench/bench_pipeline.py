@@ -582,7 +582,7 @@ def parity(ckpt: str, image_path: str, saved: str, resolution: int) -> dict[str,
     t_load = time.perf_counter() - t0
     with torch.inference_mode():
         t0 = time.perf_counter()
-        ours = pipe.extract_features(load_image(image_path)).features.float()
+        ours = pipe.extract(load_image(image_path)).features.float()
         t_feat = time.perf_counter() - t0
     if ours.shape != node.shape:
         raise AssertionError(f"diffusers features {tuple(ours.shape)} != node features {tuple(node.shape)}")

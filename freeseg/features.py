@@ -1,8 +1,9 @@
 """Diffusion features: what the feature extractors hand to clustering.
 
-The extraction itself depends on the model runtime (ComfyUI in `nodes/`, diffusers in a
-script); this module holds the runtime-free parts: block selection by resolution and
-aggregation of per-block maps into one feature grid.
+The extraction itself depends on the model runtime (ComfyUI in `nodes/`, diffusers in
+`freeseg.backends.diffusers`); the capture of a pass is `freeseg.capture`. This module holds
+the runtime-free parts below it: which levels are used, block factors, and aggregation of
+per-block maps into one feature grid.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class DiffusionFeatures:
 class StopPass(Exception):
     """Raised by the forward hook of the last layer a feature pass uses, so the rest of the UNet
     (at 512 px SD1.5: the 32x32 and 64x64 decoder levels, about half of a forward's time on
-    a CPU) is never computed. The extractors catch it."""
+    a CPU) is never computed. ``freeseg.capture.LayerCapture`` catches it."""
 
 
 def wanted_factors(factors: Iterable[int], source: str = SOURCE_QUERIES, fine: bool = False) -> set[int]:

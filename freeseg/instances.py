@@ -5,7 +5,7 @@ Public API:
     split_instances(segments, min_area) -> Segments with one entry per part of every named mask
 
 A part is an 8-connected region of the mask's pixels above 0.5 (scipy.ndimage.label). Parts
-smaller than ``min_area`` (a fraction of the image's pixels) are specks and are dropped, except
+smaller than ``min_area`` (a fraction of the image's pixels, 0..0.5) are specks and are dropped, except
 that a mask always keeps its largest part, so no named segment disappears. A soft mask (e.g.
 from the guided filter) keeps its soft values: each pixel with a value above 0 goes to the
 part nearest to it (Euclidean distance transform), and pixels nearest to a dropped speck
@@ -21,13 +21,17 @@ import torch
 from scipy import ndimage
 
 from .segments import Segments
+from .settings import FLOAT_RANGES
 
 EIGHT = np.ones((3, 3), dtype=bool)
 
 
 def _check_min_area(min_area: float) -> float:
-    if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= float(min_area) < 1.0:
-        raise ValueError(f"min_area must be a fraction in [0, 1), got {min_area!r}")
+    """``min_area`` as a float; ValueError unless in ``freeseg.settings.FLOAT_RANGES["min_area"]``
+    (the one range of the setting, the node input's too)."""
+    low, high = FLOAT_RANGES["min_area"]
+    if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not low <= float(min_area) <= high:
+        raise ValueError(f"min_area must be a number in {low}..{high}, got {min_area!r}")
     return float(min_area)
 
 

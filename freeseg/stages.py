@@ -1,5 +1,5 @@
-"""Runtime-free FreeSeg-Diff stages shared by the ComfyUI nodes (`nodes/`) and the diffusers
-pipeline (`freeseg.backends.diffusers`).
+"""Runtime-free FreeSeg-Diff stages shared by the ComfyUI nodes (`nodes/`), the orchestrator
+(``freeseg.pipeline``) and the diffusers backend (``freeseg.backends.diffusers``).
 
 Everything here is plain torch on top of the other `freeseg` modules; the model runtime
 (ComfyUI's ModelPatcher, diffusers modules) stays with the caller. Where a stage loops over a
@@ -8,171 +8,48 @@ may raise to interrupt) and ``step()`` (called after each image), which is exact
 interface of the nodes' ``Progress`` class. Where a stage needs a model that a runtime may
 move around (ComfyUI offloads), it accepts either the model or a zero-argument callable that
 returns it ready for use (called once per image, as the nodes' ``load_to_device`` needs).
+The knobs come in as one ``freeseg.settings.FreeSegSettings``.
 
 Stages, in pipeline order:
 
 * ``caption_images``: BLIP / BLIP-2 caption per image -> class names (caption nouns + user names);
-* ``resize_square`` / ``seeded_noise``: the input side of the UNet pass;
-* ``select_blocks`` / ``captured_to_features``: captured UNet layer outputs -> feature grid;
-* ``cluster_segments``: feature grid -> class-agnostic masks at the image size;
+* ``resize_square`` / ``seeded_noise``: the input side of the UNet pass (the capture itself:
+  ``freeseg.capture``);
+* ``cluster_batch`` (``cluster_segments``): feature grid -> class-agnostic masks at the image size;
 * ``paper_candidates``: the paper's candidate classes per image (caption words matched to
   the full class list with the Stable Diffusion text encoder, ``freeseg.vocab``);
 * ``name_masks_open`` / ``name_masks_paper`` / ``label_segments``: CLIP scores -> one name
   (or background) per mask, by the open-vocabulary rule (default) or the paper protocol;
-* ``refine_segments``: CRF / guided-filter refinement.
-
-``FreeSegSettings`` holds the knobs of all stages. ``PAPER`` is the preset of the paper's
-released code; ``DEFAULTS`` (``FreeSegSettings()``, the node defaults) differs from it in one
-knob only, on purpose: the naming ``rule`` ("open": names beat a background vocabulary,
-instead of the paper's closed-vocabulary protocol, which needs a dataset's full class list).
+* ``refine_segments``: CRF / guided-filter refinement; ``split_segments``: instances.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from .assign import assign_open, assign_paper
-from .caption import (PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT,
-                      check_caption_options, generate_captions)
-from .clip_label import CROP_MODES, PROMPTS, encode_names, score_masks
-from .cluster import METHODS as CLUSTER_METHODS
-from .cluster import cluster_features, cluster_features_shared, labels_to_masks
-from .features import SOURCE_QUERIES, SOURCES, DiffusionFeatures, aggregate_maps, output_factor, \
-    tokens_to_map, wanted_factors
+from .caption import PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_NUM_BEAMS, PAPER_PROMPT, \
+    check_caption_options, generate_captions
+from .clip_label import encode_names, score_masks
+from .cluster import adaptive_n_clusters, cluster_features, cluster_features_shared, labels_to_masks
+from .features import DiffusionFeatures
+from .instances import split_instances
+from .names import merge_names
 from .nouns import caption_words, extract_nouns
-from .refine import REFINE_METHODS, refine_masks
+from .refine import refine_masks
 from .segments import Segments
-from .vocab import DEFAULT_BACKGROUND, Embed, infer_candidates
+from .settings import MAX_CLUSTERS, FreeSegSettings
+from .vocab import Embed, infer_candidates
 
 __all__ = [
-    "FreeSegSettings", "PAPER", "DEFAULTS", "RULES", "ProgressLike", "to_rgb", "parse_names",
-    "class_lists_for_batch", "merge_names", "caption_images", "resize_square", "seeded_noise", "select_blocks",
-    "captured_to_features", "cluster_segments", "paper_candidates", "name_masks_open", "name_masks_paper",
-    "open_texts", "label_segments", "label_segments_shared", "refine_segments",
+    "ProgressLike", "ClipParts", "NamingInputs", "to_rgb", "caption_images", "resize_square", "seeded_noise",
+    "cluster_segments", "cluster_batch", "paper_candidates", "name_masks_open", "name_masks_paper", "open_texts",
+    "label_segments", "refine_segments", "split_segments",
 ]
-
-RULES = ("open", "paper")
-"""Naming rules: "open" (``freeseg.assign.assign_open``, the nodes' default) and "paper"
-(``freeseg.assign.assign_paper``, the official closed-vocabulary protocol)."""
-
-
-# ------------------------------------------------------------------------------------------
-# Settings
-# ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class FreeSegSettings:
-    """Every knob of the FreeSeg-Diff stages. The defaults (``DEFAULTS``) equal the ComfyUI
-    node defaults; ``PAPER`` is the paper's released-code preset (the same but ``rule``).
-
-    Attributes:
-        resolution: side of the square the image is resized to (bicubic) before VAE encoding.
-        timestep: diffusion timestep of the single UNet pass (0..999; 0 = almost clean).
-        source: feature source, one of ``freeseg.features.SOURCES`` (paper: cross-attention
-            queries of the latent/4 blocks).
-        seed: seed of the UNet-pass noise (image i of a batch uses ``seed + i``) and of the
-            k-means++ start.
-        n_clusters: masks per image (paper: 4).
-        cluster_method: "kmeans" (paper) or "agglomerative".
-        n_init: k-means restarts (paper / sklearn default: 10).
-        crop_mode: CLIP view of a mask: "masked" (paper: image with outside zeroed) or "bbox".
-        prompt: CLIP text: "bare" names (paper) or "ensemble" templates.
-        threshold: a mask whose chosen CLIP probability is below this stays background
-            (open rule only; the paper protocol has none).
-        rule: naming rule, one of ``RULES``: "open" (default: the names given plus the
-            ``background`` words are scored, a name lands on a mask only where it beats them)
-            or "paper" (the names are a full class list, CLIP softmax over all of it, only
-            the caption's candidate classes may be used, each class to its best mask).
-        background: the background words of the open rule (``freeseg.vocab.DEFAULT_BACKGROUND``).
-        refine: "crf" (paper), "guided" or "none".
-        use_caption: caption the image (when a captioner is loaded) and add its nouns to the
-            class names.
-        max_new_tokens: longest caption, in generated tokens (the prompt not counted; paper:
-            26, LAVIS's max_length 30 less [DEC] and the prompt's 3 tokens).
-        min_new_tokens: shortest caption, in generated tokens (paper: 6, LAVIS's
-            min_length 10 less the same 4 tokens).
-        num_beams: beam width of caption decoding (paper: 3).
-        caption_prompt: text prompt that conditions the caption and is removed from it
-            (paper: "a picture of "; None or "": none).
-    """
-
-    resolution: int = 512
-    timestep: int = 0
-    source: str = SOURCE_QUERIES
-    seed: int = 0
-    n_clusters: int = 4
-    cluster_method: str = "kmeans"
-    n_init: int = 10
-    crop_mode: str = "masked"
-    prompt: str = "bare"
-    threshold: float = 0.0
-    rule: str = "open"
-    background: tuple[str, ...] = DEFAULT_BACKGROUND
-    refine: str = "crf"
-    use_caption: bool = True
-    max_new_tokens: int = PAPER_MAX_NEW_TOKENS
-    min_new_tokens: int = PAPER_MIN_NEW_TOKENS
-    num_beams: int = PAPER_NUM_BEAMS
-    caption_prompt: Optional[str] = PAPER_PROMPT
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid setting."""
-        def positive_int(name: str, value: Any, low: int = 1) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-        positive_int("resolution", self.resolution, 64)
-        if self.resolution % 64:
-            raise ValueError(f"resolution must be a multiple of 64, got {self.resolution}")
-        if isinstance(self.timestep, bool) or not isinstance(self.timestep, int) or not 0 <= self.timestep <= 999:
-            raise ValueError(f"timestep must be an int in 0..999, got {self.timestep!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        positive_int("n_clusters", self.n_clusters)
-        positive_int("n_init", self.n_init)
-        check_caption_options(self.caption_prompt, self.max_new_tokens, self.min_new_tokens, self.num_beams)
-        choices = {"source": SOURCES, "cluster_method": CLUSTER_METHODS, "crop_mode": CROP_MODES,
-                   "prompt": PROMPTS, "refine": REFINE_METHODS, "rule": RULES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(self, name)!r}")
-        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
-                or not 0.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"threshold must be a number in 0..1, got {self.threshold!r}")
-        if not isinstance(self.background, tuple) or not all(isinstance(w, str) and w.strip()
-                                                              for w in self.background):
-            raise ValueError(f"background must be a tuple of non-empty words, got {self.background!r}")
-
-    def replace(self, **overrides: Any) -> "FreeSegSettings":
-        """A copy with some settings changed; TypeError naming an unknown setting."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(f"unknown setting(s) {unknown}; valid settings: {sorted(known)}")
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able ``{name: value}`` (tuples such as ``background`` as lists, as JSON reads them back)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-DEFAULTS = FreeSegSettings()
-"""The node defaults: the paper's settings with the open-vocabulary naming rule."""
-
-PAPER = FreeSegSettings(rule="paper")
-"""The paper preset: BLIP caption with "a picture of " (3 beams, 6..26 new tokens = LAVIS's
-min_length 10 / max_length 30), 512 px, timestep 0, cross-attention queries, k-means K=4
-(n_init 10), bare names, masked crops, the closed-vocabulary naming protocol (candidates from
-the caption, CLIP over the full class list), CRF. The captioner itself is the one the caller
-loads: the paper's is BLIP base COCO (``Salesforce/blip-image-captioning-base``)."""
 
 
 class ProgressLike(Protocol):
@@ -205,8 +82,34 @@ def _step(progress: Optional[ProgressLike]) -> None:
         progress.step()
 
 
+@dataclass(frozen=True)
+class ClipParts:
+    """The CLIP the naming stage scores with: an open_clip model (or a getter returning it,
+    called once per image that is scored), its ``preprocess_cfg`` and ``tokenizer``, as
+    ``freeseg.clip_label.load_open_clip`` returns them."""
+
+    model: ModelOrGetter
+    preprocess_cfg: dict
+    tokenizer: Callable
+
+
+@dataclass(frozen=True)
+class NamingInputs:
+    """What the naming stage needs besides the masks, the images and the settings; made by
+    ``freeseg.pipeline.naming_inputs`` (the one place that knows what each rule needs).
+
+    Attributes:
+        class_lists: B lists of names. Rule "open": the names asked for (the user's and the
+            caption's). Rule "paper": the full class list, the same for every image.
+        candidates: rule "paper" only: B lists of candidate classes (``paper_candidates``).
+    """
+
+    class_lists: list[list[str]]
+    candidates: Optional[list[list[str]]] = None
+
+
 # ------------------------------------------------------------------------------------------
-# Images and names
+# Images and captions
 # ------------------------------------------------------------------------------------------
 
 def to_rgb(image: torch.Tensor, name: str = "image") -> torch.Tensor:
@@ -222,46 +125,6 @@ def to_rgb(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     if image.shape[-1] == 1:
         image = image.expand(-1, -1, -1, 3)
     return image[..., :3].float().clamp(0, 1)
-
-
-def parse_names(text: Union[str, Iterable[str], None]) -> list[str]:
-    """Comma- or newline-separated class names (or an iterable of names) -> stripped list,
-    deduplicated case-insensitively, order kept. None -> []."""
-    if text is None:
-        return []
-    parts = text.replace("\n", ",").split(",") if isinstance(text, str) else \
-        [p for item in text for p in str(item).replace("\n", ",").split(",")]
-    out: list[str] = []
-    seen: set[str] = set()
-    for part in parts:
-        name = " ".join(part.split())
-        if name and name.lower() not in seen:
-            seen.add(name.lower())
-            out.append(name)
-    return out
-
-
-def class_lists_for_batch(text: str, batch: int) -> list[list[str]]:
-    """A class-list string (one line per image, names comma-separated; a single line applies
-    to every image) -> B lists of names. Raises ValueError when the line count fits neither."""
-    lines = [line for line in text.splitlines() if line.strip()] or [""]
-    if len(lines) == 1:
-        return [parse_names(lines[0]) for _ in range(batch)]
-    if len(lines) != batch:
-        raise ValueError(f"class_names has {len(lines)} lines but the batch has {batch} images: give one "
-                         "line per image, or a single line for all of them")
-    return [parse_names(line) for line in lines]
-
-
-def merge_names(first: Sequence[str], extra: Sequence[str]) -> list[str]:
-    """``first`` followed by the names of ``extra`` not already in it (case-insensitive)."""
-    out = list(first)
-    seen = {n.lower() for n in out}
-    for name in extra:
-        if name.lower() not in seen:
-            seen.add(name.lower())
-            out.append(name)
-    return out
 
 
 def caption_images(images: torch.Tensor, captioner: Optional[ModelOrGetter], processor: Any,
@@ -324,41 +187,6 @@ def seeded_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
 
 
-def select_blocks(captured: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
-                  source: str = SOURCE_QUERIES, fine: bool = False) -> list[str]:
-    """Names of the captured layers FreeSeg-Diff uses, in ``captured``'s order.
-
-    ``captured`` maps layer names to ``[B,N,C]`` tokens or ``[B,C,h,w]`` maps. For queries:
-    those at latent/4 (the 16x16 blocks at 512 px; the nearest level when the model has none
-    there, the coarser one on a tie), plus with ``fine`` those at half that factor (the 32x32
-    blocks at 512 px); for decoder features: those at latent/4 and latent/2."""
-    factors = {name: output_factor(t, latent_hw) for name, t in captured.items()}
-    if not factors:
-        raise ValueError("no UNet layer was captured")
-    wanted = wanted_factors(factors.values(), source, fine)
-    return [name for name in captured if factors[name] in wanted]
-
-
-def captured_to_features(captured: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
-                         grid: tuple[int, int], source: str = SOURCE_QUERIES,
-                         fine: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """Captured layer outputs of one UNet pass -> the feature grid FreeSeg-Diff clusters.
-
-    Selects the layers (``select_blocks``, ``fine`` as there), turns ``[B,N,C]`` tokens into
-    ``[B,C,h,w]`` maps, bilinearly resizes each to ``grid`` and concatenates on channels.
-    (The fine option pairs with a grid twice as fine: resolution/8 instead of /16.)
-
-    Returns:
-        (``[B, sum C_i, grid_h, grid_w]`` float32 on the captured tensors' device, the names
-        of the layers used in channel order).
-    """
-    names = select_blocks(captured, latent_hw, source, fine)
-    if not names:
-        raise ValueError(f"no captured layer matches source {source!r}")
-    maps = [tokens_to_map(captured[n], latent_hw) if captured[n].ndim == 3 else captured[n] for n in names]
-    return aggregate_maps(maps, grid), names
-
-
 # ------------------------------------------------------------------------------------------
 # Clustering, naming, refinement
 # ------------------------------------------------------------------------------------------
@@ -416,6 +244,32 @@ def cluster_segments(features: DiffusionFeatures, n_clusters: Union[int, Sequenc
     return Segments.unlabelled(torch.cat(masks))
 
 
+def cluster_batch(features: DiffusionFeatures, settings: FreeSegSettings,
+                  class_lists: Optional[Sequence[Sequence[str]]] = None, progress: Optional[ProgressLike] = None,
+                  device: Optional[Union[str, torch.device]] = None) -> Segments:
+    """``cluster_segments`` with the settings' K rule: ``k_from`` "n_clusters" takes
+    ``n_clusters`` (0 = automatic, 2..``max_clusters``); "class_names" takes each image's
+    ``class_lists`` count + ``class_offset`` (with ``shared_batch``: of all images' names
+    merged), at most ``MAX_CLUSTERS`` and the grid's cells. ``shared_batch`` clusters the
+    batch together; ``cluster_method``, ``seed``, ``n_init`` as there."""
+    b, _, h, w = features.features.shape
+    s = settings
+    counts: Union[int, list[int]] = s.n_clusters
+    if s.k_from == "class_names":
+        if class_lists is None or len(class_lists) != b:
+            raise ValueError(f"k_from class_names needs one list of class names per image ({b})")
+        limit = min(MAX_CLUSTERS, h * w)
+        if s.shared_batch:
+            merged: list[str] = []
+            for names in class_lists:
+                merged = merge_names(merged, list(names))
+            counts = adaptive_n_clusters(len(merged), s.class_offset, limit)
+        else:
+            counts = [adaptive_n_clusters(len(names), s.class_offset, limit) for names in class_lists]
+    return cluster_segments(features, counts, s.cluster_method, s.seed, s.n_init, progress=progress, device=device,
+                            max_clusters=s.max_clusters, shared=s.shared_batch)
+
+
 def _check_inputs(segments: Segments, images: torch.Tensor,
                   class_lists: Optional[Sequence[Sequence[str]]] = None) -> None:
     """ValueError unless ``images`` ``[B,H,W,3]`` (and ``class_lists``, B lists) fit ``segments``."""
@@ -427,26 +281,21 @@ def _check_inputs(segments: Segments, images: torch.Tensor,
         raise ValueError(f"class_lists has {len(class_lists)} lists for {b} images")
 
 
-def label_segments_shared(segments: Segments, images: torch.Tensor, clip_model: ModelOrGetter,
-                          preprocess_cfg: dict[str, Any], tokenizer: Callable,
-                          class_lists: Sequence[Sequence[str]], crop_mode: str = "masked", prompt: str = "bare",
-                          threshold: float = 0.0, progress: Optional[ProgressLike] = None,
-                          background: Sequence[str] = DEFAULT_BACKGROUND) -> Segments:
+def _label_shared(segments: Segments, images: torch.Tensor, clip: ClipParts, class_lists: Sequence[Sequence[str]],
+                  settings: FreeSegSettings, progress: Optional[ProgressLike] = None) -> Segments:
     """Name the masks of a batch clustered together (``Segments.shared``) once for the batch,
-    so mask k keeps one name in every image.
+    so mask k keeps one name in every image (open rule).
 
     The candidate names are all the images' lists merged (first image's order first). Each
     image's masks are scored with CLIP as in ``label_segments``; a mask's scores are averaged
     over the images where it is not empty, and the open rule (``name_masks_open``, with the
-    ``background`` words) names the K averaged rows.
-    Same CLIP cost as ``label_segments``.
+    ``background`` words) names the K averaged rows. Same CLIP cost as per-image naming.
 
     Returns:
         ``Segments`` (same masks, ``shared`` kept) with the same labels and scores in every
         image and ``class_names`` = the merged list for every image.
     """
     b = segments.batch_size
-    _check_inputs(segments, images, class_lists)
     names: list[str] = []
     for lst in class_lists:
         names = merge_names(names, list(lst))
@@ -454,22 +303,23 @@ def label_segments_shared(segments: Segments, images: torch.Tensor, clip_model: 
     if not names or k == 0:
         return Segments(segments.masks, [[None] * k for _ in range(b)], [[0.0] * k for _ in range(b)],
                         [list(names) for _ in range(b)], [list(i) for i in segments.instances], segments.shared)
-    total = torch.zeros((k, len(open_texts(names, background))), dtype=torch.float64)
+    texts = open_texts(names, settings.background)
+    total = torch.zeros((k, len(texts)), dtype=torch.float64)
     seen = torch.zeros(k, dtype=torch.float64)
     text = None
     for i in range(b):
         _check(progress)
-        model = _get(clip_model)
+        model = _get(clip.model)
         if text is None:
-            texts = open_texts(names, background)
-            text = encode_names(model, tokenizer, texts, prompt=prompt)
+            text = encode_names(model, clip.tokenizer, texts, prompt=settings.prompt)
         present = (segments.masks[i].flatten(1).amax(dim=1) > 0).double()
-        scores = score_masks(model, preprocess_cfg, images[i], segments.masks[i], text, crop_mode=crop_mode)
+        scores = score_masks(model, clip.preprocess_cfg, images[i], segments.masks[i], text,
+                             crop_mode=settings.crop_mode)
         total += scores.detach().double().cpu() * present[:, None]
         seen += present
         _step(progress)
     mean = (total / seen.clamp_min(1)[:, None]).float()
-    labels, values = name_masks_open(mean, open_texts(names, background), len(names), threshold)
+    labels, values = name_masks_open(mean, texts, len(names), settings.threshold)
     return Segments(segments.masks, [list(labels) for _ in range(b)], [list(values) for _ in range(b)],
                     [list(names) for _ in range(b)], [list(i) for i in segments.instances], segments.shared)
 
@@ -549,40 +399,35 @@ def open_texts(names: Sequence[str], background: Sequence[str]) -> list[str]:
     return list(names) + [w for w in background if w.lower() not in asked]
 
 
-def label_segments(segments: Segments, images: torch.Tensor, clip_model: ModelOrGetter,
-                   preprocess_cfg: dict[str, Any], tokenizer: Callable, class_lists: Sequence[Sequence[str]],
-                   crop_mode: str = "masked", prompt: str = "bare", threshold: float = 0.0,
-                   progress: Optional[ProgressLike] = None,
-                   warn: Optional[Callable[..., None]] = None, rule: str = "open",
-                   background: Sequence[str] = DEFAULT_BACKGROUND,
-                   candidates: Optional[Sequence[Sequence[str]]] = None) -> Segments:
+def label_segments(segments: Segments, images: torch.Tensor, clip: ClipParts, settings: FreeSegSettings,
+                   naming: NamingInputs, progress: Optional[ProgressLike] = None,
+                   warn: Optional[Callable[..., None]] = None) -> Segments:
     """Name every mask of every image with CLIP.
 
     Args:
         segments: ``Segments`` with masks ``[B,K,H,W]``.
         images: ``[B,H,W,3]`` float 0..1, the images the segments came from.
-        clip_model: an open_clip model (or a getter returning it, called once per image that
-            is scored); with ``preprocess_cfg`` and ``tokenizer`` from
-            ``freeseg.clip_label.load_open_clip``.
-        class_lists: B lists of names. Rule "open": the names asked for (the user's and the
-            caption's). Rule "paper": the full class list.
-        rule: "open" (default): each mask is scored against its image's names plus the
+        clip: the CLIP to score with.
+        settings: ``rule``, ``crop_mode``, ``prompt``, ``threshold``, ``background``.
+            Rule "open": each mask is scored against its image's names plus the
             ``background`` words (``open_texts``) and takes its best name only where that
-            beats every background word (``name_masks_open``). "paper": each mask is scored
-            against the full class list and named by ``name_masks_paper`` from
-            ``candidates``.
-        background: background words of the open rule.
-        candidates: rule "paper" only: B lists of candidate classes (``paper_candidates``).
-        threshold: open rule: a mask whose winning name scores below this stays background.
+            beats every background word (``name_masks_open``); segments clustered as one
+            batch (``Segments.shared``) are named once for the batch (mask k keeps one name
+            in every image). Rule "paper": each mask is scored against the full class list
+            and named by ``name_masks_paper`` from ``naming.candidates``.
+        naming: the class lists (and, rule "paper", the candidates).
         warn: called as ``warn(fmt, image_index)`` for an image with no names (open) or no
             candidates (paper): its masks stay unnamed, e.g. ``logging.Logger.warning``.
     Returns:
         new ``Segments`` (same masks) with labels, scores and ``class_names`` = the lists.
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    rule = settings.rule
     b = segments.batch_size
+    class_lists = naming.class_lists
     _check_inputs(segments, images, class_lists)
+    if rule == "open" and segments.shared:
+        return _label_shared(segments, images, clip, class_lists, settings, progress)
+    candidates = naming.candidates
     if rule == "paper" and (candidates is None or len(candidates) != b):
         raise ValueError(f"rule 'paper' needs candidates: one list of candidate classes per image ({b})")
     lists = [list(names) for names in class_lists]
@@ -600,13 +445,14 @@ def label_segments(segments: Segments, images: torch.Tensor, clip_model: ModelOr
             out.scores.append([0.0] * k)
             _step(progress)
             continue
-        model = _get(clip_model)
-        texts = open_texts(names, background) if rule == "open" else names
-        text = encode_names(model, tokenizer, texts, prompt=prompt)
-        scores = score_masks(model, preprocess_cfg, images[i], segments.masks[i], text, crop_mode=crop_mode)
+        model = _get(clip.model)
+        texts = open_texts(names, settings.background) if rule == "open" else names
+        text = encode_names(model, clip.tokenizer, texts, prompt=settings.prompt)
+        scores = score_masks(model, clip.preprocess_cfg, images[i], segments.masks[i], text,
+                             crop_mode=settings.crop_mode)
         scores = scores * (segments.masks[i].flatten(1).amax(dim=1) > 0).to(scores)[:, None]  # empty: no name
         if rule == "open":
-            labels, values = name_masks_open(scores, texts, len(names), threshold)
+            labels, values = name_masks_open(scores, texts, len(names), settings.threshold)
         else:
             labels, values = name_masks_paper(scores, names, candidates[i])
         out.labels.append(labels)
@@ -640,3 +486,9 @@ def refine_segments(segments: Segments, images: torch.Tensor, method: str = "crf
         out.append(refine_masks(image, masks, method=method, named=named).cpu())
         _step(progress)
     return segments.with_masks(torch.cat(out))
+
+
+def split_segments(segments: Segments, settings: FreeSegSettings) -> Segments:
+    """With ``settings.instances``: each named mask split into its connected parts, parts
+    below ``min_area`` dropped (``freeseg.instances.split_instances``); else as is."""
+    return split_instances(segments, settings.min_area) if settings.instances else segments

@@ -26,6 +26,8 @@ from typing import Callable, Iterable, Sequence, Union
 
 import torch
 
+from .names import parse_names
+
 __all__ = ["CLASS_TEMPLATE", "DEFAULT_BACKGROUND", "Embed", "cached_embed", "class_embeddings", "correlation_distance",
            "infer_candidates", "parse_background", "pooled_embeddings"]
 
@@ -69,17 +71,11 @@ def cached_embed(embed: Embed, max_items: int = 256) -> Embed:
 
 def parse_background(text: Union[str, Iterable[str], None]) -> tuple[str, ...]:
     """Comma- or newline-separated words (or an iterable of words) -> stripped, lowercase,
-    deduplicated tuple in order. None -> ``DEFAULT_BACKGROUND``; "" -> ``()`` (no background)."""
+    deduplicated tuple in order (``freeseg.names.parse_names``, lowercased). None ->
+    ``DEFAULT_BACKGROUND``; "" -> ``()`` (no background)."""
     if text is None:
         return DEFAULT_BACKGROUND
-    parts = text.replace("\n", ",").split(",") if isinstance(text, str) else \
-        [p for item in text for p in str(item).replace("\n", ",").split(",")]
-    out: list[str] = []
-    for part in parts:
-        word = " ".join(part.split()).lower()
-        if word and word not in out:
-            out.append(word)
-    return tuple(out)
+    return tuple(name.lower() for name in parse_names(text))
 
 
 def pooled_embeddings(texts: Sequence[str], embed: Embed) -> torch.Tensor:

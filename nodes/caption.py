@@ -5,21 +5,24 @@ from __future__ import annotations
 from typing import Optional
 
 from ..freeseg.caption import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS, check_caption_options
-from ..freeseg.stages import PAPER, caption_images
-from .common import CATEGORY, Captioner, Progress, io, load_to_device, parse_names, to_rgb
+from ..freeseg.names import parse_names
+from ..freeseg.settings import PAPER
+from ..freeseg.stages import caption_images
+from .common import CATEGORY, Captioner, Progress, io, load_to_device, to_rgb
 
 
 def caption(images, captioner=None, class_names: str = "", max_new_tokens: int = PAPER.max_new_tokens,
             prompt: Optional[str] = PAPER.caption_prompt,
             min_new_tokens: int = PAPER.min_new_tokens) -> tuple[list[str], list[list[str]]]:
-    """B captions and B class lists (caption nouns first, then the user's names)."""
+    """B captions and B class lists (caption nouns first, then the user's names); the decoding
+    options checked as ``FreeSegSettings`` fields."""
     pixels = to_rgb(images)
-    check_caption_options(prompt, max_new_tokens, min_new_tokens, PAPER.num_beams)
+    s = PAPER.replace(max_new_tokens=max_new_tokens, caption_prompt=prompt, min_new_tokens=min_new_tokens)
     if captioner is None:
         return caption_images(pixels, None, None, parse_names(class_names))
     return caption_images(pixels, lambda: load_to_device(captioner["patcher"]), captioner["processor"],
-                          parse_names(class_names), max_new_tokens=max_new_tokens, num_beams=PAPER.num_beams,
-                          prompt=prompt, min_new_tokens=min_new_tokens, progress=Progress(pixels.shape[0]))
+                          parse_names(class_names), max_new_tokens=s.max_new_tokens, num_beams=s.num_beams,
+                          prompt=s.caption_prompt, min_new_tokens=s.min_new_tokens, progress=Progress(pixels.shape[0]))
 
 
 class FreeSegCaption(io.ComfyNode):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from ..freeseg.clip_label import CROP_MODES, PROMPTS
-from ..freeseg.stages import RULES, label_segments, label_segments_shared, paper_candidates
+from ..freeseg.names import lines_per_image, names_per_image, parse_names
+from ..freeseg.pipeline import naming_inputs
 from ..freeseg.segments import Segments as SegmentsData
+from ..freeseg.settings import CHOICES, DEFAULTS
+from ..freeseg.stages import ClipParts, label_segments
 from ..freeseg.vocab import DEFAULT_BACKGROUND, Embed, cached_embed, parse_background
-from .common import (CATEGORY, ClipModel, Progress, Segments, check_choice, check_number, class_lists_for_batch,
-                     first_problem, io, load_to_device, log, parse_names, to_rgb)
+from .common import CATEGORY, ClipModel, Progress, Segments, check_choice, check_number, first_problem, \
+    input_range, io, load_to_device, log, to_rgb
 
 
 def text_embed(clip) -> Embed:
@@ -25,60 +27,34 @@ def text_embed(clip) -> Embed:
     return embed
 
 
-def captions_for_batch(captions: str | list[str], batch: int) -> list[str]:
-    """One caption per image: a list of B captions as given, or a string with one line per
-    image (or one line for all)."""
-    if isinstance(captions, list):
-        if len(captions) != batch:
-            raise ValueError(f"captions: {len(captions)} captions for {batch} images")
-        return [str(c) for c in captions]
-    lines = [line.strip() for line in (captions or "").splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return [lines[0] if lines else ""] * batch
-    if len(lines) != batch:
-        raise ValueError(f"captions has {len(lines)} lines but the batch has {batch} images: give one line per "
-                         "image, or a single line for all of them")
-    return lines
+def clip_parts(clip_model) -> ClipParts:
+    """The CLIP Loader's output as the naming stage's ``ClipParts`` (the model loaded to its
+    device right before each use)."""
+    return ClipParts(lambda: load_to_device(clip_model["patcher"]), clip_model["preprocess"], clip_model["tokenizer"])
 
 
 def label(segments: SegmentsData, images, clip_model, class_names: str, crop_mode: str = "masked",
           prompt: str = "bare", threshold: float = 0.0, rule: str = "open", background: str | None = None,
           classes: str = "", captions: str | list[str] = "", clip=None) -> SegmentsData:
-    """Names every mask of every image (None = background).
+    """Names every mask of every image (None = background), by ``freeseg.stages.label_segments``
+    with what ``freeseg.pipeline.naming_inputs`` makes of the inputs.
 
     rule "open": from that image's ``class_names`` plus the ``background`` words (None: the
-    default list; "": none). rule "paper":
-    ``classes`` is the full class list; the candidates come from ``captions`` through the
-    checkpoint's text encoder ``clip`` (both required)."""
+    default list; "": none). rule "paper": ``classes`` is the full class list; the candidates
+    come from ``captions`` through the checkpoint's text encoder ``clip`` (both required)."""
     if not isinstance(segments, SegmentsData):
         raise TypeError("segments: expected FreeSeg-Diff segments (from Cluster Masks)")
-    for name, value, allowed in (("rule", rule, RULES), ("crop_mode", crop_mode, CROP_MODES),
-                                 ("prompt", prompt, PROMPTS)):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    settings = DEFAULTS.replace(crop_mode=crop_mode, prompt=prompt, threshold=threshold, rule=rule,
+                                background=parse_background(background))
     b = segments.batch_size
-    clip_getter = lambda: load_to_device(clip_model["patcher"])  # noqa: E731
-    if rule == "open" and segments.shared:  # clustered as one batch (Cluster Masks' shared_batch): one name per segment
-        return label_segments_shared(segments, to_rgb(images), clip_getter, clip_model["preprocess"],
-                                     clip_model["tokenizer"], class_lists_for_batch(class_names, b), crop_mode, prompt,
-                                     threshold, progress=Progress(b), background=parse_background(background))
     if rule == "open":
-        return label_segments(segments, to_rgb(images), clip_getter, clip_model["preprocess"], clip_model["tokenizer"],
-                              class_lists_for_batch(class_names, b), crop_mode, prompt, threshold,
-                              progress=Progress(b), warn=log.warning, rule="open",
-                              background=parse_background(background))
-    full = parse_names(classes)
-    if not full:
-        raise ValueError("classes: the paper rule needs the full class list (e.g. the 20 VOC class names)")
-    if clip is None:
-        raise ValueError("clip: the paper rule needs the checkpoint's CLIP (text encoder) to pick the candidate "
-                         "classes from the captions; connect the checkpoint loader's CLIP output")
-    lines = captions_for_batch(captions, b)
-    candidates = paper_candidates(lines, full, cached_embed(text_embed(clip)))
-    log.info("FreeSeg-Diff CLIP Label (paper): candidates %s", candidates)
-    return label_segments(segments, to_rgb(images), clip_getter, clip_model["preprocess"], clip_model["tokenizer"],
-                          [full] * b, crop_mode, prompt, progress=Progress(b), warn=log.warning, rule="paper",
-                          candidates=candidates)
+        naming = naming_inputs(settings, names_per_image(class_names, b))
+    else:
+        embed = cached_embed(text_embed(clip)) if clip is not None else None
+        naming = naming_inputs(settings, [parse_names(classes)] * b, lines_per_image(captions, b, "captions"), embed)
+        log.info("FreeSeg-Diff CLIP Label (paper): candidates %s", naming.candidates)
+    return label_segments(segments, to_rgb(images), clip_parts(clip_model), settings, naming, progress=Progress(b),
+                          warn=log.warning)
 
 
 class FreeSegCLIPLabel(io.ComfyNode):
@@ -99,13 +75,13 @@ class FreeSegCLIPLabel(io.ComfyNode):
                 io.String.Input("class_names", default="", multiline=True, tooltip="open rule: class names, one "
                                 "line per image or one line for all, comma-separated (e.g. from FreeSeg-Diff "
                                 "Caption). Unused by the paper rule."),
-                io.Combo.Input("crop_mode", options=list(CROP_MODES), default="masked", tooltip="masked: whole "
+                io.Combo.Input("crop_mode", options=list(CHOICES["crop_mode"]), default=DEFAULTS.crop_mode, tooltip="masked: whole "
                                "image with everything outside the mask zeroed (paper). bbox: crop to the mask's box."),
-                io.Combo.Input("prompt", options=list(PROMPTS), default="bare", tooltip="bare: the names alone "
+                io.Combo.Input("prompt", options=list(CHOICES["prompt"]), default=DEFAULTS.prompt, tooltip="bare: the names alone "
                                "(paper). ensemble: averaged 'a photo of a ...' style templates."),
-                io.Float.Input("threshold", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="open rule: a mask "
+                io.Float.Input("threshold", default=DEFAULTS.threshold, **input_range("threshold"), step=0.01, tooltip="open rule: a mask "
                                "whose winning name's CLIP probability is below this stays background."),
-                io.Combo.Input("rule", options=list(RULES), default="open", optional=True,
+                io.Combo.Input("rule", options=list(CHOICES["rule"]), default=DEFAULTS.rule, optional=True,
                                tooltip="open: names must beat the background words (for your own names). "
                                "paper: the paper's closed-vocabulary protocol (needs classes, captions and clip)."),
                 io.String.Input("background", default=", ".join(DEFAULT_BACKGROUND), multiline=False,
@@ -127,8 +103,10 @@ class FreeSegCLIPLabel(io.ComfyNode):
     def validate_inputs(cls, crop_mode=None, prompt=None, threshold=None, rule=None) -> bool | str:
         # Declaring threshold here makes ComfyUI skip its own min/max check of it (and NaN
         # passes any comparison), so the range is checked here.
-        return first_problem(check_choice("crop_mode", crop_mode, CROP_MODES), check_choice("prompt", prompt, PROMPTS),
-                             check_number("threshold", threshold, 0.0, 1.0), check_choice("rule", rule, RULES))
+        return first_problem(check_choice("crop_mode", crop_mode, CHOICES["crop_mode"]),
+                             check_choice("prompt", prompt, CHOICES["prompt"]),
+                             check_number("threshold", threshold),
+                             check_choice("rule", rule, CHOICES["rule"]))
 
     @classmethod
     def execute(cls, segments, image, clip_model, class_names, crop_mode, prompt, threshold, rule="open",

@@ -19,7 +19,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 
-from ..freeseg.stages import class_lists_for_batch, parse_names, to_rgb  # noqa: F401 (re-exported)
+from ..freeseg.settings import FLOAT_RANGES, INT_RANGES
+from ..freeseg.stages import to_rgb  # noqa: F401 (re-exported)
 
 CATEGORY = "FreeSeg-Diff"
 log = logging.getLogger("freeseg-diff")
@@ -39,16 +40,25 @@ def check_choice(name: str, value, options: Iterable[str]) -> Optional[str]:
     return f"{name}: {value!r} is not one of {', '.join(map(str, options))}"
 
 
-def check_number(name: str, value, low: float, high: float) -> Optional[str]:
+def check_number(name: str, value) -> Optional[str]:
     """Queue-time check of a FLOAT input that validate_inputs declares (ComfyUI then skips its
-    own min/max check): finite and within [low, high]; None when fine or linked."""
+    own min/max check): finite and within the range of the setting ``name``
+    (``input_range``); None when fine or linked."""
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+    low, high = input_range(name).values()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return f"{name}: {value!r} is not a finite number"
     if not low <= value <= high:
         return f"{name}: {value} is outside {low}..{high}"
     return None
+
+
+def input_range(name: str) -> dict:
+    """``{"min", "max"}`` of a node input from the range the library validates the setting
+    ``name`` against (``freeseg.settings.INT_RANGES`` / ``FLOAT_RANGES``): one range everywhere."""
+    low, high = INT_RANGES[name] if name in INT_RANGES else FLOAT_RANGES[name]
+    return {"min": low, "max": high}
 
 
 def first_problem(*problems: Optional[str]) -> bool | str:

@@ -15,10 +15,13 @@ import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
 
-from ..freeseg.features import SOURCE_QUERIES, SOURCES, DiffusionFeatures, StopPass, last_used_layer, \
-    output_factor
-from ..freeseg.stages import captured_to_features, resize_square, seeded_noise
-from .common import CATEGORY, Features, Progress, check_choice, first_problem, io, log, to_rgb
+from ..freeseg.capture import Layer, LayerCapture, feature_grid
+from ..freeseg.features import DiffusionFeatures
+from ..freeseg.settings import CHOICES, DEFAULTS, RESOLUTION_STEP, FreeSegSettings
+
+QUERIES = DEFAULTS.source  # the paper's source, cross-attention queries
+from ..freeseg.stages import resize_square, seeded_noise
+from .common import CATEGORY, Features, Progress, check_choice, first_problem, input_range, io, log, to_rgb
 
 SUPPORTED = "SD1.x, SD2.x and SDXL (UNet) checkpoints"
 
@@ -42,7 +45,7 @@ def _resamples(layer: torch.nn.Module, kind: type) -> bool:
     return isinstance(layer, kind) or (getattr(layer, "updown", False) and isinstance(layer.h_upd, kind))
 
 
-def unet_layers(dm: UNetModel, source: str) -> list[tuple[str, torch.nn.Module, int]]:
+def unet_layers(dm: UNetModel, source: str) -> list[Layer]:
     """(name, module to hook, downscale factor of its output) for every candidate layer of
     `source`, in forward order.
 
@@ -55,14 +58,14 @@ def unet_layers(dm: UNetModel, source: str) -> list[tuple[str, torch.nn.Module, 
     layers = []
     factor = 1
     for i, block in enumerate(dm.input_blocks):
-        if source == SOURCE_QUERIES:
+        if source == QUERIES:
             layers += [(f"input_{i}.attn2.to_q", layer.transformer_blocks[0].attn2.to_q, factor)
                        for layer in block if isinstance(layer, SpatialTransformer)]
         if any(_resamples(layer, Downsample) for layer in block):
             factor *= 2
     for i, block in enumerate(dm.output_blocks):
         upsamples = any(_resamples(layer, Upsample) for layer in block)
-        if source == SOURCE_QUERIES:
+        if source == QUERIES:
             layers += [(f"output_{i}.attn2.to_q", layer.transformer_blocks[0].attn2.to_q, factor)
                        for layer in block if isinstance(layer, SpatialTransformer)]
         else:
@@ -159,121 +162,84 @@ def images_per_pass(unet, batch: int, latent_shape: tuple[int, int, int]) -> int
     return n
 
 
-def capture(base, layers: list[tuple[str, torch.nn.Module, int]], stop: str | None, x: torch.Tensor,
-            sigma: torch.Tensor, options: dict, kwargs: dict, check=None) -> dict[str, torch.Tensor]:
-    """The outputs of `layers` (`unet_layers`) in one `apply_model` pass of `x` at `sigma`
-    `[n]`, which ends after layer `stop` (None: the whole UNet). `check()` runs at every
-    captured layer (the interrupt check: a cancel stops a long pass midway). Hooks are
-    removed after."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def fn(_module, _inputs, output):
-            captured[name] = output.detach()
-            if check is not None:
-                check()
-            if name == stop:
-                raise StopPass
-        return fn
-
-    handles = [module.register_forward_hook(hook(name)) for name, module, _ in layers]
-    try:
-        base.apply_model(x, sigma, transformer_options=options, **kwargs)
-    except StopPass:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def levels_match(captured: dict[str, torch.Tensor], layers: list[tuple[str, torch.nn.Module, int]],
-                 latent_hw: tuple[int, int]) -> bool:
-    """Whether every captured output is at the level `unet_layers` gave its layer."""
-    return all(output_factor(captured[name], latent_hw) == f for name, _, f in layers if name in captured)
-
-
-DETAILS = ("paper", "fine")
-
-
 def extract(model, vae, images: torch.Tensor, clip=None, timestep: int = 0, resolution: int = 512,
-            source: str = SOURCE_QUERIES, seed: int = 0, detail: str = "paper",
+            source: str = QUERIES, seed: int = 0, detail: str = "paper",
             stop_early: bool = True) -> DiffusionFeatures:
     """Features of each image of `images` `[B,H,W,C]` from one UNet forward pass per image;
     one pass takes as many images as fit in memory (`images_per_pass`), each with its own
-    noise (`seed` + its index).
+    noise (`seed` + its index). The settings are checked as ``FreeSegSettings`` fields.
 
     detail "paper": a grid of resolution/16 (32x32 at 512 px). "fine": resolution/8, and for
-    the queries source the latent/2 blocks too (``freeseg.stages.select_blocks``).
+    the queries source the latent/2 blocks too (``freeseg.capture.select_blocks``).
 
     The pass stops after the last layer used (`stop_early`; False runs the whole UNet, for
-    checks): the decoder levels finer than the features are never computed.
+    checks): the decoder levels finer than the features are never computed. Hooks, stop,
+    level check and fallback: ``freeseg.capture.LayerCapture``.
 
     The user's MODEL is cloned, never patched; forward hooks on the shared UNet are removed
-    before returning. Returns features `[B,C,resolution/16,resolution/16]` float16 on
-    ComfyUI's intermediate device."""
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    if detail not in DETAILS:
-        raise ValueError(f"detail must be one of {DETAILS}, got {detail!r}")
-    family = check_family(model)
-    pixels = to_rgb(images)
-    b, h, w, _ = pixels.shape
-    unet = model.clone()
-    base = unet.model
-    dm = base.diffusion_model
-    context_dim = base.model_config.unet_config.get("context_dim") or 768
-    pooled_dim = 1280 if base.adm_channels else 768
-    cond, pooled = cached_empty_prompt(clip, context_dim, pooled_dim)
-    model_sampling = unet.get_model_object("model_sampling")
-    latent_format = unet.get_model_object("latent_format")
-    grid = (resolution // 16, resolution // 16) if detail == "paper" else (resolution // 8, resolution // 8)
-    cond_uuid = uuid.uuid4()  # the sampler gives each conditioning one uuid for the whole run
+    before returning. Returns features `[B,C,g,g]` float16 on ComfyUI's intermediate device."""
+    settings = DEFAULTS.replace(timestep=timestep, resolution=resolution, source=source, seed=seed, detail=detail)
+    return ComfyFeatures(model, vae, clip, stop_early).extract(images, settings)
 
-    layers = unet_layers(dm, source)
-    # The pass ends after the last layer used. That layer comes from the levels unet_layers
-    # reads off the UNet's structure; the captured shapes are checked against them.
-    stop = last_used_layer([(name, f) for name, _, f in layers], source, detail == "fine") if stop_early else None
 
-    progress = Progress(b)
-    out, names = [], []
-    latent_shape = (4, resolution // 8, resolution // 8)
-    mm.load_models_gpu([unet], memory_required=unet.memory_required([1, *latent_shape]))
-    per_pass = images_per_pass(unet, b, latent_shape)
-    for start in range(0, b, per_pass):
-        progress.check()
-        n = min(per_pass, b - start)
-        px = resize_square(pixels[start:start + n], resolution).movedim(1, -1)
-        latent = vae.encode(px)
-        mm.load_models_gpu([unet], memory_required=unet.memory_required([n, *latent.shape[1:]]))
-        device = unet.load_device
-        x0 = latent_format.process_in(latent.to(device))
-        noise = torch.cat([seeded_noise((1, *x0.shape[1:]), seed + start + k) for k in range(n)]).to(device)
-        s = timestep_sigma(model_sampling, timestep, device).expand(n)  # per image, as the sampler's
-        x = model_sampling.noise_scaling(s, noise, x0)
-        conds = base.extra_conds(cross_attn=cond.to(device).expand(n, -1, -1),
-                                 pooled_output=pooled.to(device).expand(n, -1),
-                                 width=resolution, height=resolution, crop_w=0, crop_h=0,
-                                 target_width=resolution, target_height=resolution,
-                                 device=device, noise=x, latent_image=x0)
-        kwargs = {k: v.cond.to(device) for k, v in conds.items()}
-        options = pass_options(unet, s, cond_uuid)
-        captured = capture(base, layers, stop, x, s, options, kwargs, progress.check)
-        latent_hw = tuple(x0.shape[-2:])
-        if stop is not None and not levels_match(captured, layers, latent_hw):
-            log.warning("FreeSeg-Diff Diffusion Features: the %s UNet's levels are not where its structure "
-                        "says; running the whole UNet instead", family)
-            stop = None
-            captured = capture(base, layers, stop, x, s, options, kwargs, progress.check)
-        feats, names = captured_to_features(captured, latent_hw, grid, source, detail == "fine")
-        out.append(feats.to(mm.intermediate_device(), torch.float16))
-        del captured
-        for _ in range(n):
-            progress.step()
-    feats = torch.cat(out)
-    log.info("FreeSeg-Diff features: %s %s from %d blocks %s -> %s", family, source, len(names), names,
-             tuple(feats.shape))
-    return DiffusionFeatures(feats, (h, w), family, source, int(timestep), int(resolution), names)
+class ComfyFeatures:
+    """The ``freeseg.capture.FeatureSource`` of a ComfyUI MODEL / VAE (/ CLIP for the
+    empty-prompt conditioning): ``extract(images, settings)`` as the node's ``extract``."""
+
+    def __init__(self, model, vae, clip=None, stop_early: bool = True):
+        self.model, self.vae, self.clip, self.stop_early = model, vae, clip, stop_early
+
+    def extract(self, images: torch.Tensor, settings: FreeSegSettings) -> DiffusionFeatures:
+        family = check_family(self.model)
+        pixels = to_rgb(images)
+        b, h, w, _ = pixels.shape
+        resolution, timestep, seed, source = settings.resolution, settings.timestep, settings.seed, settings.source
+        unet = self.model.clone()
+        base = unet.model
+        cond, pooled = cached_empty_prompt(self.clip, base.model_config.unet_config.get("context_dim") or 768,
+                                           1280 if base.adm_channels else 768)
+        model_sampling = unet.get_model_object("model_sampling")
+        latent_format = unet.get_model_object("latent_format")
+        grid = feature_grid(settings)
+        cond_uuid = uuid.uuid4()  # the sampler gives each conditioning one uuid for the whole run
+        # The pass ends after the last layer used. That layer comes from the levels unet_layers
+        # reads off the UNet's structure; the captured shapes are checked against them.
+        capture = LayerCapture(unet_layers(base.diffusion_model, source), source, settings.detail == "fine",
+                               self.stop_early, warn=lambda message: log.warning(
+                                   "FreeSeg-Diff Diffusion Features: %s: %s", family, message))
+
+        progress = Progress(b)
+        out, names = [], []
+        latent_shape = (4, resolution // 8, resolution // 8)
+        mm.load_models_gpu([unet], memory_required=unet.memory_required([1, *latent_shape]))
+        per_pass = images_per_pass(unet, b, latent_shape)
+        for start in range(0, b, per_pass):
+            progress.check()
+            n = min(per_pass, b - start)
+            px = resize_square(pixels[start:start + n], resolution).movedim(1, -1)
+            latent = self.vae.encode(px)
+            mm.load_models_gpu([unet], memory_required=unet.memory_required([n, *latent.shape[1:]]))
+            device = unet.load_device
+            x0 = latent_format.process_in(latent.to(device))
+            noise = torch.cat([seeded_noise((1, *x0.shape[1:]), seed + start + k) for k in range(n)]).to(device)
+            s = timestep_sigma(model_sampling, timestep, device).expand(n)  # per image, as the sampler's
+            x = model_sampling.noise_scaling(s, noise, x0)
+            conds = base.extra_conds(cross_attn=cond.to(device).expand(n, -1, -1),
+                                     pooled_output=pooled.to(device).expand(n, -1),
+                                     width=resolution, height=resolution, crop_w=0, crop_h=0,
+                                     target_width=resolution, target_height=resolution,
+                                     device=device, noise=x, latent_image=x0)
+            kwargs = {k: v.cond.to(device) for k, v in conds.items()}
+            options = pass_options(unet, s, cond_uuid)
+            feats, names = capture.features(lambda: base.apply_model(x, s, transformer_options=options, **kwargs),
+                                            tuple(x0.shape[-2:]), grid, progress.check)
+            out.append(feats.to(mm.intermediate_device(), torch.float16))
+            for _ in range(n):
+                progress.step()
+        feats = torch.cat(out)
+        log.info("FreeSeg-Diff features: %s %s from %d blocks %s -> %s", family, source, len(names), names,
+                 tuple(feats.shape))
+        return DiffusionFeatures(feats, (h, w), family, source, int(timestep), int(resolution), names)
 
 
 class FreeSegDiffusionFeatures(io.ComfyNode):
@@ -291,16 +257,17 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
                                "SDXL). It is cloned, never changed."),
                 io.Vae.Input("vae", tooltip="The VAE that belongs to the model."),
                 io.Image.Input("image", tooltip="Images to segment (any size; RGBA and grey are accepted)."),
-                io.Int.Input("timestep", default=0, min=0, max=999, tooltip="Diffusion timestep of the "
+                io.Int.Input("timestep", default=DEFAULTS.timestep, **input_range("timestep"), tooltip="Diffusion timestep of the "
                              "pass (0 = almost clean image, the paper's setting)."),
-                io.Int.Input("resolution", default=512, min=128, max=2048, step=64, tooltip="Images are "
+                io.Int.Input("resolution", default=DEFAULTS.resolution, **input_range("resolution"),
+                             step=RESOLUTION_STEP, tooltip="Images are "
                              "resized to this square before encoding (paper: 512; SDXL likes 1024)."),
-                io.Combo.Input("source", options=list(SOURCES), default=SOURCE_QUERIES, tooltip="cross_attn_"
+                io.Combo.Input("source", options=list(CHOICES["source"]), default=DEFAULTS.source, tooltip="cross_attn_"
                                "queries: the cross-attention queries of the 1/4-latent blocks (paper). "
                                "decoder_blocks: outputs of the decoder blocks at 1/4 and 1/2 latent size."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the small noise "
+                io.Int.Input("seed", default=DEFAULTS.seed, **input_range("seed"), tooltip="Seed of the small noise "
                              "added at the timestep."),
-                io.Combo.Input("detail", optional=True, options=list(DETAILS), default="paper", tooltip="paper: a 32x32 "
+                io.Combo.Input("detail", optional=True, options=list(CHOICES["detail"]), default=DEFAULTS.detail, tooltip="paper: a 32x32 "
                                "feature grid at 512 px (the 1/4-latent blocks upsampled). fine: a 64x64 grid "
                                "that also uses the 1/2-latent (32x32-token) blocks: finer edges and thin parts, "
                                "4x the points to cluster."),
@@ -312,7 +279,8 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, source=None, detail=None) -> bool | str:
-        return first_problem(check_choice("source", source, SOURCES), check_choice("detail", detail, DETAILS))
+        return first_problem(check_choice("source", source, CHOICES["source"]),
+                             check_choice("detail", detail, CHOICES["detail"]))
 
     @classmethod
     def execute(cls, model, vae, image, timestep, resolution, source, seed, detail="paper",

@@ -1,15 +1,19 @@
 """FreeSegPipeline: every stage in one box with the paper's settings; naming by the
-open-vocabulary rule (default) or the paper's closed-vocabulary protocol."""
+open-vocabulary rule (default) or the paper's closed-vocabulary protocol. It calls the
+orchestrator ``freeseg.pipeline.segment_batch`` with the ComfyUI runtime parts."""
 
 from __future__ import annotations
 
-from ..freeseg.stages import DEFAULTS, PAPER, RULES
-from .caption import caption
-from .cluster_masks import cluster
-from .clip_label import label
-from .common import CATEGORY, Captioner, ClipModel, Segments, check_choice, first_problem, io, parse_names
-from .diffusion_features import extract
-from .refine_masks import OUTPUTS, outputs, refine
+from ..freeseg.names import parse_names
+from ..freeseg.pipeline import Captioner as CaptionerParts
+from ..freeseg.pipeline import Models, segment_batch
+from ..freeseg.settings import CHOICES, DEFAULTS, PAPER
+from ..freeseg.vocab import cached_embed
+from .clip_label import clip_parts, text_embed
+from .common import CATEGORY, Captioner, ClipModel, Progress, Segments, check_choice, first_problem, input_range, \
+    io, load_to_device, log
+from .diffusion_features import ComfyFeatures
+from .refine_masks import OUTPUTS, outputs
 
 
 class FreeSegPipeline(io.ComfyNode):
@@ -31,9 +35,10 @@ class FreeSegPipeline(io.ComfyNode):
                 io.String.Input("class_names", default="", tooltip="open rule: extra class names, comma-separated, "
                                 "added to what the caption mentions (the only names when no captioner is given). "
                                 "paper rule: the full class list (e.g. the 20 Pascal VOC classes)."),
-                io.Int.Input("n_clusters", default=4, min=1, max=64, tooltip="Masks per image (paper: 4)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of noise and k-means."),
-                io.Combo.Input("rule", options=list(RULES), default="open", optional=True,
+                io.Int.Input("n_clusters", default=DEFAULTS.n_clusters, min=1, max=input_range("n_clusters")["max"],
+                             tooltip="Masks per image (paper: 4)."),
+                io.Int.Input("seed", default=DEFAULTS.seed, **input_range("seed"), tooltip="Seed of noise and k-means."),
+                io.Combo.Input("rule", options=list(CHOICES["rule"]), default=DEFAULTS.rule, optional=True,
                                tooltip="open: names must beat background words. paper: the paper's closed-"
                                "vocabulary protocol (candidates from the caption through the checkpoint's CLIP; "
                                "needs blip2 and clip)."),
@@ -48,25 +53,22 @@ class FreeSegPipeline(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, rule=None) -> bool | str:
-        return first_problem(check_choice("rule", rule, RULES))
+        return first_problem(check_choice("rule", rule, CHOICES["rule"]))
 
     @classmethod
     def execute(cls, model, vae, image, clip_model, class_names, n_clusters, seed, rule="open", blip2=None,
                 clip=None) -> io.NodeOutput:
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if rule == "paper" and (blip2 is None or clip is None):
             raise ValueError("rule paper: connect blip2 (the captioner) and clip (the checkpoint's text encoder); "
                              "the candidate classes come from the caption")
-        if rule == "paper" and not parse_names(class_names):
-            raise ValueError("class_names: rule paper needs the full class list (e.g. the 20 Pascal VOC classes)")
-        p = PAPER if rule == "paper" else DEFAULTS
-        captions, lists = caption(image, blip2, "" if rule == "paper" else class_names, p.max_new_tokens,
-                                  p.caption_prompt, p.min_new_tokens)
-        features = extract(model, vae, image, clip, p.timestep, p.resolution, p.source, seed)
-        segments = cluster(features, n_clusters, p.cluster_method, seed)
-        segments = label(segments, image, clip_model, "\n".join(", ".join(n) for n in lists), p.crop_mode,
-                         p.prompt, p.threshold, rule, ", ".join(p.background), class_names, captions,
-                         clip)
-        segments = refine(segments, image, p.refine)
-        return io.NodeOutput(segments, *outputs(segments, image), "\n".join(captions))
+        preset = PAPER if rule == "paper" else DEFAULTS.replace(rule=rule)
+        settings = preset.replace(n_clusters=n_clusters, seed=seed)
+        models = Models(
+            features=ComfyFeatures(model, vae, clip),
+            clip=clip_parts(clip_model),
+            captioner=CaptionerParts(lambda: load_to_device(blip2["patcher"]), blip2["processor"])
+            if blip2 is not None else None,
+            text_embed=cached_embed(text_embed(clip)) if clip is not None else None,
+            progress=Progress, warn=log.warning)
+        result = segment_batch(image, settings, models, parse_names(class_names))
+        return io.NodeOutput(result.segments, *outputs(result.segments, image), "\n".join(result.captions))

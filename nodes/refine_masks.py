@@ -6,20 +6,24 @@ import json
 
 import torch
 
-from ..freeseg.instances import split_instances
-from ..freeseg.refine import REFINE_METHODS
-from ..freeseg.stages import refine_segments
 from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.segments import draw_overlay, to_segs
-from .common import CATEGORY, Progress, Segments, check_choice, check_number, first_problem, io, to_rgb
+from ..freeseg.settings import CHOICES, DEFAULTS
+from ..freeseg.stages import refine_segments, split_segments
+from .common import CATEGORY, Progress, Segments, check_choice, check_number, first_problem, input_range, io, to_rgb
 
 
-
-def refine(segments: SegmentsData, images, method: str = "crf") -> SegmentsData:
-    """Refines every mask of every image (one image at a time, interruptible)."""
+def refine(segments: SegmentsData, images, method: str = "crf", instances: bool = False,
+           min_area: float = DEFAULTS.min_area) -> SegmentsData:
+    """Refines every mask of every image (one image at a time, interruptible), then with
+    ``instances`` splits each named mask into its parts (the inputs checked as
+    ``FreeSegSettings`` fields: ``refine``, ``instances``, ``min_area``)."""
     if not isinstance(segments, SegmentsData):
         raise TypeError("segments: expected FreeSeg-Diff segments")
-    return refine_segments(segments, to_rgb(images), method, progress=Progress(segments.batch_size))
+    settings = DEFAULTS.replace(refine=method, instances=instances, min_area=min_area)
+    pixels = to_rgb(images)
+    refined = refine_segments(segments, pixels, settings.refine, progress=Progress(segments.batch_size))
+    return split_segments(refined, settings)
 
 
 def outputs(segments: SegmentsData, images) -> tuple:
@@ -59,15 +63,16 @@ class FreeSegRefineMasks(io.ComfyNode):
             inputs=[
                 Segments.Input("segments", tooltip="Output of FreeSeg-Diff CLIP Label."),
                 io.Image.Input("image", tooltip="The same images the segments came from."),
-                io.Combo.Input("method", options=list(REFINE_METHODS), default="crf", tooltip="crf: the paper's "
+                io.Combo.Input("method", options=list(CHOICES["refine"]), default=DEFAULTS.refine, tooltip="crf: the paper's "
                                "refinement, one fully connected CRF per named mask (unnamed masks become "
                                "empty). crf_joint: one CRF over all masks, named or not. guided: edge-aware "
                                "guided filter. none: as is."),
-                io.Boolean.Input("instances", optional=True, default=False, tooltip="Split each named mask into its connected "
+                io.Boolean.Input("instances", optional=True, default=DEFAULTS.instances, tooltip="Split each named mask into its connected "
                                  "parts (two dogs -> two masks), each its own entry in masks, SEGS and JSON "
                                  "with the same label and an instance index (0 = largest). Off: one mask per "
                                  "name (paper)."),
-                io.Float.Input("min_area", optional=True, default=0.002, min=0.0, max=0.5, step=0.001, tooltip="With instances: "
+                io.Float.Input("min_area", optional=True, default=DEFAULTS.min_area, **input_range("min_area"), step=0.001,
+                               tooltip="With instances: "
                                "parts smaller than this fraction of the image are dropped as specks (a "
                                "name always keeps its largest part)."),
             ],
@@ -78,15 +83,10 @@ class FreeSegRefineMasks(io.ComfyNode):
     def validate_inputs(cls, method=None, min_area=None) -> bool | str:
         # Declaring min_area here makes ComfyUI skip its own min/max check of it (NaN passes any
         # comparison), so the range is checked here.
-        return first_problem(check_choice("method", method, REFINE_METHODS), check_number("min_area", min_area, 0.0, 0.5))
+        return first_problem(check_choice("method", method, CHOICES["refine"]), check_number("min_area", min_area))
 
     @classmethod
-    def execute(cls, segments, image, method, instances=False, min_area=0.002) -> io.NodeOutput:
-        if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area <= 0.5:
-            raise ValueError(f"min_area must be a number in 0..0.5, got {min_area!r}")
-        if not isinstance(instances, bool):
-            raise ValueError(f"instances must be true or false, got {instances!r}")
-        refined = refine(segments, image, method)
-        if instances:
-            refined = split_instances(refined, float(min_area))
+    def execute(cls, segments, image, method, instances=DEFAULTS.instances,
+                min_area=DEFAULTS.min_area) -> io.NodeOutput:
+        refined = refine(segments, image, method, instances, min_area)
         return io.NodeOutput(refined, *outputs(refined, image))

@@ -6,7 +6,8 @@ import torch
 
 from ..freeseg.points import check_points, parse_points, select_at_points
 from ..freeseg.segments import Segments as SegmentsData
-from .common import CATEGORY, Segments, io, log, parse_names
+from ..freeseg.names import parse_names
+from .common import CATEGORY, Segments, io, log
 
 
 def select(segments: SegmentsData, labels: str, points: str = "") -> tuple[torch.Tensor, str]:

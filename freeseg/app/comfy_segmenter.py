@@ -29,6 +29,7 @@ from .output import SegmentError
 from .paths import DEFAULT_WORKFLOW
 from .pool import ServerPool
 from .remote import WorkflowJob, check_servers
+from .settings_options import apply_settings, setting_values
 from .workflow import load_workflow, parse_override
 
 # What a comfyui evaluation may raise that is the user's to fix (printed without a traceback).
@@ -48,12 +49,15 @@ class ComfySegmenter:
 
     @classmethod
     def connect(cls, urls: Sequence[str], per_server: int = 2, workflow: str = DEFAULT_WORKFLOW,
-                **settings) -> "ComfySegmenter":
+                settings: Optional[dict] = None, **job) -> "ComfySegmenter":
         """Connect to the servers and check they can run the workflow; `settings` are
-        `WorkflowJob` fields (n_clusters, seed, models, overrides, timeout)."""
+        ``FreeSegSettings`` fields written into the workflow (``settings_options.apply_settings``,
+        SegmentError naming one the workflow cannot hold), `job` are `WorkflowJob` fields
+        (n_clusters, seed, models, overrides, timeout)."""
+        filled = apply_settings(load_workflow(workflow), settings or {})
         pool = ServerPool(urls, per_server=per_server)
         pool.connect()
-        return cls(pool, WorkflowJob(load_workflow(workflow), **settings))
+        return cls(pool, WorkflowJob(filled, **job))
 
     @property
     def workers(self) -> int:
@@ -82,7 +86,7 @@ class ComfySegmenter:
 def segmenter_from_args(args) -> ComfySegmenter:
     """The ComfySegmenter of ``python -m freeseg eval --backend comfyui`` options (argparse
     namespace: url, per_server, workflow, checkpoint, blip2, clip, clusters, seed, resolution,
-    overrides, timeout)."""
+    settings (``--setting``), overrides, timeout)."""
     if args.per_server < 1:
         raise ValueError("--per-server must be >= 1")
     models = {role: str(getattr(args, role)) for role in ("checkpoint", "blip2", "clip")
@@ -91,5 +95,6 @@ def segmenter_from_args(args) -> ComfySegmenter:
     if args.resolution is not None:
         overrides.insert(0, ("FreeSegDiffusionFeatures", "resolution", args.resolution))
     return ComfySegmenter.connect(args.url or [DEFAULT_URL], per_server=args.per_server,
-                                  workflow=args.workflow or DEFAULT_WORKFLOW, n_clusters=args.clusters,
+                                  workflow=args.workflow or DEFAULT_WORKFLOW,
+                                  settings=setting_values(args, shorthands=False), n_clusters=args.clusters,
                                   seed=args.seed, models=models, overrides=overrides, timeout=args.timeout)

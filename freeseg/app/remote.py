@@ -18,32 +18,21 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 
+from ..names import parse_names
 from .client import ComfyClient, ComfyError
 from .console import ProgressBar
 from .output import SegmentError, write_segmentation
 from .pool import ServerPool
+from .settings_options import settings_in_workflow
 from .workflow import (MODEL_CHOICES, choose_models, ensure_outputs, fill_workflow, missing_node_types,
                        missing_nodes_message, output_text)
 
 LOADER_TYPES = {spec[1] for spec in MODEL_CHOICES.values()}
-
-# FreeSegSettings fields (the diffusers backend's "settings") read from the workflow's nodes.
-SETTINGS_FROM_NODES = {
-    "FreeSegDiffusionFeatures": {"resolution": "resolution", "timestep": "timestep", "source": "source",
-                                 "seed": "seed"},
-    "FreeSegClusterMasks": {"n_clusters": "n_clusters", "method": "cluster_method", "seed": "seed"},
-    "FreeSegCLIPLabel": {"crop_mode": "crop_mode", "prompt": "prompt", "threshold": "threshold"},
-    "FreeSegRefineMasks": {"method": "refine"},
-    "FreeSegCaption": {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
-                       "prompt": "caption_prompt"},
-    "FreeSegPipeline": {"n_clusters": "n_clusters", "seed": "seed"},
-}
-
 
 def upload_name(path: str) -> str:
     """A content-addressed upload name (`freeseg-<sha1>.<ext>`), so re-running the same image
@@ -69,18 +58,6 @@ def execute(client: ComfyClient, prompt: dict, timeout: float = 3600.0, quiet: b
 def binary_mask(image: Image.Image) -> np.ndarray:
     """A saved mask image (any mode) -> HxW bool (above half intensity)."""
     return np.asarray(image.convert("L")) >= 128
-
-
-def settings_of(prompt: dict) -> dict:
-    """The FreeSeg-Diff settings a filled workflow runs with (typed-in values only)."""
-    settings: dict[str, Any] = {}
-    for node in prompt.values():
-        for input_name, key in SETTINGS_FROM_NODES.get(node["class_type"], {}).items():
-            value = node["inputs"].get(input_name)
-            if value is not None and not isinstance(value, list):
-                settings.setdefault(key, value)
-    settings["use_caption"] = any(n["class_type"] == "FreeSegBLIP2Loader" for n in prompt.values())
-    return settings
 
 
 @dataclass
@@ -126,10 +103,10 @@ def collect(client: ComfyClient, entry: dict, roles: dict, prompt: dict, seconds
     overlay = Image.open(io.BytesIO(client.view(previews[0]))).convert("RGB")
     caption = (output_text(entry, roles.get("captions")) or "").strip().splitlines()
     names_text = (output_text(entry, roles.get("class_names")) or "").strip().splitlines()
-    names = [n.strip() for n in names_text[0].split(",") if n.strip()] if names_text else []
+    names = parse_names(names_text[0]) if names_text else []
     if not names:
         names = sorted({r["label"] for r in records})
-    return Segmentation(masks, records, overlay, caption[0] if caption else "", names, settings_of(prompt),
+    return Segmentation(masks, records, overlay, caption[0] if caption else "", names, settings_in_workflow(prompt),
                         seconds)
 
 

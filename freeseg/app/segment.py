@@ -17,6 +17,11 @@ Backends:
   folder (checkpoints/, blip/ or blip2/, open_clip/; a ComfyUI ``models/`` folder works as is).
 * ``diffusers`` calls ``freeseg.backends.diffusers`` (no ComfyUI).
 
+``--setting NAME=VALUE`` (repeatable; ``--clusters``, ``--seed``, ``--resolution`` are its
+shorthands) sets any ``freeseg.settings.FreeSegSettings`` field on either backend: diffusers
+takes it as a setting, comfyui writes it into the workflow's nodes
+(``freeseg.app.settings_options``), refusing a setting that no node of the workflow holds.
+
 ``--random-weights`` runs the embedded path on tiny random-weight models (built by
 ``tests/helpers/model_fixtures.py``): a smoke test of the install, the masks mean nothing.
 
@@ -52,6 +57,7 @@ from .paths import DEFAULT_WORKFLOW, REPO, fixture_cache
 from .pool import ServerPool
 from .remote import WorkflowJob, check_servers
 from .server import ComfyServer, default_comfy_dir, link
+from .settings_options import add_setting_arguments, apply_settings, setting_values
 from .workflow import add_workflow_arguments, load_workflow, missing_node_types, workflow_settings
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
@@ -178,8 +184,10 @@ def wants_gpu(python: str) -> bool:
 
 
 def workflow_job(args: argparse.Namespace, models: dict, overrides: list, class_names: Optional[str]) -> WorkflowJob:
-    """The WorkflowJob the command-line options describe."""
-    return WorkflowJob(load_workflow(args.workflow), class_names=class_names, n_clusters=args.clusters,
+    """The WorkflowJob the command-line options describe (``--setting`` written into the
+    workflow by ``settings_options.apply_settings``; its shorthands fill it as before)."""
+    workflow = apply_settings(load_workflow(args.workflow), setting_values(args, shorthands=False))
+    return WorkflowJob(workflow, class_names=class_names, n_clusters=args.clusters,
                        seed=args.seed, models=models, overrides=overrides, timeout=args.timeout)
 
 
@@ -278,9 +286,7 @@ def load_diffusers(args: argparse.Namespace, models: dict, class_names: Optional
         paths = model_paths(models_dir, pick_models(models_dir, models, class_names))
     kwargs: dict[str, Any] = {"sd": paths["checkpoint"], "clip": paths.get("clip"), "blip2": paths.get("blip2")}
     kwargs.update({role: paths[role] for role in ("sd_config", "vae") if paths.get(role)})
-    for key, value in (("n_clusters", args.clusters), ("seed", args.seed), ("resolution", args.resolution)):
-        if value is not None:
-            kwargs[key] = value
+    kwargs.update(setting_values(args))  # --setting and its shorthands: FreeSegSettings fields
     if args.cpu:
         kwargs["device"] = "cpu"
     print("loading the models (diffusers backend) ...", file=sys.stderr, flush=True)
@@ -384,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="run the embedded ComfyUI on the CPU")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for the embedded server to start")
     add_workflow_arguments(parser)
+    add_setting_arguments(parser)
     return parser
 
 
@@ -400,6 +407,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.per_server < 1:
         print("error: --per-server must be >= 1", file=sys.stderr)
+        return 2
+    try:  # a bad --setting is refused before anything runs (and with diffusers a bad shorthand)
+        setting_values(args, shorthands=args.backend == "diffusers")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     problem = out_folder_error(args.out)
     if problem:

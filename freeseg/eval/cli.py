@@ -13,6 +13,9 @@ folder of label maps) or FreeSeg-Diff run here on every image (``--backend``)::
     python -m freeseg eval --dataset voc --root VOCdevkit/VOC2012 --protocol paper \\
         --backend diffusers --sd sd-v1-4.safetensors --blip2 models/blip --clip models/clip
 
+``--setting NAME=VALUE`` (repeatable; ``--clusters``, ``--seed``, ``--resolution`` its shorthands)
+sets any ``freeseg.settings.FreeSegSettings`` field for either backend
+(``freeseg.app.settings_options``).
 ``--backend diffusers`` runs ``freeseg.backends.diffusers.FreeSegPipeline`` in this process;
 ``--backend comfyui`` runs an API workflow (default ``workflows/api/freeseg_full.json``; any
 checkpoint family the nodes support) on ComfyUI servers through
@@ -28,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..app.settings_options import add_setting_arguments, setting_values
 from .datasets import DATASETS, DatasetError, load_dataset, read_class_names
 from .evaluate import PROTOCOLS, evaluate
 from .reports import format_table
@@ -72,13 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     comfy.add_argument("--workflow", default=None, metavar="FILE",
                        help="API-format workflow (default workflows/api/freeseg_full.json)")
     comfy.add_argument("--checkpoint", default=None, metavar="NAME", help="checkpoint name on the server")
-    comfy.add_argument("--clusters", type=int, default=None, metavar="K", help="masks per image (workflow: 4)")
-    comfy.add_argument("--seed", type=int, default=None, help="seed of the noise and the k-means start")
-    comfy.add_argument("--resolution", type=int, default=None, metavar="PX",
-                       help="resolution of the diffusion features pass (workflow: 512)")
     comfy.add_argument("--set", dest="overrides", action="append", default=[], metavar="CLASS.INPUT=VALUE",
                        help="set any input of the workflow's nodes of a class")
     comfy.add_argument("--timeout", type=float, default=3600.0, help="seconds one image may take (default 3600)")
+    settings = parser.add_argument_group("settings (either backend)")
+    settings.add_argument("--clusters", type=int, default=None, metavar="K",
+                          help="masks per image (default 4; 0: automatic); --setting n_clusters=K")
+    settings.add_argument("--seed", type=int, default=None, help="seed of the noise and the k-means start; "
+                          "--setting seed=N")
+    settings.add_argument("--resolution", type=int, default=None, metavar="PX",
+                          help="resolution of the diffusion features pass (default 512); --setting resolution=PX")
+    add_setting_arguments(settings)
     model.add_argument("--mode", choices=("closed", "open"), default="closed",
                        help="closed: the model names masks from its caption, names mapped to dataset classes; "
                             "open: the dataset's class names are the vocabulary")
@@ -128,6 +136,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--protocol paper runs the paper pipeline through --backend diffusers (or scores --predictions)")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    try:
+        given = setting_values(args, shorthands=args.backend != "comfyui")  # comfyui: the server checks them
+    except ValueError as exc:
+        parser.error(str(exc))
+    if given and args.backend is None:
+        parser.error("--setting, --clusters, --seed and --resolution are for --backend (the predictions are made)")
     errors: tuple = (FileNotFoundError, DatasetError, ValueError)
     workers = 1
     if args.backend == "comfyui":
@@ -143,13 +157,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             source = segmenter_from_args(args)
             workers = source.workers
         elif args.backend == "diffusers":
-            from ..backends.diffusers import DEFAULTS, PAPER, FreeSegPipeline
+            from ..backends.diffusers import FreeSegPipeline
+            from ..settings import DEFAULTS, PAPER
 
             paper = args.protocol == "paper"
+            settings = (PAPER if paper else DEFAULTS).replace(**setting_values(args))
             source = FreeSegPipeline.from_pretrained(str(args.sd), clip=str(args.clip),
                                                      blip2=str(args.blip2) if args.blip2 else None,
-                                                     sd_config=args.sd_config, vae=args.vae,
-                                                     settings=PAPER if paper else DEFAULTS)
+                                                     sd_config=args.sd_config, vae=args.vae, settings=settings)
             mode = "paper" if paper else mode
         else:
             source = PredictionFolder(args.predictions)

@@ -10,16 +10,18 @@ import torch
 from freeseg.caption import (PAPER_MAX_NEW_TOKENS, PAPER_MIN_NEW_TOKENS, PAPER_PREFIX_TOKENS, PAPER_PROMPT,
                              captioner_type, check_caption_options, decoder_prefix, generate_captions,
                              load_captioner)
-from freeseg.stages import PAPER, caption_images
+from freeseg.settings import PAPER
+from freeseg.stages import caption_images
 from freeseg.clip_label import (ENSEMBLE_TEMPLATES, encode_names, load_open_clip, mask_views, preprocess_views,
                                 score_masks, split_arch_tag)
-import model_fixtures as fx
+from synthetic import cache
+from synthetic import models as fx
 
 
 @pytest.fixture(scope="session")
 def fixture_paths() -> dict[str, str]:
     """All fixtures, built once into the shared cache (in a subprocess: no ComfyUI import here)."""
-    return fx.build_all_subprocess(fx.default_cache_dir())
+    return cache.build_all_subprocess()
 
 
 @pytest.fixture(scope="module")

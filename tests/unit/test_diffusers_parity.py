@@ -29,18 +29,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import model_fixtures as fx
+from synthetic import cache
+from synthetic import models as fx
 from freeseg.features import SOURCE_DECODER, SOURCE_QUERIES, DiffusionFeatures
 from freeseg.nouns import extract_nouns
 from freeseg.app.output import segment_to_folder
+from freeseg.app.paths import REPO
 from freeseg.backends.diffusers import DEFAULT_SD_CONFIG, FreeSegPipeline, FreeSegResult, load_sd
-from freeseg.stages import PAPER, captured_to_features, paper_candidates, select_blocks
+from freeseg.capture import captured_to_features, select_blocks
+from freeseg.settings import PAPER
+from freeseg.stages import paper_candidates
 
 pytestmark = pytest.mark.skipif(
     not (fx.comfy_dir() / "comfy" / "sd.py").is_file(), reason="ComfyUI source tree not available"
 )
 
-HELPER = Path(__file__).resolve().parents[1] / "helpers" / "comfy_unet_features.py"
+HELPER = Path(REPO) / "tests" / "helpers" / "comfy_unet_features.py"
 RESOLUTION = 256
 SEED = 3
 COS_MIN = 0.999
@@ -50,7 +54,7 @@ COS_MIN = 0.999
 @pytest.fixture(scope="module")
 def fixture_paths() -> dict[str, str]:
     """All fixtures, built once into the shared cache (in a subprocess: no ComfyUI import here)."""
-    return fx.build_all_subprocess(fx.default_cache_dir())
+    return cache.build_all_subprocess()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,7 @@ def test_diffusers_features_match_comfyui(fixture_paths: dict[str, str], sd_conf
                 "resolution": RESOLUTION, "timestep": 0, "seed": SEED,
                 "sources": [SOURCE_QUERIES, SOURCE_DECODER]}, job)
     # ComfyUI runs in its own interpreter while diffusers loads here.
-    proc = subprocess.Popen([sys.executable, str(HELPER), str(job), str(out)], cwd=str(HELPER.parents[2]),
+    proc = subprocess.Popen([sys.executable, str(HELPER), str(job), str(out)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         sd = load_sd(fixture_paths["sd15_ckpt"], sd_config=sd_config, vae=False)
@@ -280,12 +284,13 @@ def test_segment_to_folder(pipe: FreeSegPipeline, tmp_path: Path) -> None:
     saved = json.loads((out / "labels.json").read_text())
     assert saved == info
     assert info["backend"] == "diffusers" and (info["width"], info["height"]) == (56, 40)
-    assert isinstance(info["caption"], str) and "potted plant" in info["class_names"]
+    (image_info,) = info["images"]
+    assert isinstance(image_info["caption"], str) and "potted plant" in image_info["class_names"]
     assert (out / "overlay.png").is_file()
     assert Image.open(out / "overlay.png").size == (56, 40)
     assert info["masks"], "at least one named mask"
     for i, rec in enumerate(info["masks"]):
-        assert rec["index"] == i and rec["label"] in info["class_names"]
+        assert rec["index"] == i and rec["label"] in image_info["class_names"]
         safe = re.sub(r"[^A-Za-z0-9]+", "_", rec["label"]).strip("_")
         assert rec["file"] == f"mask_{i}_{safe}.png"
         mask = np.asarray(Image.open(out / rec["file"]))
@@ -342,7 +347,7 @@ def test_diffusers_folder_with_tokenizer_matches_single_file(pipe: FreeSegPipeli
     other = FreeSegPipeline(loaded, settings=pipe.settings)
     assert torch.equal(other.empty_prompt_embedding(), pipe.empty_prompt_embedding())
     pixels = torch.from_numpy(_image()).float()[None] / 255
-    a, b = other.extract_features(pixels), pipe.extract_features(pixels)
+    a, b = other.extract(pixels), pipe.extract(pixels)
     assert isinstance(a, DiffusionFeatures) and a.blocks == b.blocks
     assert torch.equal(a.features, b.features)
 
@@ -383,7 +388,7 @@ def test_eval_cli_runs_the_pipeline_on_a_voc_layout_dataset(fixture_paths: dict[
               "--backend", "diffusers", "--sd", fixture_paths["sd15_ckpt"], "--sd-config", str(sd_config),
               "--vae", str(vae_dir), "--clip", fixture_paths["open_clip_dir"], "--no-progress"]
     out = subprocess.run(common + ["--mode", "open", "--out", str(tmp_path / "results"), "--json"],
-                         capture_output=True, text=True, timeout=300, cwd=str(fx.REPO_ROOT))
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert set(result) == {"miou", "miou_per_image", "per_class_iou"}
@@ -393,10 +398,10 @@ def test_eval_cli_runs_the_pipeline_on_a_voc_layout_dataset(fixture_paths: dict[
     assert sorted(p.stem for p in saved) == ["a", "b"]
     # the paper protocol: the whole closed-vocabulary pipeline, both metrics printed
     paper = subprocess.run(common + ["--protocol", "paper", "--blip2", fixture_paths["blip2_dir"], "--limit", "1"],
-                           capture_output=True, text=True, timeout=300, cwd=str(fx.REPO_ROOT))
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert paper.returncode == 0, paper.stderr[-2000:]
     assert "mIoU, dataset-level (standard)" in paper.stdout and "mIoU, per-image mean (official)" in paper.stdout
     assert "paper protocol" in paper.stdout and "paper-vocabulary mode" in paper.stdout
     refused = subprocess.run(common + ["--protocol", "paper"], capture_output=True, text=True, timeout=120,
-                             cwd=str(fx.REPO_ROOT))
+                             cwd=REPO)
     assert refused.returncode == 2 and "--blip2" in refused.stderr

@@ -1,12 +1,12 @@
 """The fine feature grid (Diffusion Features' detail="fine"): block selection and its effect on
-thin structures, on synthetic feature pyramids (tests/helpers/synthetic_scenes.py)."""
+thin structures, on synthetic feature pyramids (synthetic/scenes.py)."""
 from __future__ import annotations
 
 import torch
 
 from freeseg.cluster import cluster_features, labels_to_masks
-from freeseg.stages import captured_to_features, select_blocks
-from synthetic_scenes import matched_miou, scene_features, thin_scene
+from freeseg.capture import captured_to_features, select_blocks
+from synthetic.scenes import matched_miou, scene_features, thin_scene
 
 
 def _captured() -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Naming a batch clustered together (label_segments_shared) and empty masks in label_segments,
+"""Naming a batch clustered together (label_segments of shared segments) and empty masks in label_segments,
 on the random-weight open_clip fixture."""
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import torch
 
 from freeseg.clip_label import encode_names, load_open_clip, score_masks
 from freeseg.segments import Segments
-from freeseg.stages import label_segments, label_segments_shared, name_masks_open, open_texts
+from freeseg.settings import DEFAULTS
+from freeseg.stages import ClipParts, NamingInputs, label_segments, name_masks_open, open_texts
 from freeseg.vocab import DEFAULT_BACKGROUND
-import model_fixtures as fx
+from synthetic import cache
 
 
 @pytest.fixture(scope="module")
 def clip() -> tuple:
-    paths = fx.build_all_subprocess(fx.default_cache_dir())
+    paths = cache.build_all_subprocess()
     return load_open_clip(paths["open_clip_dir"])
 
 
@@ -36,7 +37,7 @@ def test_shared_names_are_the_same_in_every_frame(clip: tuple) -> None:
     model, cfg, tok = clip
     seg, images = _shared()
     lists = [["dog", "cat"], ["cat", "tree"], ["sky"]]
-    out = label_segments_shared(seg, images, model, cfg, tok, lists)
+    out = label_segments(seg, images, ClipParts(model, cfg, tok), DEFAULTS, NamingInputs(lists))
     merged = ["dog", "cat", "tree", "sky"]
     assert out.shared and out.class_names == [merged] * 3
     assert out.labels[0] == out.labels[1] == out.labels[2]
@@ -58,10 +59,10 @@ def test_shared_names_are_the_same_in_every_frame(clip: tuple) -> None:
 def test_shared_without_names_leaves_masks_unnamed(clip: tuple) -> None:
     model, cfg, tok = clip
     seg, images = _shared()
-    out = label_segments_shared(seg, images, model, cfg, tok, [[], [], []])
+    out = label_segments(seg, images, ClipParts(model, cfg, tok), DEFAULTS, NamingInputs([[], [], []]))
     assert out.labels == [[None] * 3] * 3
     with pytest.raises(ValueError, match="3 images"):
-        label_segments_shared(seg, images[:2], model, cfg, tok, [[], []])
+        label_segments(seg, images[:2], ClipParts(model, cfg, tok), DEFAULTS, NamingInputs([[], []]))
 
 
 def test_empty_masks_get_no_name(clip: tuple) -> None:
@@ -70,6 +71,7 @@ def test_empty_masks_get_no_name(clip: tuple) -> None:
     masks[0, 0, :8] = 1
     masks[0, 1, 8:] = 1  # masks 2 and 3 are empty (padding of a batch with fewer clusters)
     seg = Segments.unlabelled(masks)
-    out = label_segments(seg, torch.rand(1, 16, 16, 3), model, cfg, tok, [["a", "b", "c", "d"]])
+    out = label_segments(seg, torch.rand(1, 16, 16, 3), ClipParts(model, cfg, tok), DEFAULTS,
+                         NamingInputs([["a", "b", "c", "d"]]))
     assert out.labels[0][2] is None and out.labels[0][3] is None
     assert out.scores[0][2] == 0.0 and out.scores[0][3] == 0.0

@@ -3,7 +3,8 @@
 * ``freeseg.assign.assign_paper`` / ``assign_open`` on hand-computed score matrices;
 * ``freeseg.vocab.infer_candidates`` against scipy's correlation distance;
 * ``freeseg.nouns.caption_words`` (adjective -> head noun);
-* ``freeseg.stages.label_segments`` (the stage the FreeSeg-Diff CLIP Label node calls) with a
+* ``freeseg.stages.label_segments`` (the stage the FreeSeg-Diff CLIP Label node and the
+  orchestrator call) with a
   stand-in CLIP of known semantics (view embedding = its mean colour, word embedding = the
   colour it names): 1, 2 and many names, names the picture does not show, background words,
   ties, and the paper protocol.
@@ -18,8 +19,9 @@ from scipy.spatial import distance
 from freeseg.assign import assign_open, assign_paper
 from freeseg.nouns import caption_words
 from freeseg.segments import Segments
-from freeseg.stages import DEFAULTS, PAPER, FreeSegSettings, label_segments, name_masks_open, \
-    name_masks_paper, open_texts, paper_candidates
+from freeseg.settings import DEFAULTS, PAPER, FreeSegSettings
+from freeseg.stages import ClipParts, NamingInputs, label_segments, name_masks_open, name_masks_paper, open_texts, \
+    paper_candidates
 from freeseg.vocab import DEFAULT_BACKGROUND, cached_embed, class_embeddings, correlation_distance, \
     infer_candidates, parse_background, pooled_embeddings
 from standin_clip import PREPROCESS, StandInClip, colour_embed
@@ -254,9 +256,11 @@ GREEN = ((0.0, 1.0, 0.0), slice(14, 22), slice(2, 10))
 BLUE = ((0.1, 0.1, 0.9), slice(14, 22), slice(14, 22))
 
 
-def _label(image: torch.Tensor, masks: torch.Tensor, names: list[str], **kwargs) -> Segments:
-    model = StandInClip()
-    return label_segments(Segments.unlabelled(masks), image, model, PREPROCESS, model.tokenize, [names], **kwargs)
+def _label(image: torch.Tensor, masks: torch.Tensor, names: list[str], candidates=None, warn=None,
+           model=None, **settings) -> Segments:
+    model = model or StandInClip()
+    return label_segments(Segments.unlabelled(masks), image, ClipParts(model, PREPROCESS, model.tokenize),
+                          DEFAULTS.replace(**settings), NamingInputs([names], candidates), warn=warn)
 
 
 def test_one_name_names_the_right_mask() -> None:
@@ -321,8 +325,8 @@ def test_paper_rule_through_the_stage() -> None:
     # no candidates -> every mask background, CLIP not even run
     model = StandInClip()
     warned: list[int] = []
-    none = label_segments(Segments.unlabelled(masks), image, model, PREPROCESS, model.tokenize, [classes],
-                          rule="paper", candidates=[[]], warn=lambda fmt, i: warned.append(i))
+    none = _label(image, masks, classes, rule="paper", candidates=[[]], warn=lambda fmt, i: warned.append(i),
+                  model=model)
     assert none.labels == [[None] * 4] and warned == [0] and model.image_calls == 0
     with pytest.raises(ValueError, match="candidates"):
         _label(image, masks, classes, rule="paper")

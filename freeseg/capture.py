@@ -1,0 +1,151 @@
+"""The feature-source seam: capture a diffusion model's layer outputs in one forward pass.
+
+Every feature source (the ComfyUI UNet pass in ``nodes/diffusion_features.py``, the diffusers
+UNet in ``freeseg.backends.diffusers``) does the same four things, which live here once:
+
+1. the candidate layers of a source, each with the downscale factor of its output, come from
+   the runtime (it knows its module tree): ``Layer = (name, module, factor)`` in forward order;
+2. ``LayerCapture`` hooks them, runs the runtime's forward, and ends the pass after the last
+   layer the features use (``StopPass``), so the finer decoder levels are never computed;
+3. it checks that the captured outputs sit at the levels the runtime said (``levels_match``)
+   and otherwise runs the whole pass once more, with a warning, for the rest of its passes;
+4. ``captured_to_features`` turns the captured outputs into the feature grid.
+
+A new source (a DiT, features captured while sampling) is one new module: a class with
+``extract(images, settings) -> DiffusionFeatures`` (``FeatureSource``), whose forward pass goes
+through ``LayerCapture``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+
+import torch
+
+from .features import SOURCE_QUERIES, DiffusionFeatures, StopPass, aggregate_maps, last_used_layer, output_factor, tokens_to_map, \
+    wanted_factors
+from .settings import FreeSegSettings
+
+__all__ = ["FeatureSource", "Layer", "LayerCapture", "feature_grid", "levels_match", "select_blocks",
+           "captured_to_features"]
+
+Layer = tuple[str, torch.nn.Module, int]
+"""(name, module to hook, downscale factor of its output relative to the latent)."""
+
+
+class FeatureSource(Protocol):
+    """What the orchestrator (``freeseg.pipeline.segment_batch``) asks of a feature source."""
+
+    def extract(self, images: torch.Tensor, settings: FreeSegSettings) -> DiffusionFeatures:
+        """``[B,H,W,3]`` float 0..1 -> ``DiffusionFeatures`` with ``[B,C,g,g]`` float16 features,
+        ``g = feature_grid(settings)``, image i's noise seeded with ``settings.seed + i``."""
+
+
+def feature_grid(settings: FreeSegSettings) -> tuple[int, int]:
+    """Side of the feature grid: resolution/16 (detail "paper") or resolution/8 ("fine")."""
+    side = settings.resolution // (16 if settings.detail == "paper" else 8)
+    return side, side
+
+
+def layer_output(output: Any) -> torch.Tensor:
+    """The tensor of a hooked module's output (diffusers blocks return tuples or ``.sample``)."""
+    return output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+
+
+def levels_match(captured: Mapping[str, torch.Tensor], layers: Sequence[Layer], latent_hw: tuple[int, int]) -> bool:
+    """Whether every captured output is at the level its layer was given."""
+    return all(output_factor(captured[name], latent_hw) == f for name, _, f in layers if name in captured)
+
+
+class LayerCapture:
+    """Hooks ``layers`` around one forward pass at a time; the pass ends after the last layer
+    the features of ``source`` / ``fine`` use (``stop_early``; False: the whole pass).
+
+    ``warn(message)`` is called once if the captured levels are not where ``layers`` said;
+    the pass is then rerun whole, and every later pass of this object runs whole."""
+
+    def __init__(self, layers: Sequence[Layer], source: str, fine: bool = False, stop_early: bool = True,
+                 warn: Optional[Callable[[str], None]] = None):
+        self.layers = list(layers)
+        self.source = source
+        self.fine = fine
+        self.stop = last_used_layer([(n, f) for n, _, f in self.layers], source, fine) if stop_early else None
+        self.warn = warn
+
+    def capture(self, forward: Callable[[], Any], check: Optional[Callable[[], None]] = None,
+                stop: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """The outputs of the layers in one ``forward()``, which ends after layer ``stop`` (None:
+        the whole pass). ``check()`` runs at every captured layer (an interrupt check: a cancel
+        stops a long pass midway). Hooks are removed after."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(name: str) -> Callable:
+            def fn(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+                captured[name] = layer_output(output).detach()
+                if check is not None:
+                    check()
+                if name == stop:
+                    raise StopPass
+            return fn
+
+        handles = [module.register_forward_hook(hook(name)) for name, module, _ in self.layers]
+        try:
+            forward()
+        except StopPass:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    def run(self, forward: Callable[[], Any], latent_hw: tuple[int, int],
+            check: Optional[Callable[[], None]] = None) -> dict[str, torch.Tensor]:
+        """``capture`` up to the last used layer, checked: ``{name: output}`` in forward order
+        (``[n,N,C]`` tokens or ``[n,C,h,w]`` maps, as the layers give them)."""
+        captured = self.capture(forward, check, self.stop)
+        if self.stop is not None and not levels_match(captured, self.layers, latent_hw):
+            if self.warn is not None:
+                self.warn("the UNet's levels are not where its structure says; running the whole UNet instead")
+            self.stop = None
+            captured = self.capture(forward, check, None)
+        return captured
+
+    def features(self, forward: Callable[[], Any], latent_hw: tuple[int, int], grid: tuple[int, int],
+                 check: Optional[Callable[[], None]] = None) -> tuple[torch.Tensor, list[str]]:
+        """``run`` then ``captured_to_features``: (``[n,C,grid]`` float32, layer names used)."""
+        return captured_to_features(self.run(forward, latent_hw, check), latent_hw, grid, self.source, self.fine)
+
+
+def select_blocks(captured: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
+                  source: str = SOURCE_QUERIES, fine: bool = False) -> list[str]:
+    """Names of the captured layers FreeSeg-Diff uses, in ``captured``'s order.
+
+    ``captured`` maps layer names to ``[B,N,C]`` tokens or ``[B,C,h,w]`` maps. For queries:
+    those at latent/4 (the 16x16 blocks at 512 px; the nearest level when the model has none
+    there, the coarser one on a tie), plus with ``fine`` those at half that factor (the 32x32
+    blocks at 512 px); for decoder features: those at latent/4 and latent/2."""
+    factors = {name: output_factor(t, latent_hw) for name, t in captured.items()}
+    if not factors:
+        raise ValueError("no UNet layer was captured")
+    wanted = wanted_factors(factors.values(), source, fine)
+    return [name for name in captured if factors[name] in wanted]
+
+
+def captured_to_features(captured: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
+                         grid: tuple[int, int], source: str = SOURCE_QUERIES,
+                         fine: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Captured layer outputs of one pass -> the feature grid FreeSeg-Diff clusters.
+
+    Selects the layers (``select_blocks``, ``fine`` as there), turns ``[B,N,C]`` tokens into
+    ``[B,C,h,w]`` maps, bilinearly resizes each to ``grid`` and concatenates on channels.
+    (The fine option pairs with a grid twice as fine: resolution/8 instead of /16.)
+
+    Returns:
+        (``[B, sum C_i, grid_h, grid_w]`` float32 on the captured tensors' device, the names
+        of the layers used in channel order).
+    """
+    names = select_blocks(captured, latent_hw, source, fine)
+    if not names:
+        raise ValueError(f"no captured layer matches source {source!r}")
+    maps = [tokens_to_map(captured[n], latent_hw) if captured[n].ndim == 3 else captured[n] for n in names]
+    return aggregate_maps(maps, grid), names
