@@ -26,7 +26,7 @@ bash scripts/setup_browser.sh
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 status1=0
 "${FREESEG_VENV:-.venv}/bin/python" -m pytest "$@" || status1=$?
-leg1="leg 1 (ComfyUI ${FREESEG_COMFYUI_DIR:-0.3.75}, ${*:-tests/}): exit $status1 in $(( $(date +%s) - t0 )) s"
+leg1="leg 1 (ComfyUI ${FREESEG_COMFYUI_DIR:-0.3.75}): exit $status1 in $(( $(date +%s) - t0 )) s"
 echo "$leg1"
 
 # Leg 2 runs tests/server unless an argument names a test path (file, folder or file::test).
@@ -60,7 +60,7 @@ else
     echo "leg 2 (ComfyUI $newer): the arguments select no server test"
     status2=0
   fi
-  leg2="leg 2 (ComfyUI $newer, frontend $newer_frontend, ${leg2_paths[*]:-the given paths}): exit $status2 in $(( $(date +%s) - t0 )) s"
+  leg2="leg 2 (ComfyUI $newer, frontend $newer_frontend): exit $status2 in $(( $(date +%s) - t0 )) s"
 fi
 echo "$leg1"
 echo "$leg2"

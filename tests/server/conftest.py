@@ -1,6 +1,7 @@
 """Session fixtures: the random-weight models and one real ComfyUI server for all tests."""
 
 import os
+import signal
 
 import pytest
 
@@ -9,6 +10,13 @@ from freeseg.app.paths import REPO
 from synthetic.cache import build_all_subprocess
 from synthetic.scenes import write_test_image
 from workflow_tools import PINNED_COMFYUI
+
+# Tests stop commands with SIGINT (Ctrl-C) and expect them to stop. A test run started where
+# SIGINT is ignored (a background job `cmd &` of a shell without job control, as in some CI
+# runners) would hand that on to every command it starts, which then never see the signal:
+# SIGINT is made to raise KeyboardInterrupt here again, so the commands start with it at default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
