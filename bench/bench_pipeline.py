@@ -83,9 +83,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository root importable
+from freeseg.app.paths import REPO  # noqa: E402
 
 CLASS_NAMES = "dog, cat, tree"
 CKPT_NAME = "freeseg-bench-sd15.safetensors"
@@ -408,9 +407,9 @@ def bare_caption_prompt(image: str, max_new_tokens: int = 30, captioner: str = B
 def build_models(cache: Optional[str], keys: list[str]) -> dict[str, str]:
     """Build (or find cached) the real-size models ``keys`` (of bench/realsize_models.py) in a
     subprocess; ``{key: path}``."""
-    cmd = [sys.executable, str(REPO / "bench" / "realsize_models.py")] + ([cache] if cache else []) + \
+    cmd = [sys.executable, os.path.join(REPO, "bench", "realsize_models.py")] + ([cache] if cache else []) + \
         ["--only", ",".join(keys)]
-    out = subprocess.run(cmd, cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+    out = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("MODELS=")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"building the real-size models failed ({out.returncode}):\n{out.stdout[-3000:]}")
@@ -421,12 +420,11 @@ def build_models(cache: Optional[str], keys: list[str]) -> dict[str, str]:
 
 
 def fixture_models() -> dict[str, str]:
-    """The reduced test fixtures (tests/helpers/model_fixtures.py) under the bench's keys (the
-    fixture captioner is a tiny BLIP-2: both captioner keys)."""
-    sys.path.insert(0, str(REPO / "tests" / "helpers"))
-    from model_fixtures import build_all_subprocess, default_cache_dir
+    """The reduced test fixtures (synthetic/cache.py) under the bench's keys (the fixture
+    captioner is a tiny BLIP-2: both captioner keys)."""
+    from synthetic.cache import build_all_subprocess
 
-    paths = build_all_subprocess(default_cache_dir())
+    paths = build_all_subprocess()
     return {"sd15": paths["sd15_ckpt"], "blip": paths["blip2_dir"], "blip2": paths["blip2_dir"],
             "open_clip": paths["open_clip_dir"]}
 
@@ -751,7 +749,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         link(models["ckpt"], str(base / "models" / "checkpoints" / setup.ckpt_name))
         link(models["open_clip"], str(base / "models" / "open_clip" / CLIP_NAME))
     link(models["captioner"], str(base / "models" / "blip2" / setup.captioner_name))
-    link(str(REPO / "bench" / "probe_pack"), str(base / "custom_nodes" / "freeseg_bench_probe"))
+    link(os.path.join(REPO, "bench", "probe_pack"), str(base / "custom_nodes" / "freeseg_bench_probe"))
     images_dir = base / "bench_images"
     images_dir.mkdir()
     warm_path = write_image(images_dir / "warmup.png", 100)

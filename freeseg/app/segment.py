@@ -4,10 +4,9 @@ Writes into DIR, whichever backend ran:
 
 * ``mask_<i>_<label>.png``: one per named mask, mode L, 0/255, at the image's size;
 * ``overlay.png``: the image with the coloured, labelled masks;
-* ``labels.json``: ``{"image", "width", "height", "caption", "class_names", "backend",
-  "settings", "overlay": "overlay.png", "masks": [{"index", "file", "label", "score", "area",
-  "bbox"}, ...], "timings"}`` (bbox ``[x0, y0, x1, y1]`` with exclusive ends or null, area in
-  pixels; the layout of ``freeseg.app.output.segment_to_folder``).
+* ``labels.json``: the layout of ``freeseg.labels_file`` (``"format": "freeseg-diff/segments-v2"``,
+  the one Save Segments writes too): size, backend, settings and timings, the image (``source``,
+  ``overlay``, ``caption``, ``class_names``) and per mask its label, score, area, bbox and file.
 
 Backends:
 
@@ -23,7 +22,7 @@ takes it as a setting, comfyui writes it into the workflow's nodes
 (``freeseg.app.settings_options``), refusing a setting that no node of the workflow holds.
 
 ``--random-weights`` runs the embedded path on tiny random-weight models (built by
-``tests/helpers/model_fixtures.py``): a smoke test of the install, the masks mean nothing.
+``synthetic/``, in a subprocess): a smoke test of the install, the masks mean nothing.
 
 A folder or a quoted glob instead of IMAGE segments every image into ``DIR/<name>/`` (the
 layout above plus a ``done.json`` resume marker) and writes ``DIR/index.csv`` and
@@ -61,7 +60,7 @@ from .settings_options import add_setting_arguments, apply_settings, setting_val
 from .workflow import add_workflow_arguments, load_workflow, missing_node_types, workflow_settings
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
-FIXTURES_SCRIPT = os.path.join(REPO, "tests", "helpers", "model_fixtures.py")
+SYNTHETIC_DIR = os.path.join(REPO, "synthetic")  # the random-weight model builders (they import ComfyUI)
 # Where each random-weight fixture goes in the embedded server's models/ folder.
 RANDOM_MODEL_LINKS = {
     "sd15_ckpt": ("checkpoints", "freeseg-tiny-sd15.safetensors"),
@@ -145,15 +144,15 @@ def model_paths(models_dir: str, names: dict[str, str]) -> dict[str, str]:
 
 def build_random_models(python: str, comfy_dir: str) -> dict[str, str]:
     """Build (or reuse from the cache) the random-weight fixtures in a subprocess; {key: path}."""
-    if not os.path.isfile(FIXTURES_SCRIPT):
-        raise SegmentError(f"--random-weights needs the project's checkout ({FIXTURES_SCRIPT} is missing)")
+    if not os.path.isfile(os.path.join(SYNTHETIC_DIR, "cache.py")):
+        raise SegmentError(f"--random-weights needs the project's checkout ({SYNTHETIC_DIR}/cache.py is missing)")
     cache = fixture_cache()
     # Only what the smoke test uses (not e.g. the large SD2 checkpoint the server tests add).
-    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); from model_fixtures import build_all; "
+    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); from synthetic.cache import build_all; "
             "print('FIXTURES=' + json.dumps(build_all(sys.argv[1], keys=sys.argv[3].split(','))))")
     print(f"building / reusing the random-weight models in {cache} ...", file=sys.stderr, flush=True)
     env = dict(os.environ, FREESEG_COMFYUI_DIR=comfy_dir)
-    proc = subprocess.run([python, "-c", code, cache, os.path.dirname(FIXTURES_SCRIPT), ",".join(RANDOM_FIXTURES)],
+    proc = subprocess.run([python, "-c", code, cache, REPO, ",".join(RANDOM_FIXTURES)],
                           cwd=REPO, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FIXTURES=")]
     if proc.returncode != 0 or not lines:
