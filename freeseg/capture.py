@@ -11,9 +11,12 @@ UNet in ``freeseg.backends.diffusers``) does the same four things, which live he
    and otherwise runs the whole pass once more, with a warning, for the rest of its passes;
 4. ``captured_to_features`` turns the captured outputs into the feature grid.
 
-A new source (a DiT, features captured while sampling) is one new module: a class with
-``extract(images, settings) -> DiffusionFeatures`` (``FeatureSource``), whose forward pass goes
-through ``LayerCapture``.
+A new source (a DiT) is one new module: a class with ``extract(images, settings) ->
+DiffusionFeatures`` (``FeatureSource``), whose forward pass goes through ``LayerCapture``.
+
+Features captured while a sampler runs (no pass of their own) go through ``SamplingCapture``:
+the runtime calls ``begin`` / ``call`` / ``end`` around each sampling run and each model call
+of it, and ``features`` gives the kept call's features once the run's output is known.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from .features import SOURCE_QUERIES, DiffusionFeatures, StopPass, aggregate_map
     wanted_factors
 from .settings import FreeSegSettings
 
-__all__ = ["FeatureSource", "Layer", "LayerCapture", "feature_grid", "levels_match", "select_blocks",
-           "captured_to_features"]
+__all__ = ["FeatureSource", "Layer", "LayerCapture", "SamplingCapture", "StaleCapture", "feature_grid",
+           "levels_match", "select_blocks", "captured_to_features", "KEEP_LAST", "KEEP_NEAREST", "KEEP_CHOICES"]
 
 Layer = tuple[str, torch.nn.Module, int]
 """(name, module to hook, downscale factor of its output relative to the latent)."""
@@ -149,3 +152,88 @@ def captured_to_features(captured: Mapping[str, torch.Tensor], latent_hw: tuple[
         raise ValueError(f"no captured layer matches source {source!r}")
     maps = [tokens_to_map(captured[n], latent_hw) if captured[n].ndim == 3 else captured[n] for n in names]
     return aggregate_maps(maps, grid), names
+
+
+KEEP_LAST = "last_call"  # the last model call of the run that has the conditional half
+KEEP_NEAREST = "nearest_sigma"  # the call whose sigma is nearest a chosen sigma (the first on a tie)
+KEEP_CHOICES = (KEEP_LAST, KEEP_NEAREST)
+
+
+class StaleCapture(RuntimeError):
+    """What ``SamplingCapture.features`` raises when it has no features of the given samples."""
+
+
+class SamplingCapture:
+    """Records the layer outputs of one model call per sampling run, while the sampler runs:
+    no extra model call, and the model's outputs are untouched (forward hooks that only read).
+
+    The runtime calls ``begin()`` when a sampling run starts, ``call(forward, sigma, rows,
+    latent_hw)`` around every model call of it (``rows``: the batch rows of the conditional
+    half, None when the call has none: it then runs without hooks), and ``end(samples)`` with
+    the run's output. Which call is kept: ``keep`` (``KEEP_LAST``, or ``KEEP_NEAREST`` to
+    ``sigma``: a call no nearer than the one kept runs without hooks). Only the layers the
+    features use (``select_blocks``) are kept, rows ``rows`` only.
+
+    ``features(samples, grid)`` checks that ``samples`` are the output of the last finished
+    run (same shape, same values), so features from an older run, a run that failed, or a
+    handle no sampler used are never handed out: it raises ``StaleCapture`` instead."""
+
+    def __init__(self, layers: Sequence[Layer], source: str, fine: bool = False, keep: str = KEEP_LAST,
+                 sigma: float = 0.0):
+        if keep not in KEEP_CHOICES:
+            raise ValueError(f"keep: {keep!r} is not one of {', '.join(KEEP_CHOICES)}")
+        self.capture = LayerCapture(layers, source, fine, stop_early=False)
+        self.keep, self.sigma = keep, float(sigma)
+        self.runs = 0  # sampling runs begun
+        self.active = False  # inside a run
+        self.kept: Optional[tuple[dict[str, torch.Tensor], float, tuple[int, int]]] = None
+        self.samples: Optional[torch.Tensor] = None  # output of the last finished run, on the CPU
+        self.calls = 0  # model calls with a conditional half in the current run
+
+    def begin(self) -> None:
+        """A sampling run starts: what an earlier run recorded is dropped."""
+        self.runs += 1
+        self.active, self.kept, self.samples, self.calls = True, None, None, 0
+
+    def end(self, samples: Optional[torch.Tensor]) -> None:
+        """The run ended with output ``samples`` (None: it failed)."""
+        self.active = False
+        self.samples = None if samples is None else samples.detach().to("cpu", copy=True)
+
+    def call(self, forward: Callable[[], Any], sigma: float, rows: Optional[slice],
+             latent_hw: tuple[int, int]) -> Any:
+        """``forward()``'s result; its layer outputs (rows ``rows``) are kept when this call is
+        the one to keep so far."""
+        if not self.active or rows is None:
+            return forward()
+        self.calls += 1
+        if (self.keep == KEEP_NEAREST and self.kept is not None
+                and abs(sigma - self.sigma) >= abs(self.kept[1] - self.sigma)):
+            return forward()
+        result = []
+        captured = self.capture.capture(lambda: result.append(forward()))
+        used = select_blocks(captured, latent_hw, self.capture.source, self.capture.fine)
+        self.kept = ({name: captured[name][rows] for name in used}, float(sigma), latent_hw)
+        return result[0]
+
+    def features(self, samples: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, list[str], float]:
+        """(``[B,C,grid]`` float32 features of the kept call, layer names used, its sigma) when
+        ``samples`` are the output of the last finished run; ``StaleCapture`` otherwise."""
+        if self.runs == 0:
+            raise StaleCapture("nothing was recorded: no sampler ran with the captured MODEL since it was made "
+                               "(is the capture's model output connected to the sampler? a sampler whose result "
+                               "ComfyUI cached does not run); run the sampler again")
+        if self.samples is None:
+            raise StaleCapture("the last sampling run with the captured MODEL did not finish (it failed or was "
+                               "interrupted); run it again")
+        if self.kept is None:
+            raise StaleCapture("the sampler made no model call with a conditional half (no positive "
+                               "conditioning was run), so nothing was recorded; run it again with one")
+        if tuple(samples.shape) != tuple(self.samples.shape) or not torch.equal(samples.detach().cpu(), self.samples):
+            raise StaleCapture("these latents are not the output of the last sampling run with the captured "
+                               "MODEL (the sampler's result was cached, or another sampler ran with that MODEL "
+                               "since); run the sampler again (change its seed or re-queue after a change) so "
+                               "the features come from the latents given")
+        captured, sigma, latent_hw = self.kept
+        feats, names = captured_to_features(captured, latent_hw, grid, self.capture.source, self.capture.fine)
+        return feats, names, sigma

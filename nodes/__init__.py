@@ -1,6 +1,7 @@
 """ComfyUI nodes of the FreeSeg-Diff pack (V3 schema). Thin wrappers over `freeseg`."""
 
 from .caption import FreeSegCaption
+from .capture_features import FreeSegCaptureFeatures, FreeSegCapturedFeatures
 from .clip_label import FreeSegCLIPLabel
 from .cluster_masks import FreeSegClusterMasks
 from .diffusion_features import FreeSegDiffusionFeatures
@@ -11,7 +12,8 @@ from .save_segments import FreeSegSaveSegments
 from .select_mask import FreeSegSelectMask
 
 NODES = [
-    FreeSegBLIP2Loader, FreeSegCLIPLoader, FreeSegCaption, FreeSegDiffusionFeatures, FreeSegClusterMasks,
+    FreeSegBLIP2Loader, FreeSegCLIPLoader, FreeSegCaption, FreeSegDiffusionFeatures, FreeSegCaptureFeatures,
+    FreeSegCapturedFeatures, FreeSegClusterMasks,
     FreeSegCLIPLabel, FreeSegRefineMasks, FreeSegSelectMask, FreeSegPipeline, FreeSegSaveSegments,
 ]
 

@@ -1,13 +1,15 @@
 """FreeSegDiffusionFeatures: one UNet pass of the user's loaded SD checkpoint per image (up to
 the last block used; a batch shares passes as memory allows), capturing the features
-FreeSeg-Diff clusters."""
+FreeSeg-Diff clusters. The images come as IMAGE + VAE (encoded here) or as a LATENT."""
 
 from __future__ import annotations
 
 import uuid
 import weakref
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 import comfy.model_management as mm
 import comfy.model_sampling
@@ -190,9 +192,34 @@ class ComfyFeatures:
         self.model, self.vae, self.clip, self.stop_early = model, vae, clip, stop_early
 
     def extract(self, images: torch.Tensor, settings: FreeSegSettings) -> DiffusionFeatures:
-        family = check_family(self.model)
         pixels = to_rgb(images)
         b, h, w, _ = pixels.shape
+        resolution = settings.resolution
+        return self._features(b, (h, w), settings, lambda start, n: self.vae.encode(
+            resize_square(pixels[start:start + n], resolution).movedim(1, -1)))
+
+    def extract_latent(self, samples: torch.Tensor, settings: FreeSegSettings) -> DiffusionFeatures:
+        """``extract`` from ComfyUI LATENT samples ``[B,4,h,w]`` (the VAE's latent space, before
+        the model's ``process_in``, as VAE Encode gives them): no VAE encode. A latent not of
+        side resolution/8 is resized to it (bilinear), as the image path resizes images to
+        resolution; the features map back to images of ``8h x 8w`` pixels."""
+        if samples.ndim != 4 or samples.shape[1] != 4:
+            raise ValueError(f"latent: FreeSeg-Diff takes [B,4,h,w] latents of SD1.x, SD2.x or SDXL; got shape "
+                             f"{tuple(samples.shape)}")
+        side = settings.resolution // 8
+        b, _, h, w = samples.shape
+
+        def latent(start: int, n: int) -> torch.Tensor:
+            x = samples[start:start + n].float()
+            return x if (h, w) == (side, side) else F.interpolate(x, size=(side, side), mode="bilinear",
+                                                                  align_corners=False)
+        return self._features(b, (8 * h, 8 * w), settings, latent)
+
+    def _features(self, b: int, image_size: tuple[int, int], settings: FreeSegSettings,
+                  encoded: Callable[[int, int], torch.Tensor]) -> DiffusionFeatures:
+        """The passes over ``b`` images; ``encoded(start, n)``: the latents (before
+        ``process_in``) of images start..start+n at side resolution/8."""
+        family = check_family(self.model)
         resolution, timestep, seed, source = settings.resolution, settings.timestep, settings.seed, settings.source
         unet = self.model.clone()
         base = unet.model
@@ -216,8 +243,7 @@ class ComfyFeatures:
         for start in range(0, b, per_pass):
             progress.check()
             n = min(per_pass, b - start)
-            px = resize_square(pixels[start:start + n], resolution).movedim(1, -1)
-            latent = self.vae.encode(px)
+            latent = encoded(start, n)
             mm.load_models_gpu([unet], memory_required=unet.memory_required([n, *latent.shape[1:]]))
             device = unet.load_device
             x0 = latent_format.process_in(latent.to(device))
@@ -239,7 +265,7 @@ class ComfyFeatures:
         feats = torch.cat(out)
         log.info("FreeSeg-Diff features: %s %s from %d blocks %s -> %s", family, source, len(names), names,
                  tuple(feats.shape))
-        return DiffusionFeatures(feats, (h, w), family, source, int(timestep), int(resolution), names)
+        return DiffusionFeatures(feats, image_size, family, source, int(timestep), int(resolution), names)
 
 
 class FreeSegDiffusionFeatures(io.ComfyNode):
@@ -251,12 +277,15 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
             category=CATEGORY,
             description="One pass of the loaded Stable Diffusion UNet per image, up to the last block "
                         "used (a batch shares passes as memory allows); captures the features "
-                        "FreeSeg-Diff clusters into masks. Works with SD1.x, SD2.x and SDXL.",
+                        "FreeSeg-Diff clusters into masks. Works with SD1.x, SD2.x and SDXL. Takes image + "
+                        "vae, or latent (then image and vae are not used and no VAE encode runs).",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x or "
                                "SDXL). It is cloned, never changed."),
-                io.Vae.Input("vae", tooltip="The VAE that belongs to the model."),
-                io.Image.Input("image", tooltip="Images to segment (any size; RGBA and grey are accepted)."),
+                io.Vae.Input("vae", optional=True, tooltip="The VAE that belongs to the model (with image; "
+                             "not needed with latent)."),
+                io.Image.Input("image", optional=True, tooltip="Images to segment (any size; RGBA and grey are "
+                               "accepted). Give image and vae, or latent."),
                 io.Int.Input("timestep", default=DEFAULTS.timestep, **input_range("timestep"), tooltip="Diffusion timestep of the "
                              "pass (0 = almost clean image, the paper's setting)."),
                 io.Int.Input("resolution", default=DEFAULTS.resolution, **input_range("resolution"),
@@ -273,6 +302,9 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
                                "4x the points to cluster."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder of the checkpoint, for the empty-prompt "
                               "conditioning (paper). Without it a zero conditioning is used (a warning is logged)."),
+                io.Latent.Input("latent", optional=True, tooltip="Latents instead of image + vae (e.g. a sampler's "
+                                "output): the VAE encode is skipped. Resized to resolution/8 if not that size; "
+                                "the masks come out at 8x the latent's size."),
             ],
             outputs=[Features.Output(display_name="features")],
         )
@@ -283,6 +315,14 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
                              check_choice("detail", detail, CHOICES["detail"]))
 
     @classmethod
-    def execute(cls, model, vae, image, timestep, resolution, source, seed, detail="paper",
-                clip=None) -> io.NodeOutput:
+    def execute(cls, model, timestep, resolution, source, seed, detail="paper", vae=None, image=None, clip=None,
+                latent=None) -> io.NodeOutput:
+        if latent is not None:
+            settings = DEFAULTS.replace(timestep=timestep, resolution=resolution, source=source, seed=seed,
+                                        detail=detail)
+            return io.NodeOutput(ComfyFeatures(model, vae, clip).extract_latent(latent["samples"], settings))
+        if image is None or vae is None:
+            missing = " and ".join(name for name, value in (("image", image), ("vae", vae)) if value is None)
+            raise ValueError(f"{missing}: connect image and vae (the images to segment and the model's VAE), "
+                             "or latent (latents to segment)")
         return io.NodeOutput(extract(model, vae, image, clip, timestep, resolution, source, seed, detail))

@@ -146,5 +146,39 @@ class FreeSegTestPatchReport:
         return {"ui": {"probe": [json.dumps(out)]}}
 
 
+class FreeSegTestCompare:
+    """Compares two LATENTs (bit-identical?) or two FREESEG_FEATURES (cosine of each block's
+    channels; the blocks split the channels equally, as the query blocks of one level do)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"a": (ANY, {}), "b": (ANY, {})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "compare"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def compare(self, a, b):
+        import torch
+
+        if isinstance(a, dict) and "samples" in a:
+            x, y = a["samples"], b["samples"]
+            report = {"kind": "latent", "shape": [list(x.shape), list(y.shape)],
+                      "equal": bool(x.shape == y.shape and torch.equal(x, y))}
+        else:
+            x, y = a.features.float(), b.features.float()
+            n = len(a.blocks)
+            assert x.shape == y.shape and x.shape[1] % n == 0, (x.shape, y.shape, a.blocks)
+            cos = [float(torch.nn.functional.cosine_similarity(p.flatten(), q.flatten(), dim=0))
+                   for p, q in zip(x.chunk(n, dim=1), y.chunk(n, dim=1))]
+            report = {"kind": "features", "shape": list(x.shape), "blocks": [list(a.blocks), list(b.blocks)],
+                      "cosine": cos, "max_abs_diff": float((x - y).abs().max()),
+                      "image_size": [list(a.image_size), list(b.image_size)],
+                      "timestep": [a.timestep, b.timestep]}
+        return {"ui": {"compare": [json.dumps(report)]}}
+
+
 NODE_CLASS_MAPPINGS = {"FreeSegTestProbe": FreeSegTestProbe, "FreeSegTestBadImage": FreeSegTestBadImage,
-                       "FreeSegTestAttnPatch": FreeSegTestAttnPatch, "FreeSegTestPatchReport": FreeSegTestPatchReport}
+                       "FreeSegTestAttnPatch": FreeSegTestAttnPatch, "FreeSegTestPatchReport": FreeSegTestPatchReport,
+                       "FreeSegTestCompare": FreeSegTestCompare}
