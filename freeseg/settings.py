@@ -6,9 +6,11 @@ min / max of their inputs from the same ranges (``INT_RANGES``, ``FLOAT_RANGES``
 options of their combos from ``CHOICES``, so each input has ONE range everywhere.
 
 ``PAPER`` is the preset of the paper's released code; ``DEFAULTS`` (``FreeSegSettings()``, the
-node defaults) differs from it in one knob only, on purpose: the naming ``rule`` ("open": names
+node defaults) differs from it in two knobs, on purpose: the naming ``rule`` ("open": names
 beat a background vocabulary, instead of the paper's closed-vocabulary protocol, which needs a
-dataset's full class list).
+dataset's full class list) and ``refine`` ("crf_guard": the paper's CRF where the guided filter
+agrees, the guided mask where not; the paper's CRF alone erases thin or low-contrast objects of
+real photos, see ``freeseg.refine.masks``).
 
 Public API:
     FreeSegSettings, DEFAULTS, PAPER
@@ -79,7 +81,7 @@ BOOLS = ("use_caption", "shared_batch", "instances")
 class FreeSegSettings:
     """Every knob of the FreeSeg-Diff stages, in pipeline order. The defaults (``DEFAULTS``)
     equal the ComfyUI node defaults; ``PAPER`` is the paper's released-code preset (the same
-    but ``rule``). Invalid values raise ValueError naming the setting when the object is made.
+    but ``rule`` and ``refine``). Invalid values raise ValueError naming the setting when the object is made.
 
     Attributes:
         use_caption: caption the image (when a captioner is given) and add its nouns to the
@@ -118,7 +120,8 @@ class FreeSegSettings:
             or "paper" (the names are a full class list, CLIP softmax over all of it, only
             the caption's candidate classes may be used, each class to its best mask).
         background: the background words of the open rule (``freeseg.vocab.DEFAULT_BACKGROUND``).
-        refine: "crf" (paper), "crf_joint", "guided" or "none".
+        refine: "crf_guard" (default: the CRF checked by the guided filter), "crf" (paper),
+            "crf_joint", "guided" or "none" (``freeseg.refine.refine_masks``).
         instances: split each named mask into its connected parts (``freeseg.instances``).
         min_area: with ``instances``, parts smaller than this fraction of the image are
             dropped (0..0.5; a name keeps its largest part).
@@ -146,7 +149,7 @@ class FreeSegSettings:
     threshold: float = 0.0
     rule: str = "open"
     background: tuple[str, ...] = DEFAULT_BACKGROUND
-    refine: str = "crf"
+    refine: str = "crf_guard"
     instances: bool = False
     min_area: float = 0.002
 
@@ -193,9 +196,9 @@ class FreeSegSettings:
 
 
 DEFAULTS = FreeSegSettings()
-"""The node defaults: the paper's settings with the open-vocabulary naming rule."""
+"""The node defaults: the paper's settings with the open-vocabulary naming rule and the guarded CRF."""
 
-PAPER = FreeSegSettings(rule="paper")
+PAPER = FreeSegSettings(rule="paper", refine="crf")
 """The paper preset: BLIP caption with "a picture of " (3 beams, 6..26 new tokens = LAVIS's
 min_length 10 / max_length 30), 512 px, timestep 0, cross-attention queries, k-means K=4
 (n_init 10), bare names, masked crops, the closed-vocabulary naming protocol (candidates from

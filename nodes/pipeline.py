@@ -25,7 +25,8 @@ class FreeSegPipeline(io.ComfyNode):
             category=CATEGORY,
             description="Caption, diffusion features, clustering, CLIP names and CRF refinement in one node, "
                         "with the paper's settings (512 px, timestep 0, cross-attention queries, k-means, "
-                        "bare names, masked crops, CRF). rule open (default): your names and the caption's "
+                        "bare names, masked crops, CRF; rule open checks the CRF with a guided filter). "
+                        "rule open (default): your names and the caption's "
                         "must beat background words; rule paper: the paper's protocol over a full class list.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x or SDXL)."),

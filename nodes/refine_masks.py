@@ -13,7 +13,7 @@ from ..freeseg.stages import refine_segments, split_segments
 from .common import CATEGORY, Progress, Segments, check_choice, check_number, first_problem, input_range, io, to_rgb
 
 
-def refine(segments: SegmentsData, images, method: str = "crf", instances: bool = False,
+def refine(segments: SegmentsData, images, method: str = DEFAULTS.refine, instances: bool = False,
            min_area: float = DEFAULTS.min_area) -> SegmentsData:
     """Refines every mask of every image (one image at a time, interruptible), then with
     ``instances`` splits each named mask into its parts (the inputs checked as
@@ -58,15 +58,18 @@ class FreeSegRefineMasks(io.ComfyNode):
             node_id="FreeSegRefineMasks",
             display_name="FreeSeg-Diff Refine Masks",
             category=CATEGORY,
-            description="Refines the labelled masks along image edges (dense CRF as in the paper, or a guided "
-                        "filter) and outputs masks, labels, SEGS, a preview and JSON.",
+            description="Refines the labelled masks along image edges (dense CRF as in the paper, checked by a "
+                        "guided filter by default, or a guided filter alone) and outputs masks, labels, SEGS, "
+                        "a preview and JSON.",
             inputs=[
                 Segments.Input("segments", tooltip="Output of FreeSeg-Diff CLIP Label."),
                 io.Image.Input("image", tooltip="The same images the segments came from."),
-                io.Combo.Input("method", options=list(CHOICES["refine"]), default=DEFAULTS.refine, tooltip="crf: the paper's "
-                               "refinement, one fully connected CRF per named mask (unnamed masks become "
-                               "empty). crf_joint: one CRF over all masks, named or not. guided: edge-aware "
-                               "guided filter. none: as is."),
+                io.Combo.Input("method", options=list(CHOICES["refine"]), default=DEFAULTS.refine, tooltip="crf_guard (default): "
+                               "the paper's CRF, but a named mask the guided filter disagrees with (the CRF "
+                               "erased or shrank it, as it does thin or low-contrast objects in photos) takes "
+                               "the guided filter's mask. crf: the paper's refinement, one fully connected CRF "
+                               "per named mask (unnamed masks become empty). crf_joint: one CRF over all masks, "
+                               "named or not. guided: edge-aware guided filter. none: as is."),
                 io.Boolean.Input("instances", optional=True, default=DEFAULTS.instances, tooltip="Split each named mask into its connected "
                                  "parts (two dogs -> two masks), each its own entry in masks, SEGS and JSON "
                                  "with the same label and an instance index (0 = largest). Off: one mask per "

@@ -21,7 +21,8 @@ Public API
 Modules, one concern each
 -------------------------
 ``masks``: ``refine_masks`` and its procedures on K masks (the paper's per-mask
-CRFs, the joint CRF, the guided filter with its image-scaled radius);
+CRFs, the joint CRF, the guided filter with its image-scaled radius, and
+"crf_guard", the default: the CRF checked by the guided filter);
 ``crf``: the dense CRF model (unary, Potts kernels, mean field, the spatial
 Gaussian); ``lattice``: the permutohedral lattice behind the CRF's bilateral
 kernel; ``guided``: the guided filter.

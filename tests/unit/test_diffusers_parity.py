@@ -198,7 +198,7 @@ def test_segment_end_to_end(pipe: FreeSegPipeline) -> None:
     assert set(torch.unique(result.masks).tolist()) <= {0.0, 1.0}
     assert float(result.masks.sum(0).max()) <= 1.0
     assert len(result.blocks) == 3 and all(b.endswith("attn2.to_q") for b in result.blocks)
-    assert result.settings.resolution == RESOLUTION and result.settings.refine == "crf"
+    assert result.settings.resolution == RESOLUTION and result.settings.refine == "crf_guard"
     assert set(result.timings) == {"caption", "features", "cluster", "label", "refine", "total"}
     # the same call again gives the same masks (seeded noise and k-means)
     again = pipe.segment(_image(), class_names=names)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from freeseg.refine import CRF_DEFAULTS, REFINE_METHODS, dense_crf, guided_filter, refine_masks
 from freeseg.refine.crf import _SpatialGaussian
 from freeseg.refine.lattice import PermutohedralLattice, _LatticeKeys
+from synthetic.photos import blocky_masks, synthetic_scenes
 
 PALETTE = torch.tensor([[0.35, 0.45, 0.55],   # background (with a vertical gradient)
                         [0.85, 0.25, 0.20],   # disk
@@ -124,6 +125,44 @@ def test_crf_output_is_hard_and_disjoint(scene):
     out = refine_masks(image, masks, "crf")
     assert set(out.unique().tolist()) <= {0.0, 1.0}
     assert out.sum(dim=1).max() <= 1
+
+
+def test_crf_guard_keeps_the_crf_where_the_guided_filter_agrees():
+    # Two rectangles, blocky 32x32 masks: every CRF mask agrees with the guided filter's.
+    image, gt = synthetic_scenes()[1]
+    masks, named = blocky_masks(gt)
+    assert torch.equal(refine_masks(image, masks, "crf_guard", named=named),
+                       refine_masks(image, masks, "crf", named=named))
+
+
+def test_crf_guard_takes_every_guided_mask_where_all_disagree(scene):
+    # The 16x16-grid scene: cells twice what the guided radius (image / 32) is made for, so the
+    # guided filter leaves every mask blocky (IoU with the CRF's 0.73..0.88 < GUARD_AGREEMENT)
+    # and crf_guard returns the guided filter's hard masks (on such coarse masks use crf).
+    image, _, masks = scene
+    guided = refine_masks(image, masks, "guided")[0].argmax(dim=0)
+    expected = F.one_hot(guided, 4).permute(2, 0, 1).float()
+    assert torch.equal(refine_masks(image, masks, "crf_guard")[0], expected)
+
+
+def test_crf_guard_takes_the_guided_mask_where_the_crf_erases_one():
+    # A thin, faint bar: the paper's CRF (bilateral_compat 100) wipes its mask out; the guard
+    # puts the guided filter's mask in its place, and the result stays hard and disjoint.
+    gen = torch.Generator().manual_seed(0)
+    img = torch.full((64, 64, 3), 0.5)
+    img[:, 30:33] = 0.56
+    image = (img + 0.04 * torch.randn(64, 64, 3, generator=gen)).clamp(0, 1).unsqueeze(0)
+    masks = torch.zeros(1, 2, 64, 64)
+    masks[0, 1, :, 28:34] = 1.0
+    masks[0, 0] = 1.0 - masks[0, 1]
+    named = [[False, True]]
+    crf = refine_masks(image, masks, "crf", named=named)
+    guided = refine_masks(image, masks, "guided")[0].argmax(dim=0) == 1
+    out = refine_masks(image, masks, "crf_guard", named=named)
+    assert int(crf[0, 1].sum()) < 0.5 * int(guided.sum())
+    assert torch.equal(out[0, 1].bool(), guided)
+    assert set(out.unique().tolist()) <= {0.0, 1.0} and out.sum(dim=1).max() <= 1
+    assert torch.count_nonzero(out[:, 0]) == 0  # unnamed: background, as with crf
 
 
 def test_crf_is_one_binary_crf_per_mask_pasted_in_order(scene):
@@ -310,14 +349,14 @@ def test_dtype_shape_device(method, dtype):
     assert out.device == masks.device
 
 
-@pytest.mark.parametrize("method", ["crf", "crf_joint", "guided"])
+@pytest.mark.parametrize("method", ["crf", "crf_joint", "guided", "crf_guard"])
 @pytest.mark.parametrize("hw", [(37, 53), (1, 9), (5, 1), (2, 2)])
 def test_odd_and_tiny_sizes(method, hw):
     image, masks = random_inputs(k=3, h=hw[0], w=hw[1])
     out = refine_masks(image, masks, method)
     assert out.shape == masks.shape
     assert torch.isfinite(out).all()
-    if method == "crf":  # holes are background
+    if method in ("crf", "crf_guard"):  # holes are background
         assert out.sum(dim=1).max() <= 1
     else:
         assert torch.allclose(out.sum(dim=1), torch.ones(1, *hw), atol=1e-4)
@@ -330,7 +369,7 @@ def test_zero_masks(method):
     assert out.shape == (2, 0, 11, 13) and out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("method", ["crf", "crf_joint", "guided"])
+@pytest.mark.parametrize("method", ["crf", "crf_joint", "guided", "crf_guard"])
 def test_batch_items_are_independent(method):
     image, masks = random_inputs(b=2, k=3, h=40, w=48, seed=5)
     batch = refine_masks(image, masks, method)
@@ -360,7 +399,7 @@ def test_guided_parameter_overrides(scene):
 
 
 @pytest.mark.parametrize("method,bad", [("crf", "radius"), ("guided", "gt_prob"), ("none", "eps"),
-                                        ("crf", "sxy")])
+                                        ("crf", "sxy"), ("crf_guard", "sxy")])
 def test_unknown_parameter_raises_type_error(method, bad):
     image, masks = random_inputs()
     with pytest.raises(TypeError, match=bad):

@@ -71,7 +71,7 @@ OTHER = {
 def test_every_field_has_another_value() -> None:
     assert set(OTHER) == set(FIELDS) == set(SETTING_INPUTS)
     assert all(getattr(DEFAULTS, name) != value for name, (_, value) in OTHER.items())
-    assert PAPER == DEFAULTS.replace(rule="paper")
+    assert PAPER == DEFAULTS.replace(rule="paper", refine="crf")
 
 
 @pytest.mark.parametrize("name", FIELDS)
