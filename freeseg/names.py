@@ -7,13 +7,16 @@ Public API:
     names_per_image(text, batch, what) -> B lists one line per image, or one line for all
     lines_per_image(text, batch, what) -> B strs  the same rule for whole lines (captions)
     merge_names(first, extra) -> list[str]       first, then the new names of extra
+    caption_class_names(caption, user_names)     a caption's nouns, then the new user names
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
-__all__ = ["parse_names", "names_per_image", "lines_per_image", "merge_names"]
+from .nouns import extract_nouns
+
+__all__ = ["parse_names", "names_per_image", "lines_per_image", "merge_names", "caption_class_names"]
 
 
 def parse_names(text: Union[str, Iterable[str], None]) -> list[str]:
@@ -65,3 +68,12 @@ def merge_names(first: Sequence[str], extra: Sequence[str]) -> list[str]:
             seen.add(name.lower())
             out.append(name)
     return out
+
+
+def caption_class_names(caption: str, user_names: Sequence[str] = (),
+                        vocabulary: Optional[Iterable[str]] = None) -> list[str]:
+    """One image's class names from its caption: the caption's nouns
+    (``freeseg.nouns.extract_nouns``) first, then ``user_names`` not already there
+    (case-insensitive). The one rule for every caption, BLIP's (``freeseg.stages.caption_images``)
+    or any other captioner's text (the Caption node's ``captions`` input)."""
+    return merge_names(extract_nouns(caption, vocabulary), list(user_names))

@@ -38,8 +38,8 @@ from .clip_label import encode_names, score_masks
 from .cluster import adaptive_n_clusters, cluster_features, cluster_features_shared, labels_to_masks
 from .features import DiffusionFeatures
 from .instances import split_instances
-from .names import merge_names
-from .nouns import caption_words, extract_nouns
+from .names import caption_class_names, merge_names
+from .nouns import caption_words
 from .refine import refine_masks
 from .segments import Segments
 from .settings import MAX_CLUSTERS, FreeSegSettings
@@ -163,7 +163,7 @@ def caption_images(images: torch.Tensor, captioner: Optional[ModelOrGetter], pro
                                     max_new_tokens=max_new_tokens, num_beams=num_beams,
                                     min_new_tokens=min_new_tokens)
         captions.append(text)
-        lists.append(merge_names(extract_nouns(text, vocabulary), user))
+        lists.append(caption_class_names(text, user, vocabulary))
         _step(progress)
     return captions, lists
 

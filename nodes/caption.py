@@ -1,11 +1,12 @@
-"""FreeSegCaption: a caption per image (BLIP or BLIP-2) and the class names it mentions."""
+"""FreeSegCaption: a caption per image (BLIP or BLIP-2, or any captioner's text) and the class
+names it mentions."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from ..freeseg.caption import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS, check_caption_options
-from ..freeseg.names import parse_names
+from ..freeseg.names import caption_class_names, lines_per_image, parse_names
 from ..freeseg.settings import PAPER
 from ..freeseg.stages import caption_images
 from .common import CATEGORY, Captioner, Progress, io, load_to_device, to_rgb
@@ -13,15 +14,28 @@ from .common import CATEGORY, Captioner, Progress, io, load_to_device, to_rgb
 
 def caption(images, captioner=None, class_names: str = "", max_new_tokens: int = PAPER.max_new_tokens,
             prompt: Optional[str] = PAPER.caption_prompt,
-            min_new_tokens: int = PAPER.min_new_tokens) -> tuple[list[str], list[list[str]]]:
+            min_new_tokens: int = PAPER.min_new_tokens,
+            captions: Optional[str] = None) -> tuple[list[str], list[list[str]]]:
     """B captions and B class lists (caption nouns first, then the user's names); the decoding
-    options checked as ``FreeSegSettings`` fields."""
+    options checked as ``FreeSegSettings`` fields. The captions come from ``captioner`` (BLIP /
+    BLIP-2), or from ``captions``, another node's text (one line per image or one line for all;
+    for one image the whole text, its line breaks as spaces), whose names are extracted by the
+    same rule (``freeseg.names.caption_class_names``); with neither, the user's names alone.
+    ValueError naming both inputs when both are given."""
     pixels = to_rgb(images)
     s = PAPER.replace(max_new_tokens=max_new_tokens, caption_prompt=prompt, min_new_tokens=min_new_tokens)
+    user = parse_names(class_names)
+    if captions is not None:
+        if captioner is not None:
+            raise ValueError("blip2 and captions are both connected: connect one of them (blip2 captions the "
+                             "images, captions takes another node's text)")
+        b = pixels.shape[0]
+        texts = [" ".join(captions.split())] if b == 1 else lines_per_image(captions, b, "captions")
+        return texts, [caption_class_names(text, user) for text in texts]
     if captioner is None:
-        return caption_images(pixels, None, None, parse_names(class_names))
+        return caption_images(pixels, None, None, user)
     return caption_images(pixels, lambda: load_to_device(captioner["patcher"]), captioner["processor"],
-                          parse_names(class_names), max_new_tokens=s.max_new_tokens, num_beams=s.num_beams,
+                          user, max_new_tokens=s.max_new_tokens, num_beams=s.num_beams,
                           prompt=s.caption_prompt, min_new_tokens=s.min_new_tokens, progress=Progress(pixels.shape[0]))
 
 
@@ -32,8 +46,9 @@ class FreeSegCaption(io.ComfyNode):
             node_id="FreeSegCaption",
             display_name="FreeSeg-Diff Caption",
             category=CATEGORY,
-            description="Captions each image with BLIP (the paper's captioner) or BLIP-2 and lists the class "
-                        "names the caption mentions, plus your own names. Without a captioner, your names alone. "
+            description="Captions each image with BLIP (the paper's captioner) or BLIP-2, or takes the captions "
+                        "of any other captioner (core TextGenerate, Florence-2, ...) as text, and lists the class "
+                        "names the caption mentions, plus your own names. Without either, your names alone. "
                         "The defaults are the paper's: prompt 'a picture of ', 3 beams, 6 to 26 new tokens.",
             inputs=[
                 io.Image.Input("image", tooltip="Images to caption."),
@@ -50,7 +65,12 @@ class FreeSegCaption(io.ComfyNode):
                              optional=True, tooltip="Shortest caption, in generated tokens (the prompt is not "
                              "counted; at most max_new_tokens). Paper: 6 (LAVIS's min_length 10)."),
                 Captioner.Input("blip2", optional=True, tooltip="A captioner from FreeSeg-Diff BLIP Loader "
-                                "(BLIP or BLIP-2)."),
+                                "(BLIP or BLIP-2). Leave it out when captions is connected."),
+                io.String.Input("captions", optional=True, force_input=True, tooltip="Captions from any other "
+                                "node (core TextGenerate, Florence-2, ...) instead of blip2: one line per "
+                                "image, or one line for all (one image: the whole text). Class names are "
+                                "taken from it exactly as from BLIP's captions; the decoding options above "
+                                "are not used."),
             ],
             outputs=[io.String.Output(display_name="captions", tooltip="One caption per line, per image."),
                      io.String.Output(display_name="class_names", tooltip="One line per image: its class "
@@ -73,6 +93,6 @@ class FreeSegCaption(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, class_names, max_new_tokens, prompt=PAPER.caption_prompt,
-                min_new_tokens=PAPER.min_new_tokens, blip2=None) -> io.NodeOutput:
-        captions, lists = caption(image, blip2, class_names, max_new_tokens, prompt, min_new_tokens)
-        return io.NodeOutput("\n".join(captions), "\n".join(", ".join(names) for names in lists))
+                min_new_tokens=PAPER.min_new_tokens, blip2=None, captions=None) -> io.NodeOutput:
+        texts, lists = caption(image, blip2, class_names, max_new_tokens, prompt, min_new_tokens, captions)
+        return io.NodeOutput("\n".join(texts), "\n".join(", ".join(names) for names in lists))

@@ -1,0 +1,54 @@
+"""The Caption node with any captioner: its `captions` STRING input (here from core String
+nodes, as from core TextGenerate or Florence-2) and no BLIP loader, on a real ComfyUI server.
+The class names must be the ones the BLIP path extracts from the same text
+(``freeseg.names.caption_class_names``, what ``freeseg.stages.caption_images`` uses)."""
+
+import pytest
+
+from comfy_harness import MODEL_LINKS, Graph, probed
+from freeseg.app.client import ComfyError
+from freeseg.names import caption_class_names
+
+
+def test_caption_string_without_a_captioner_gives_the_blip_path_names(client, upload):
+    g = Graph()
+    image = g.node("LoadImage", image=upload(64, 48, seed=31))
+    text = g.node("PrimitiveStringMultiline", value="A dog and two cats\nsitting on a sofa.")
+    caption = g.node("FreeSegCaption", image=image[0], class_names="frisbee, Dog", max_new_tokens=8,
+                     captions=text[0])
+    captions, names = g.probe(caption[0]), g.probe(caption[1])
+    result = client.run(g.prompt)
+    # one image: the whole text is its caption, line breaks as spaces
+    assert probed(result, captions)["value"] == "A dog and two cats sitting on a sofa."
+    expected = caption_class_names("A dog and two cats sitting on a sofa.", ["frisbee", "Dog"])
+    assert expected == ["dog", "cat", "sofa", "frisbee"]
+    assert probed(result, names)["value"] == ", ".join(expected)
+
+
+def test_caption_string_one_line_per_image(client, upload):
+    g = Graph()
+    image = g.node("LoadImage", image=upload(40, 32, seed=32))
+    batch = g.node("RepeatImageBatch", image=image[0], amount=2)
+    text = g.node("PrimitiveStringMultiline", value="a horse in a field\na bottle and a cup on a table")
+    caption = g.node("FreeSegCaption", image=batch[0], class_names="", max_new_tokens=8, captions=text[0])
+    names = g.probe(caption[1])
+    lines = probed(client.run(g.prompt), names)["value"].split("\n")
+    assert lines == [", ".join(caption_class_names("a horse in a field")),
+                     ", ".join(caption_class_names("a bottle and a cup on a table"))]
+    assert lines[0].startswith("horse") and lines[1].startswith("bottle, cup")
+
+
+@pytest.mark.parametrize("lines, refused", [("one\ntwo\nthree", "captions"), (None, "blip2 and captions")])
+def test_caption_string_refusals_name_the_inputs(client, upload, lines, refused):
+    g = Graph()
+    image = g.node("LoadImage", image=upload(40, 32, seed=33))
+    batch = g.node("RepeatImageBatch", image=image[0], amount=2)
+    inputs = {"image": batch[0], "class_names": "dog", "max_new_tokens": 8}
+    inputs["captions"] = g.node("PrimitiveStringMultiline", value=lines or "a dog")[0]
+    if lines is None:  # both a captioner and a captions text
+        inputs["blip2"] = g.node("FreeSegBLIP2Loader", model_name=MODEL_LINKS["blip2_dir"][1], download=False,
+                                 repo_id="")[0]
+    g.probe(g.node("FreeSegCaption", **inputs)[1])
+    with pytest.raises(ComfyError) as err:
+        client.run(g.prompt)
+    assert refused in str(err.value)
