@@ -573,6 +573,58 @@ def freeseg_video(g: Graph) -> None:
 WORKFLOWS_DEFS["freeseg_video"] = freeseg_video  # beyond the paper: batch-shared clustering
 
 
+def freeseg_generate(g: Graph) -> None:
+    g.note("## Generate, then segment what you generated, for free\n"
+           "*Capture Features* hands the KSampler a patched copy of the model that records the "
+           "FreeSeg-Diff features of the sampler's last UNet call: no extra UNet pass, no VAE encode, "
+           "and the image is the same as with the plain model. *Captured Features* turns that record "
+           "and the sampler's latent into the features *Cluster Masks* takes. CLIP names the masks "
+           "from *CLIP Label*'s class names; *Select Mask* picks the `dog` and the same checkpoint "
+           "repaints it from the inpaint prompt.\n\n"
+           "If *Captured Features* asks you to run the sampler again (its result came from ComfyUI's "
+           "cache), change the seed or queue again after a change upstream.\n\n" + MODELS_NOTE)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    capture = g.add("FreeSegCaptureFeatures", model=ckpt["MODEL"], keep="last_call", sigma=0.0292,
+                    source="cross_attn_queries", detail="paper")
+    prompt = g.add("CLIPTextEncode", title="Prompt", text="a photo of a dog on the grass under a tree",
+                   clip=ckpt["CLIP"])
+    negative = g.add("CLIPTextEncode", title="Negative prompt", text="blurry, low quality", clip=ckpt["CLIP"])
+    empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    sampled = g.add("KSampler", model=capture["model"], positive=prompt["CONDITIONING"],
+                    negative=negative["CONDITIONING"], latent_image=empty["LATENT"], seed=0, steps=20, cfg=7.0,
+                    sampler_name="euler", scheduler="normal", denoise=1.0, controls={"seed": "randomize"})
+    image = g.add("VAEDecode", samples=sampled["LATENT"], vae=ckpt["VAE"])["IMAGE"]
+    g.add("SaveImage", title="Save generated image", images=image, filename_prefix="freeseg/generated")
+    feats = g.add("FreeSegCapturedFeatures", capture=capture["capture"], latent=sampled["LATENT"])
+    clusters = g.add("FreeSegClusterMasks", features=feats["features"], n_clusters=4, method="kmeans", seed=0)
+    clip_model = g.add("FreeSegCLIPLoader", model_name=OPEN_CLIP)
+    labelled = g.add("FreeSegCLIPLabel", segments=clusters["segments"], image=image,
+                     clip_model=clip_model["clip_model"], class_names="dog, grass, tree, sky", crop_mode="masked",
+                     prompt="bare", threshold=0.0)
+    refined = g.add("FreeSegRefineMasks", segments=labelled["segments"], image=image, method="crf")
+    g.add("PreviewAny", title="Labels", source=refined["labels"])
+    g.add("SaveImage", title="Save preview", images=refined["preview"], filename_prefix="freeseg/generate_preview")
+    save_segments(g, refined, image, "freeseg/generate_segments")
+    g.band()
+    picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="dog")
+    grown = g.add("GrowMask", mask=picked["mask"], expand=8, tapered_corners=True)
+    feathered = g.add("FeatherMask", mask=grown["MASK"], left=8, top=8, right=8, bottom=8)
+    positive = g.add("CLIPTextEncode", title="Inpaint prompt", text="a photo of a cat", clip=ckpt["CLIP"])
+    cond = g.add("InpaintModelConditioning", positive=positive["CONDITIONING"], negative=negative["CONDITIONING"],
+                 vae=ckpt["VAE"], pixels=image, mask=feathered["MASK"], noise_mask=True)
+    repainted = g.add("KSampler", title="KSampler (inpaint)", model=ckpt["MODEL"], positive=cond["positive"],
+                      negative=cond["negative"], latent_image=cond["latent"], seed=0, steps=20, cfg=7.0,
+                      sampler_name="euler", scheduler="normal", denoise=1.0, controls={"seed": "randomize"})
+    decoded = g.add("VAEDecode", title="VAE Decode (inpaint)", samples=repainted["LATENT"], vae=ckpt["VAE"])
+    pasted = g.add("ImageCompositeMasked", destination=image, source=decoded["IMAGE"], x=0, y=0,
+                   resize_source=False, mask=feathered["MASK"])
+    g.add("PreviewImage", title="Inpaint mask", images=g.add("MaskToImage", mask=feathered["MASK"])["IMAGE"])
+    g.add("SaveImage", title="Save inpainted image", images=pasted["IMAGE"], filename_prefix="freeseg/generate_inpaint")
+
+
+WORKFLOWS_DEFS["freeseg_generate"] = freeseg_generate  # issue 20: features captured while sampling
+
+
 def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:
     """{name: (UI workflow, API prompt)} for every workflow, from a server's `/object_info`."""
     out = {}

@@ -20,7 +20,7 @@ API_DIR = os.path.join(WORKFLOW_DIR, "api")
 # validate_ui and prompt_differences: `pinned=False`).
 PINNED_COMFYUI = "0.3.75"
 NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabulary", "freeseg_batch",
-         "freeseg_video")
+         "freeseg_video", "freeseg_generate")
 
 # A combo whose chosen option brings inputs of its own (newer cores: Save Video's `format`, whose
 # option brings `codec`): the frontend draws it as a combo and the chosen option's inputs as

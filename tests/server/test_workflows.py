@@ -277,3 +277,24 @@ def test_freeseg_cutout_is_rgba_and_opaque_only_where_selected(client, prepare):
     original = input_pixels(client, uploaded, node_id(prompt, "LoadImage"))
     rgb = np.asarray(cut)[..., :3].astype(int)
     assert np.abs(rgb - original)[selected > 0].max() <= 1
+
+
+def test_freeseg_generate_segments_what_it_generated_and_inpaints(client, prepare):
+    prompt, _ = prepare("freeseg_generate")
+    prompt[node_id(prompt, "EmptyLatentImage")]["inputs"].update(width=WIDTH, height=HEIGHT)
+    for sampler in ("KSampler", "KSampler (inpaint)"):
+        prompt[node_id(prompt, "KSampler", sampler)]["inputs"]["steps"] = 4
+    # random weights: "dog" need not beat the background words; without them mask 0 is named
+    prompt[node_id(prompt, "FreeSegCLIPLabel")]["inputs"]["background"] = ""
+    prompt[node_id(prompt, "FreeSegSelectMask")]["inputs"]["labels"] = "0"
+    result = client.run(prompt)
+    labels = text(result, prompt, "Labels").splitlines()
+    assert labels and [m["label"] for m in saved_segments(client, result, prompt)["masks"]] == labels
+    (generated,) = images(client, result, prompt, "Save generated image")
+    (out,) = images(client, result, prompt, "Save inpainted image")
+    (mask,) = images(client, result, prompt, "Inpaint mask", "PreviewImage")
+    assert generated.size == out.size == mask.size == (WIDTH, HEIGHT)
+    outside = np.asarray(mask.convert("L")) == 0
+    assert outside.any()
+    diff = np.abs(np.asarray(out.convert("RGB")).astype(int) - np.asarray(generated.convert("RGB")).astype(int))
+    assert diff[outside].max() <= 1  # untouched outside the (grown, feathered) mask
