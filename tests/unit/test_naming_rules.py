@@ -307,7 +307,7 @@ def test_default_rule_and_settings() -> None:
     image, masks = _scene(RED)
     assert DEFAULTS == FreeSegSettings() and DEFAULTS.rule == "open"
     assert DEFAULTS.background == DEFAULT_BACKGROUND
-    assert PAPER.rule == "paper" and PAPER.replace(rule="open") == DEFAULTS
+    assert PAPER.rule == "paper" and PAPER.replace(rule="open", refine=DEFAULTS.refine) == DEFAULTS
     with pytest.raises(ValueError, match="rule"):
         FreeSegSettings(rule="closed")
     with pytest.raises(ValueError, match="rule"):

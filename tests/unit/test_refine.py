@@ -573,7 +573,7 @@ def test_kornia_guided_blur_pads_where_ours_clips(border_type):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["crf", "crf_joint", "guided"])
+@pytest.mark.parametrize("method", ["crf", "crf_joint", "guided", "crf_guard"])
 def test_cuda_matches_cpu(scene, method):
     image, gt, masks = scene
     cpu = refine_masks(image, masks, method)
