@@ -1,6 +1,6 @@
 """FreeSeg-Diff through ComfyUI as the evaluator's Segmenter: ``python -m freeseg eval --backend comfyui``.
 
-`ComfySegmenter` is a ``freeseg.eval.evaluate.Segmenter`` that runs an API workflow (default
+`ComfySegmenter` is a ``freeseg.eval.sources.Segmenter`` that runs an API workflow (default
 ``workflows/api/freeseg_full.json``) on one or several ComfyUI servers, so any checkpoint family
 the nodes support (SD1.x, SD2.x, SDXL; a workflow with UNETLoader + VAELoader for a bare SDXL
 UNet) is scored the same way as the diffusers backend:

@@ -551,27 +551,6 @@ def test_guided_filter_is_the_definition_with_windows_clipped_at_the_border(radi
         assert (got[0, 0].double() - want).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("border_type", ["reflect", "replicate", "constant", "circular"])
-def test_kornia_guided_blur_pads_where_ours_clips(border_type):
-    """Why the project keeps its own guided filter rather than kornia's: kornia.filters.guided_blur
-    (same colour-guide filter) pads the image in every border mode, so it agrees with ours only
-    more than 2r pixels from the border and differs next to it, on images and on masks."""
-    kornia_filters = pytest.importorskip("kornia.filters")
-    gen = torch.Generator().manual_seed(0)
-    radius, eps = 4, 1e-3
-    guide = torch.rand(2, 3, 48, 56, generator=gen)
-    masks = torch.zeros(2, 3, 48, 56)
-    masks[:, 0, :20] = 1.0
-    masks[:, 1, 20:, :30] = 1.0
-    masks[:, 2, 20:, 30:] = 1.0
-    inner = (slice(None), slice(None), slice(2 * radius, -2 * radius), slice(2 * radius, -2 * radius))
-    for src in (torch.rand(2, 3, 48, 56, generator=gen), masks):
-        ours = guided_filter(guide, src, radius, eps)
-        theirs = kornia_filters.guided_blur(guide, src, 2 * radius + 1, eps, border_type=border_type)
-        assert (ours - theirs)[inner].abs().max() < 1e-4
-        assert (ours - theirs).abs().max() > 1e-2
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["crf", "crf_joint", "guided", "crf_guard"])
 def test_cuda_matches_cpu(scene, method):
