@@ -9,6 +9,11 @@ fixtures (linked into `models/`: `MODEL_LINKS`). The fixtures themselves are bui
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Iterator
+
 # The server launcher lives in the library (the embedded mode of `python -m freeseg segment`
 # uses it too); re-exported here so the tests keep importing it from the harness.
 from freeseg.app.server import PACK_NAME, ComfyServer, default_comfy_dir, free_port, link  # noqa: F401
@@ -67,3 +72,30 @@ def probed(result: dict, node: NodeRef) -> dict:
     import json
 
     return json.loads(result["outputs"][node.id]["probe"][0])
+
+
+class NotComfyHandler(BaseHTTPRequestHandler):
+    """A web server that is no ComfyUI: HTML to every GET."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        body = b"<html><body>Welcome to nginx!</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def stand_in_server(handler: type[BaseHTTPRequestHandler] = NotComfyHandler) -> Iterator[str]:
+    """A stand-in HTTP server on loopback in its own thread; yields its URL, shut down after."""
+    httpd = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

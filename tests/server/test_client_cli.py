@@ -17,13 +17,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import MODEL_LINKS
+from comfy_harness import MODEL_LINKS, stand_in_server
 from freeseg.app.paths import REPO
 from freeseg.app import client, console
 from freeseg.app import workflow as wf
@@ -64,13 +64,6 @@ def renumbered(prompt: dict, offset: int = 100) -> dict:
         node["inputs"] = {n: [new[v[0]], v[1]] if wf.is_link(v) else v for n, v in node["inputs"].items()}
         out[new[k]] = node
     return out
-
-
-def serve(handler) -> tuple[HTTPServer, str]:
-    """A stand-in HTTP server on loopback (its own thread); (server, URL). Shut it down after."""
-    httpd = HTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
 
 
 def truncated_jpeg(path: str) -> str:
@@ -126,30 +119,11 @@ def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, image):
     assert taken.read_text() == "keep me"
 
 
-class _NotComfyServer(BaseHTTPRequestHandler):
-    """A stand-in for a web server that is no ComfyUI: HTML to every request."""
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        body = b"<html><body>Welcome to nginx!</body></html>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_server_that_answers_no_json_is_named(tmp_path, image):
-    httpd, url = serve(_NotComfyServer)
-    try:
+    with stand_in_server() as url:
         runs = [cli("freeseg", "segment", image, "--out", str(tmp_path / "one"), "--url", url, timeout=60),
                 cli("freeseg", "segment", os.path.dirname(image), "--out", str(tmp_path / "dir"), "--url", url,
                     timeout=60)]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     for result in runs:
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         (line,) = result.stderr.strip().splitlines()
@@ -323,20 +297,13 @@ class _NoPackServer(BaseHTTPRequestHandler):
 
 
 def test_cli_names_missing_node_types_and_unreachable_server(tmp_path, image):
-    httpd = HTTPServer(("127.0.0.1", 0), _NoPackServer)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with stand_in_server(_NoPackServer) as url:
         result = cli("freeseg", "segment", image, "--out", str(tmp_path / "o"), "--url", url, timeout=60)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert result.returncode == 1, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert url in line and "FreeSegCaption" in line and "FreeSegRefineMasks" in line and "freeseg-diff" in line
 
-    dead = f"http://127.0.0.1:{httpd.server_address[1]}"  # closed now
+    dead = url  # closed now
     for source in (image, os.path.dirname(image)):
         result = cli("freeseg", "segment", source, "--out", str(tmp_path / "o"), "--url", dead, timeout=60)
         assert result.returncode != 0

@@ -15,15 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import MODEL_LINKS, ComfyServer, free_port, link
+from comfy_harness import MODEL_LINKS, ComfyServer, free_port, link, stand_in_server
 from freeseg.app.paths import REPO
 from synthetic.scenes import write_test_image
 from freeseg.app.remote import upload_name
@@ -104,21 +102,6 @@ def folder_outputs(out: str, name: str) -> dict:
             "pixels": [np.asarray(Image.open(os.path.join(out, name, n))).tolist() for n in files]}
 
 
-class _NotComfy(BaseHTTPRequestHandler):
-    """A web server that is no ComfyUI: HTML to every request."""
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        body = b"<html>it works</html>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_folder_on_two_servers_with_one_stopped_mid_run(servers, folder, tmp_path, model_files):
     a, b = servers["a"], servers["b"]
     two = str(tmp_path / "two")
@@ -171,15 +154,9 @@ def test_folder_on_two_servers_with_one_stopped_mid_run(servers, folder, tmp_pat
     # One image, the first server unreachable and the second no ComfyUI (HTML): both dropped with
     # their reason, done on the next (from its cache: the same prompt).
     dead = f"http://127.0.0.1:{free_port()}"
-    httpd = HTTPServer(("127.0.0.1", 0), _NotComfy)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    html = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with stand_in_server() as html:
         code, out, err = finish(segment(os.path.join(folder, "img0.png"), "--out", str(tmp_path / "single"),
                                         "--url", dead, "--url", html, "--url", a.url, "--quiet"))
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert code == 0 and f"warning: dropping {dead}: cannot reach" in err, err
     assert f"warning: dropping {html}: the server at {html} is not a ComfyUI server" in err, err
     assert json.loads(out)["masks"] and folder_outputs(str(tmp_path), "single") == folder_outputs(two, "img0")
