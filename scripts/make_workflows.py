@@ -456,21 +456,31 @@ def freeseg_inpaint(g: Graph) -> None:
     g.add("PreviewAny", title="Labels", source=refined["labels"])
     save_segments(g, refined, image, "freeseg/inpaint_segments")
     g.band()
+    inpaint_named(g, ckpt, image, refined, None, steps=25, prefix="freeseg/inpaint")
+
+
+def inpaint_named(g: Graph, ckpt, image, refined, negative, steps: int, prefix: str, titled: bool = False) -> None:
+    """The segments named `dog` grown, feathered and repainted by the same checkpoint from an
+    inpaint prompt, pasted back over `image` and saved under `prefix`. `negative`: a
+    CLIPTextEncode node to reuse (None: one is added). `titled`: the KSampler and VAE Decode are
+    titled "(inpaint)", for a graph that has another of each."""
     picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="dog")
     grown = g.add("GrowMask", mask=picked["mask"], expand=8, tapered_corners=True)
     feathered = g.add("FeatherMask", mask=grown["MASK"], left=8, top=8, right=8, bottom=8)
     positive = g.add("CLIPTextEncode", title="Inpaint prompt", text="a photo of a cat", clip=ckpt["CLIP"])
-    negative = g.add("CLIPTextEncode", title="Negative prompt", text="blurry, low quality", clip=ckpt["CLIP"])
+    if negative is None:
+        negative = g.add("CLIPTextEncode", title="Negative prompt", text="blurry, low quality", clip=ckpt["CLIP"])
     cond = g.add("InpaintModelConditioning", positive=positive["CONDITIONING"], negative=negative["CONDITIONING"],
                  vae=ckpt["VAE"], pixels=image, mask=feathered["MASK"], noise_mask=True)
-    sampled = g.add("KSampler", model=ckpt["MODEL"], positive=cond["positive"], negative=cond["negative"],
-                    latent_image=cond["latent"], seed=0, steps=25, cfg=7.0, sampler_name="euler",
-                    scheduler="normal", denoise=1.0, controls={"seed": "randomize"})
-    decoded = g.add("VAEDecode", samples=sampled["LATENT"], vae=ckpt["VAE"])
+    sampler_title, decode_title = ("KSampler (inpaint)", "VAE Decode (inpaint)") if titled else (None, None)
+    sampled = g.add("KSampler", title=sampler_title, model=ckpt["MODEL"], positive=cond["positive"],
+                    negative=cond["negative"], latent_image=cond["latent"], seed=0, steps=steps, cfg=7.0,
+                    sampler_name="euler", scheduler="normal", denoise=1.0, controls={"seed": "randomize"})
+    decoded = g.add("VAEDecode", title=decode_title, samples=sampled["LATENT"], vae=ckpt["VAE"])
     pasted = g.add("ImageCompositeMasked", destination=image, source=decoded["IMAGE"], x=0, y=0,
                    resize_source=False, mask=feathered["MASK"])
     g.add("PreviewImage", title="Inpaint mask", images=g.add("MaskToImage", mask=feathered["MASK"])["IMAGE"])
-    g.add("SaveImage", title="Save inpainted image", images=pasted["IMAGE"], filename_prefix="freeseg/inpaint")
+    g.add("SaveImage", title="Save inpainted image", images=pasted["IMAGE"], filename_prefix=prefix)
 
 
 def freeseg_cutout(g: Graph) -> None:
@@ -606,20 +616,7 @@ def freeseg_generate(g: Graph) -> None:
     g.add("SaveImage", title="Save preview", images=refined["preview"], filename_prefix="freeseg/generate_preview")
     save_segments(g, refined, image, "freeseg/generate_segments")
     g.band()
-    picked = g.add("FreeSegSelectMask", segments=refined["segments"], labels="dog")
-    grown = g.add("GrowMask", mask=picked["mask"], expand=8, tapered_corners=True)
-    feathered = g.add("FeatherMask", mask=grown["MASK"], left=8, top=8, right=8, bottom=8)
-    positive = g.add("CLIPTextEncode", title="Inpaint prompt", text="a photo of a cat", clip=ckpt["CLIP"])
-    cond = g.add("InpaintModelConditioning", positive=positive["CONDITIONING"], negative=negative["CONDITIONING"],
-                 vae=ckpt["VAE"], pixels=image, mask=feathered["MASK"], noise_mask=True)
-    repainted = g.add("KSampler", title="KSampler (inpaint)", model=ckpt["MODEL"], positive=cond["positive"],
-                      negative=cond["negative"], latent_image=cond["latent"], seed=0, steps=20, cfg=7.0,
-                      sampler_name="euler", scheduler="normal", denoise=1.0, controls={"seed": "randomize"})
-    decoded = g.add("VAEDecode", title="VAE Decode (inpaint)", samples=repainted["LATENT"], vae=ckpt["VAE"])
-    pasted = g.add("ImageCompositeMasked", destination=image, source=decoded["IMAGE"], x=0, y=0,
-                   resize_source=False, mask=feathered["MASK"])
-    g.add("PreviewImage", title="Inpaint mask", images=g.add("MaskToImage", mask=feathered["MASK"])["IMAGE"])
-    g.add("SaveImage", title="Save inpainted image", images=pasted["IMAGE"], filename_prefix="freeseg/generate_inpaint")
+    inpaint_named(g, ckpt, image, refined, negative, steps=20, prefix="freeseg/generate_inpaint", titled=True)
 
 
 WORKFLOWS_DEFS["freeseg_generate"] = freeseg_generate  # issue 20: features captured while sampling
