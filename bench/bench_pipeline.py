@@ -11,6 +11,15 @@ Usage::
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --blip2  # BLIP-2 captioner
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --sdxl --fixtures --quick   # their code paths, minutes
     nice -n 5 .venv/bin/python bench/bench_pipeline.py --blip2 --fixtures --quick [--caption-only]
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --capture   # capture while sampling, 512 px, 20 steps
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --capture --fixtures --quick   # its code path
+
+``--capture`` runs something else than the rest: a text-to-image generation (SD1.5, 20 steps,
+cfg 7) with and without Capture Features, each followed by its segmentation (the old way:
+Diffusion Features on the decoded image; with capture: Captured Features), in pairs A B A B
+with medians (``main_capture``); asserted: the generated latents and images equal bit for
+bit, and cosine >= 0.99 per block between the captured features and Diffusion Features on the
+same final latent at the same sigma.
 
 What it does:
 
@@ -134,6 +143,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server (OMP_NUM_THREADS; "
                    "default: torch's choice). On a loaded machine 1 makes CPU seconds reliable")
     p.add_argument("--keep", action="store_true", help="keep the server's base folder (log, outputs)")
+    add_capture_args(p)
     args = p.parse_args(argv)
     big = args.sdxl or args.blip2
     if args.resolution is None:
@@ -149,6 +159,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--threads must be >= 1")
     if args.batch < 1 or args.n_clusters < 2 or args.baselines < 1 or args.max_new_tokens < 1:
         p.error("--batch, --baselines and --max-new-tokens must be >= 1, --n-clusters >= 2")
+    check_capture_args(p, args)
     return args
 
 
@@ -718,6 +729,8 @@ def plan(args: argparse.Namespace, setup: Setup, models: Optional[dict[str, str]
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.capture:
+        return main_capture(args)
     from freeseg.app.server import ComfyServer, link
 
     setup = Setup.of(args)
@@ -959,6 +972,257 @@ def run_caption(args: argparse.Namespace, setup: Setup, server, sampler: ProcSam
     print(f"memory: server RSS {gib(load_base)} GiB before the load, {gib(rss_loaded)} GiB with the captioner "
           f"loaded; peak {figures['server_peak_rss_gib']} GiB")
     return figures
+
+
+# ------------------------------------------------------------------------------------------
+# Capture while sampling (--capture)
+# ------------------------------------------------------------------------------------------
+
+CAPTURE_GOALS = {"generation_capture_over_plain": 1.03, "segmentation_capture_over_old": 0.15}
+CAPTURE_COS_MIN = 0.99
+CAPTURE_NEGATIVE = "blurry, low quality"
+# The segmentation after the generation: the old way (the decoded image encoded again and one
+# UNet pass) and with capture (the sampler's own pass); clustering and refinement are the same.
+SEGMENT_OLD = ("FreeSegDiffusionFeatures", "FreeSegClusterMasks", "FreeSegRefineMasks")
+SEGMENT_CAPTURE = ("FreeSegCapturedFeatures", "FreeSegClusterMasks", "FreeSegRefineMasks")
+CHECK_TYPES = ("FreeSegDiffusionFeatures", "FreeSegBenchSaveFeatures")  # the cosine check's nodes (capture prompt)
+
+
+def add_capture_args(p: argparse.ArgumentParser) -> None:
+    """``--capture`` and its options (see ``main_capture``)."""
+    p.add_argument("--capture", action="store_true", help="capture while sampling instead of freeseg_full: a "
+                   "text-to-image generation with and without Capture Features, then segmented the old way "
+                   "vs from the capture (SD1.5; --quick: 256 px)")
+    p.add_argument("--capture-steps", type=int, default=20, help="--capture: sampler steps (default 20)")
+    p.add_argument("--capture-cfg", type=float, default=7.0, help="--capture: cfg (default 7: cond and uncond "
+                   "batched in each model call)")
+    p.add_argument("--capture-pairs", type=int, default=2, help="--capture: pairs of runs, plain then captured "
+                   "(A B A B ...; default 2)")
+
+
+def check_capture_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.capture and (args.sdxl or args.blip2):
+        p.error("--capture runs SD1.5 only (not with --sdxl / --blip2)")
+    if args.capture_steps < 1 or args.capture_pairs < 1 or not args.capture_cfg > 0:
+        p.error("--capture-steps and --capture-pairs must be >= 1, --capture-cfg > 0")
+
+
+def capture_prompt(capture: bool, seed: int, resolution: int, steps: int, cfg: float, tag: str,
+                   ckpt: str = CKPT_NAME, n_clusters: int = 4, save_features: str = "",
+                   direct_features: str = "") -> dict:
+    """Generate, then segment. The generation: empty positive prompt (the conditioning the
+    features node uses, as the paper), negative ``CAPTURE_NEGATIVE``, ``EmptyLatentImage`` of
+    ``resolution``, KSampler euler / normal with ``steps`` and ``cfg``, decoded (VAEDecode) and
+    saved (SaveImage and SaveLatent, prefix ``tag``). The segmentation, with ``capture`` False
+    the old way: Diffusion Features on the decoded image (image + vae: a VAE encode and one UNet
+    pass) -> Cluster Masks -> Refine Masks (crf_joint: the segments are not named); with
+    ``capture`` the sampler's MODEL is Capture Features' clone and Captured Features (the
+    capture + the sampler's LATENT) replaces Diffusion Features. ``save_features``: a probe
+    writes the segmentation's features there. ``direct_features`` (capture only): Diffusion
+    Features also runs on the sampler's final latent at timestep 0 (the sigma of the last call)
+    and a probe writes its features there: the cosine check."""
+    model = ["10", 0] if capture else ["1", 0]
+    prompt: dict[str, Any] = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": CAPTURE_NEGATIVE, "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": resolution, "height": resolution,
+                                                           "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": model, "seed": seed, "steps": steps, "cfg": cfg,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": tag}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{tag}"}},
+        "21": {"class_type": "FreeSegClusterMasks", "inputs": {"features": ["20", 0], "n_clusters": n_clusters,
+                                                               "method": "kmeans", "seed": 0}},
+        "22": {"class_type": "FreeSegRefineMasks", "inputs": {"segments": ["21", 0], "image": ["6", 0],
+                                                              "method": "crf_joint"}},
+        "23": {"class_type": "FreeSegBenchSink", "inputs": {"value": ["22", 0]}},
+    }
+    features = {"model": ["1", 0], "timestep": 0, "resolution": resolution, "source": "cross_attn_queries",
+                "seed": 0, "detail": "paper", "clip": ["1", 1]}
+    if capture:
+        prompt["10"] = {"class_type": "FreeSegCaptureFeatures",
+                        "inputs": {"model": ["1", 0], "keep": "last_call", "sigma": 0.0292,
+                                   "source": "cross_attn_queries", "detail": "paper"}}
+        prompt["20"] = {"class_type": "FreeSegCapturedFeatures", "inputs": {"capture": ["10", 1],
+                                                                            "latent": ["5", 0]}}
+        if direct_features:
+            prompt["30"] = {"class_type": "FreeSegDiffusionFeatures", "inputs": {**features, "latent": ["5", 0]}}
+            prompt["31"] = {"class_type": "FreeSegBenchSaveFeatures",
+                            "inputs": {"features": ["30", 0], "path": direct_features}}
+    else:
+        prompt["20"] = {"class_type": "FreeSegDiffusionFeatures",
+                        "inputs": {**features, "vae": ["1", 2], "image": ["6", 0]}}
+    if save_features:
+        prompt["32"] = {"class_type": "FreeSegBenchSaveFeatures", "inputs": {"features": ["20", 0],
+                                                                             "path": save_features}}
+    return prompt
+
+
+def capture_figures(plain: list[Run], captured: list[Run],
+                    sampler: Optional[ProcSampler] = None) -> dict[str, Optional[float]]:
+    """Medians over the pairs (plain[i], captured[i]: same seed, run one after the other), in
+    wall seconds or the server's CPU seconds with ``sampler``: the generation (the KSampler
+    node), the features node, the segmentation (``SEGMENT_OLD`` / ``SEGMENT_CAPTURE``), the
+    whole prompt (less the cosine check's nodes), and their ratios per pair."""
+    def secs(run: Run, types: tuple[str, ...]) -> float:
+        return sum(run.seconds(ct, sampler) for ct in types)
+
+    gen_a, gen_b = [r.seconds("KSampler", sampler) for r in plain], [r.seconds("KSampler", sampler) for r in captured]
+    feat_a = [r.seconds("FreeSegDiffusionFeatures", sampler) for r in plain]
+    feat_b = [r.seconds("FreeSegCapturedFeatures", sampler) for r in captured]
+    seg_a, seg_b = [secs(r, SEGMENT_OLD) for r in plain], [secs(r, SEGMENT_CAPTURE) for r in captured]
+    tot_a = [r.total_seconds(sampler) for r in plain]
+    tot_b = [r.total_seconds(sampler) - secs(r, CHECK_TYPES) for r in captured]
+    out = {
+        "generation_plain_s": med(gen_a), "generation_capture_s": med(gen_b),
+        "generation_capture_over_plain": med([b / a for a, b in zip(gen_a, gen_b)]),
+        "features_node_s": med(feat_a), "captured_features_node_s": med(feat_b),
+        "captured_over_features_node": med([b / a for a, b in zip(feat_a, feat_b)]),
+        "cluster_s": med([r.seconds("FreeSegClusterMasks", sampler) for r in plain + captured]),
+        "refine_s": med([r.seconds("FreeSegRefineMasks", sampler) for r in plain + captured]),
+        "decode_s": med([r.seconds("VAEDecode", sampler) for r in plain + captured]),
+        "segmentation_old_s": med(seg_a), "segmentation_capture_s": med(seg_b),
+        "segmentation_capture_over_old": med([b / a for a, b in zip(seg_a, seg_b)]),
+        "prompt_old_s": med(tot_a), "prompt_capture_s": med(tot_b),
+        "prompt_capture_over_old": med([b / a for a, b in zip(tot_a, tot_b)]),
+    }
+    return {k: None if v != v else round(v, 4) for k, v in out.items()}
+
+
+def block_cosines(a, b, blocks: list[str]) -> dict[str, float]:
+    """Cosine similarity per block of two ``[B,C,h,w]`` feature tensors whose channels are the
+    blocks' equal slices in order (one level's query blocks: equal widths)."""
+    import torch.nn.functional as F
+
+    if tuple(a.shape) != tuple(b.shape) or a.shape[1] % len(blocks):
+        raise AssertionError(f"features {tuple(a.shape)} vs {tuple(b.shape)} cannot be split into {len(blocks)} "
+                             "equal blocks")
+    per = a.shape[1] // len(blocks)
+    return {name: float(F.cosine_similarity(a[:, i * per:(i + 1) * per].double().flatten(),
+                                            b[:, i * per:(i + 1) * per].double().flatten(), dim=0))
+            for i, name in enumerate(blocks)}
+
+
+def output_file(base: Path, entry: dict, node: str, kind: str) -> Path:
+    """The file a SaveImage (``kind`` "images") / SaveLatent ("latents") node of a run wrote."""
+    item = entry["outputs"][node][kind][0]
+    return base / "output" / item.get("subfolder", "") / item["filename"]
+
+
+def capture_checks(base: Path, plain: list[Run], captured: list[Run], direct: str, saved: str) -> dict[str, Any]:
+    """The generated latents (SaveLatent) and images (SaveImage PNG) of every pair equal bit for
+    bit, and the captured features vs Diffusion Features on the same final latent at the same
+    sigma: cosine >= CAPTURE_COS_MIN per block. AssertionError when a check fails."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    for i, (a, b) in enumerate(zip(plain, captured)):
+        la, lb = (load_file(str(output_file(base, r.entry, "8", "latents")))["latent_tensor"] for r in (a, b))
+        assert la.shape == lb.shape and torch.equal(la, lb), f"pair {i}: the generated latents differ"
+        ia, ib = (np.asarray(Image.open(output_file(base, r.entry, "7", "images"))) for r in (a, b))
+        assert np.array_equal(ia, ib), f"pair {i}: the generated images differ"
+    feats, infos = [], []
+    for path in (saved, direct):
+        with safe_open(path, "pt") as f:
+            feats.append(f.get_tensor("features").float())
+            infos.append(json.loads(f.metadata()["info"]))
+    assert infos[0]["blocks"] == infos[1]["blocks"], infos
+    cos = block_cosines(feats[0], feats[1], infos[0]["blocks"])
+    assert min(cos.values()) >= CAPTURE_COS_MIN, f"captured vs Diffusion Features cosine below {CAPTURE_COS_MIN}: {cos}"
+    return {"pairs_bit_identical": len(plain), "features": infos[0], "cosine": {k: round(v, 5) for k, v in cos.items()},
+            "min_cosine": round(min(cos.values()), 5)}
+
+
+def main_capture(args: argparse.Namespace) -> int:
+    """``--capture``: capture while sampling against today's "generate, then segment".
+
+    On one server, ``--capture-pairs`` pairs of ``capture_prompt`` runs, the plain one then the
+    captured one with the same seed (A B A B: on a shared machine the load drifts, so each ratio
+    pairs neighbouring runs and the medians are reported), after one warm-up pair of 1 step (model
+    loads). Asserted: every pair's latents and images equal bit for bit, and the features of the
+    first captured run's last model call vs Diffusion Features on its final latent at timestep 0
+    (sigma_min, the sigma of that call on the "normal" schedule): cosine >= 0.99 per block."""
+    from freeseg.app.server import ComfyServer, link
+
+    res, steps, cfg = args.resolution, args.capture_steps, args.capture_cfg
+    print(f"bench_pipeline --capture: SD1.5, {res} px, {steps} steps euler/normal, cfg {cfg}, "
+          f"{args.capture_pairs} pairs (plain, captured)", flush=True)
+    ckpt = fixture_models()["sd15"] if args.fixtures else build_models(args.cache, ["sd15"])["sd15"]
+    need, avail = memory_need({"sd15": model_params("sd15", ckpt)}, res), mem_available()
+    need["total"] -= CAPTION_ACTIVATIONS
+    if need["total"] > avail:
+        reason = f"not enough memory: needs {gib(need['total'])} GiB, MemAvailable {gib(avail)} GiB"
+        print(f"skipped: {reason}", flush=True)
+        print(json.dumps({"skipped": True, "reason": reason, "capture": True}, sort_keys=True))
+        return 0
+    if args.threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
+    base = Path(tempfile.mkdtemp(prefix="freeseg-bench-capture-"))
+    link(ckpt, str(base / "models" / "checkpoints" / CKPT_NAME))
+    link(os.path.join(REPO, "bench", "probe_pack"), str(base / "custom_nodes" / "freeseg_bench_probe"))
+    saved, direct = str(base / "captured.safetensors"), str(base / "direct.safetensors")
+    server = ComfyServer(str(base))
+    server.start(timeout=300)
+    sampler = ProcSampler(server.proc.pid).start()
+    plain: list[Run] = []
+    captured: list[Run] = []
+    try:
+        client = server.client
+        for capture in (False, True):
+            run_prompt(client, f"warm-up, {'captured' if capture else 'plain'} (1 step)",
+                       capture_prompt(capture, 10**6, res, 1, cfg, f"warmup{int(capture)}"))
+        for i in range(args.capture_pairs):
+            plain.append(run_prompt(client, f"pair {i}: plain generation, then Diffusion Features",
+                                    capture_prompt(False, i, res, steps, cfg, f"plain{i}")))
+            captured.append(run_prompt(client, f"pair {i}: captured generation, then Captured Features",
+                                       capture_prompt(True, i, res, steps, cfg, f"capture{i}",
+                                                      save_features=saved if i == 0 else "",
+                                                      direct_features=direct if i == 0 else "")))
+    except BaseException:
+        print(server.log()[-6000:], file=sys.stderr)
+        raise
+    finally:
+        sampler.stop()
+        server.stop()
+    wall, cpu = capture_figures(plain, captured), capture_figures(plain, captured, sampler)
+    checks = capture_checks(base, plain, captured, direct, saved)
+    figures = {"capture": True, "resolution": res, "steps": steps, "cfg": cfg, "pairs": len(plain),
+               "fixtures": args.fixtures, "cpus": os.cpu_count(), "threads": args.threads,
+               "load_average": [round(x, 1) for x in os.getloadavg()], "wall": wall, "cpu": cpu,
+               "goals": CAPTURE_GOALS, "checks": checks}
+    print()
+    print("| median over the pairs | plain / old way, s (CPU s) | with capture, s (CPU s) | ratio (CPU) | goal |")
+    print("|---|---|---|---|---|")
+    rows = [("generation (KSampler)", "generation_plain_s", "generation_capture_s", "generation_capture_over_plain"),
+            ("features node", "features_node_s", "captured_features_node_s", "captured_over_features_node"),
+            ("segmentation: features + cluster + refine", "segmentation_old_s", "segmentation_capture_s",
+             "segmentation_capture_over_old"),
+            ("whole prompt (generate, decode, save, segment)", "prompt_old_s", "prompt_capture_s",
+             "prompt_capture_over_old")]
+    for label, a, b, r in rows:
+        goal = f"<= {CAPTURE_GOALS[r]}" if r in CAPTURE_GOALS else "-"
+        print(f"| {label} | {wall[a]:.2f} ({cpu[a]:.2f}) | {wall[b]:.2f} ({cpu[b]:.2f}) | {fmt(wall[r])} "
+              f"({fmt(cpu[r])}) | {goal} |")
+    print(f"\ndecode {wall['decode_s']:.2f} s, cluster {wall['cluster_s']:.2f} s, refine {wall['refine_s']:.2f} s "
+          f"(medians of all runs); load average {os.getloadavg()}")
+    print(f"checks: {len(plain)} pairs bit-identical (latents and images); captured vs Diffusion Features on "
+          f"the final latent, cosine per block {checks['cosine']}")
+    if args.keep:
+        print(f"kept {base}")
+    else:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps(figures, sort_keys=True))
+    return 0
 
 
 if __name__ == "__main__":
