@@ -164,3 +164,96 @@ def test_blip2_tokenizer_has_opt_ids(realsize, tmp_path):
     with pytest.raises(KeyError):
         realsize.build(tmp_path, keys=("sdxl", "nope"))
     assert not any(tmp_path.iterdir())
+
+
+def test_capture_arguments(bench):
+    args = bench.parse_args(["--capture"])
+    assert (args.capture, args.capture_steps, args.capture_cfg, args.capture_pairs, args.resolution) == \
+        (True, 20, 7.0, 2, 512)
+    assert bench.parse_args(["--capture", "--quick"]).resolution == 256
+    for argv in (["--capture", "--sdxl"], ["--capture", "--blip2"], ["--capture-steps", "0"],
+                 ["--capture-pairs", "0"], ["--capture-cfg", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+
+
+def test_capture_prompts_differ_only_in_the_model_and_the_features(bench):
+    plain = bench.capture_prompt(False, 3, 512, 20, 7.0, "plain3")
+    captured = bench.capture_prompt(True, 3, 512, 20, 7.0, "capture3", save_features="/tmp/c.st",
+                                    direct_features="/tmp/d.st")
+    for nid in ("1", "2", "3", "4", "6", "21", "22"):  # loader, prompts, latent, decode, cluster, refine
+        assert plain[nid] == captured[nid], nid
+    ks_plain, ks_capture = plain["5"]["inputs"], captured["5"]["inputs"]
+    assert {k: v for k, v in ks_plain.items() if k != "model"} == {k: v for k, v in ks_capture.items() if k != "model"}
+    assert (ks_plain["steps"], ks_plain["cfg"], ks_plain["seed"]) == (20, 7.0, 3)
+    assert ks_plain["model"] == ["1", 0] and ks_capture["model"] == ["10", 0]
+    assert captured["10"]["class_type"] == "FreeSegCaptureFeatures" and captured["10"]["inputs"]["model"] == ["1", 0]
+    assert plain["20"]["class_type"] == "FreeSegDiffusionFeatures" and plain["20"]["inputs"]["image"] == ["6", 0]
+    assert captured["20"]["inputs"] == {"capture": ["10", 1], "latent": ["5", 0]}
+    direct = captured["30"]["inputs"]  # the cosine check: the same final latent at timestep 0
+    assert direct["latent"] == ["5", 0] and direct["timestep"] == 0 and "image" not in direct
+    assert captured["31"]["inputs"]["path"] == "/tmp/d.st" and captured["32"]["inputs"]["features"] == ["20", 0]
+    assert "30" not in bench.capture_prompt(True, 3, 512, 20, 7.0, "c") and "32" not in plain
+    assert plain["7"]["inputs"]["filename_prefix"] == "plain3" and plain["8"]["inputs"]["filename_prefix"] == "latents/plain3"
+
+
+def _run(bench, prompt, spans):
+    """A Run whose nodes (class type -> seconds, in order) ran back to back from t=0."""
+    run = bench.Run("x", prompt)
+    run.on_event("execution_start", {})
+    run.t_begin, t = 0.0, 0.0
+    for nid, seconds in spans:
+        run.starts.append((nid, t))
+        t += seconds
+    run.t_end = t
+    return run
+
+
+def test_capture_figures_pair_neighbouring_runs(bench):
+    plain = bench.capture_prompt(False, 0, 512, 20, 7.0, "p")
+    captured = bench.capture_prompt(True, 0, 512, 20, 7.0, "c", save_features="/x", direct_features="/y")
+    a = [_run(bench, plain, [("5", 100.0), ("6", 10.0), ("20", 15.0), ("21", 4.0), ("22", 1.0)]),
+         _run(bench, plain, [("5", 200.0), ("6", 10.0), ("20", 30.0), ("21", 4.0), ("22", 1.0)])]
+    b = [_run(bench, captured, [("10", 0.0), ("5", 102.0), ("6", 10.0), ("20", 0.1), ("30", 12.0), ("31", 0.1),
+                                ("32", 0.1), ("21", 4.0), ("22", 1.0)]),
+         _run(bench, captured, [("10", 0.0), ("5", 202.0), ("6", 10.0), ("20", 0.2), ("21", 4.0), ("22", 1.0)])]
+    f = bench.capture_figures(a, b)
+    assert f["generation_plain_s"] == 150.0 and f["generation_capture_s"] == 152.0
+    assert f["generation_capture_over_plain"] == pytest.approx((1.02 + 1.01) / 2, abs=1e-4)
+    assert f["segmentation_old_s"] == pytest.approx(27.5) and f["segmentation_capture_s"] == pytest.approx(5.15)
+    assert f["segmentation_capture_over_old"] == pytest.approx((5.1 / 20 + 5.2 / 35) / 2, abs=1e-4)
+    assert f["captured_over_features_node"] == pytest.approx((0.1 / 15 + 0.2 / 30) / 2, abs=1e-4)
+    # the cosine check's nodes and the probes (30, 31, 32) are not part of the captured prompt's time
+    assert f["prompt_capture_s"] == pytest.approx((117.1 + 217.2) / 2)
+
+
+def test_capture_checks_compare_files_bit_for_bit(bench, tmp_path):
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    (tmp_path / "output" / "latents").mkdir(parents=True)
+    latent = torch.randn(1, 4, 8, 8)
+    for tag, lat in (("a", latent), ("b", latent.clone()), ("c", latent + 1e-6)):
+        save_file({"latent_tensor": lat}, str(tmp_path / "output" / "latents" / f"{tag}.latent"))
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "output" / f"{tag}.png")
+
+    def run(tag):
+        r = bench.Run(tag, {})
+        r.entry = {"outputs": {"7": {"images": [{"filename": f"{tag}.png", "subfolder": ""}]},
+                               "8": {"latents": [{"filename": f"{tag}.latent", "subfolder": "latents"}]}}}
+        return r
+    feats = torch.randn(1, 6, 4, 4)
+    info = '{"blocks": ["x", "y"]}'
+    save_file({"features": feats}, str(tmp_path / "cap.st"), metadata={"info": info})
+    save_file({"features": feats * 2 + 0.01 * torch.randn_like(feats)}, str(tmp_path / "dir.st"),
+              metadata={"info": info})
+    checks = bench.capture_checks(tmp_path, [run("a")], [run("b")], str(tmp_path / "dir.st"), str(tmp_path / "cap.st"))
+    assert checks["pairs_bit_identical"] == 1 and set(checks["cosine"]) == {"x", "y"}
+    assert checks["min_cosine"] >= 0.99
+    with pytest.raises(AssertionError, match="latents differ"):
+        bench.capture_checks(tmp_path, [run("a")], [run("c")], str(tmp_path / "dir.st"), str(tmp_path / "cap.st"))
+    save_file({"features": torch.randn(1, 6, 4, 4)}, str(tmp_path / "far.st"), metadata={"info": info})
+    with pytest.raises(AssertionError, match="cosine"):
+        bench.capture_checks(tmp_path, [run("a")], [run("b")], str(tmp_path / "far.st"), str(tmp_path / "cap.st"))
