@@ -4,6 +4,8 @@ automatically, or taken from the class list, and optionally one clustering for t
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..freeseg.features import DiffusionFeatures
@@ -11,24 +13,29 @@ from ..freeseg.names import names_per_image
 from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.settings import CHOICES, DEFAULTS
 from ..freeseg.stages import cluster_batch
-from .common import CATEGORY, Features, Progress, Segments, check_choice, first_problem, input_range, io
+import comfy.model_management as mm
+
+from .common import CATEGORY, Features, Progress, Segments, check_choice, first_problem, input_range, io, \
+    on_compute_device
 
 
 def cluster(features: DiffusionFeatures, n_clusters: int, method: str = "kmeans", seed: int = 0,
             max_clusters: int = 8, k_from: str = "n_clusters", class_offset: int = 1, class_names: str = "",
-            shared: bool = False) -> SegmentsData:
+            shared: bool = False, device: Optional[torch.device] = None) -> SegmentsData:
     """Cluster each image's feature grid into masks `[B,K,H,W]` at the image size
     (``freeseg.stages.cluster_batch``; the inputs checked as ``FreeSegSettings`` fields).
 
     k_from "n_clusters": K = n_clusters (0 = automatic, 2..max_clusters). "class_names": K = the
-    number of the image's class names + class_offset (with `shared`, of all images' names)."""
+    number of the image's class names + class_offset (with `shared`, of all images' names).
+    `device`: where the clustering runs (None: the features' device); the masks come back on
+    the CPU."""
     if not isinstance(features, DiffusionFeatures):
         raise TypeError("features: expected the output of FreeSeg-Diff Diffusion Features")
     settings = DEFAULTS.replace(n_clusters=n_clusters, cluster_method=method, seed=seed, max_clusters=max_clusters,
                                 k_from=k_from, class_offset=class_offset, shared_batch=shared)
     b = features.features.shape[0]
     lists = names_per_image(class_names, b) if k_from == "class_names" else None
-    return cluster_batch(features, settings, lists, progress=Progress(b))
+    return cluster_batch(features, settings, lists, progress=Progress(b), device=device)
 
 
 def label_map(segments: SegmentsData) -> torch.Tensor:
@@ -83,6 +90,7 @@ class FreeSegClusterMasks(io.ComfyNode):
     @classmethod
     def execute(cls, features, n_clusters, method, seed, max_clusters=8, k_from="n_clusters", class_offset=1,
                 shared_batch=False, class_names="") -> io.NodeOutput:
-        segments = cluster(features, n_clusters, method, seed, max_clusters, k_from, class_offset, class_names,
-                           shared_batch)
-        return io.NodeOutput(segments, label_map(segments))
+        with on_compute_device() as device:  # ComfyUI's GPU when there is one; else the free CPU cores
+            segments = cluster(features, n_clusters, method, seed, max_clusters, k_from, class_offset, class_names,
+                               shared_batch, device)
+        return io.NodeOutput(segments, label_map(segments).to(mm.intermediate_device()))

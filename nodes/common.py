@@ -4,9 +4,10 @@ open_clip) models, progress and interruption."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -21,6 +22,7 @@ import comfy.utils
 
 from ..freeseg.settings import FLOAT_RANGES, INT_RANGES
 from ..freeseg.stages import to_rgb  # noqa: F401 (re-exported)
+from ..freeseg.threads import cpu_threads, torch_threads
 
 CATEGORY = "FreeSeg-Diff"
 log = logging.getLogger("freeseg-diff")
@@ -97,6 +99,25 @@ def model_dtype(device: torch.device) -> torch.dtype:
     if mm.should_use_bf16(device):
         return torch.bfloat16
     return torch.float32
+
+
+def compute_device() -> torch.device:
+    """Where the pack's own tensor work (k-means, CRF) runs: ComfyUI's torch device when it is
+    a GPU (any device but the CPU), else the CPU."""
+    device = mm.get_torch_device()
+    return device if device.type != "cpu" else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def on_compute_device() -> Iterator[torch.device]:
+    """Yields ``compute_device()``; on the CPU the body runs with torch threads set to the CPUs
+    other processes leave free (``freeseg.threads.cpu_threads``), restored after."""
+    device = compute_device()
+    if device.type != "cpu":
+        yield device
+        return
+    with torch_threads(cpu_threads()):
+        yield device
 
 
 class Progress:

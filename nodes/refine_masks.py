@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import torch
 
@@ -10,19 +11,22 @@ from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.segments import draw_overlay, to_segs
 from ..freeseg.settings import CHOICES, DEFAULTS
 from ..freeseg.stages import refine_segments, split_segments
-from .common import CATEGORY, Progress, Segments, check_choice, check_number, first_problem, input_range, io, to_rgb
+from .common import CATEGORY, Progress, Segments, check_choice, check_number, first_problem, input_range, io, to_rgb, \
+    on_compute_device
 
 
 def refine(segments: SegmentsData, images, method: str = DEFAULTS.refine, instances: bool = False,
-           min_area: float = DEFAULTS.min_area) -> SegmentsData:
+           min_area: float = DEFAULTS.min_area, device: Optional[torch.device] = None) -> SegmentsData:
     """Refines every mask of every image (one image at a time, interruptible), then with
     ``instances`` splits each named mask into its parts (the inputs checked as
-    ``FreeSegSettings`` fields: ``refine``, ``instances``, ``min_area``)."""
+    ``FreeSegSettings`` fields: ``refine``, ``instances``, ``min_area``). ``device``: where the
+    refinement runs (None: the CPU); the masks come back on the CPU."""
     if not isinstance(segments, SegmentsData):
         raise TypeError("segments: expected FreeSeg-Diff segments")
     settings = DEFAULTS.replace(refine=method, instances=instances, min_area=min_area)
     pixels = to_rgb(images)
-    refined = refine_segments(segments, pixels, settings.refine, progress=Progress(segments.batch_size))
+    refined = refine_segments(segments, pixels, settings.refine, progress=Progress(segments.batch_size),
+                              device=device)
     return split_segments(refined, settings)
 
 
@@ -91,5 +95,6 @@ class FreeSegRefineMasks(io.ComfyNode):
     @classmethod
     def execute(cls, segments, image, method, instances=DEFAULTS.instances,
                 min_area=DEFAULTS.min_area) -> io.NodeOutput:
-        refined = refine(segments, image, method, instances, min_area)
+        with on_compute_device() as device:  # ComfyUI's GPU when there is one; else the free CPU cores
+            refined = refine(segments, image, method, instances, min_area, device)
         return io.NodeOutput(refined, *outputs(refined, image))
