@@ -8,13 +8,13 @@ from typing import Optional
 
 import torch
 
+import comfy.model_management as mm
+
 from ..freeseg.features import DiffusionFeatures
 from ..freeseg.names import names_per_image
 from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.settings import CHOICES, DEFAULTS
 from ..freeseg.stages import cluster_batch
-import comfy.model_management as mm
-
 from .common import CATEGORY, Features, Progress, Segments, check_choice, first_problem, input_range, io, \
     on_compute_device
 
