@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 from freeseg.app.paths import REPO, fixture_cache
 
+from .dit import build_clip_l, build_flux_unet, build_flux_vae, build_sd3_checkpoint
 from .models import (FIXTURE_VERSION, build_blip1, build_blip2, build_open_clip, build_sd2_checkpoint,
                      build_sd3_unet, build_sd15_checkpoint, build_sd15_diffusers_config, build_sd15_diffusers_vae,
                      build_sdxl_unet, build_sdxl_vae)
@@ -37,6 +38,11 @@ ARTIFACTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "blip2_dir": ("blip2/freeseg_tiny_blip2", build_blip2),
     "blip_dir": ("blip/freeseg_tiny_blip", build_blip1),
     "open_clip_dir": ("open_clip/freeseg_tiny_open_clip", build_open_clip),
+    # DiTs (synthetic/dit.py): real formats and widths, reduced depth.
+    "flux_unet": ("diffusion_models/freeseg_tiny_flux_dev.safetensors", build_flux_unet),
+    "flux_vae": ("vae/freeseg_tiny_flux_ae.safetensors", build_flux_vae),
+    "sd3_ckpt": ("checkpoints/freeseg_tiny_sd35.safetensors", build_sd3_checkpoint),
+    "clip_l": ("text_encoders/freeseg_tiny_clip_l.safetensors", build_clip_l),
 }
 
 
@@ -77,7 +83,8 @@ def build_all(cache_dir: str | os.PathLike, verbose: bool = False,
     ``{key: absolute path}``.
 
     Keys: those of ``ARTIFACTS`` (``sd15_ckpt``, ``sd2_ckpt``, ``sdxl_unet``, ``sdxl_vae``,
-    ``sd3_unet``, ``blip2_dir``, ``blip_dir``, ``open_clip_dir``, the diffusers-side folders).
+    ``sd3_unet``, ``blip2_dir``, ``blip_dir``, ``open_clip_dir``, the diffusers-side folders, the
+    DiTs ``flux_unet``, ``flux_vae``, ``sd3_ckpt`` and ``clip_l``).
     An artefact is rebuilt when missing or when its stamp's FIXTURE_VERSION differs.
     """
     cache = Path(cache_dir).resolve()
