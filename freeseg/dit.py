@@ -131,9 +131,11 @@ def image_tokens(output: Any, family: DiTFamily, latent_hw: tuple[int, int], pat
 
 def massive_channels(tokens: torch.Tensor, ratio: float = MASSIVE_RATIO) -> torch.Tensor:
     """``[B, C]`` bool: the massive-activation channels of each image's ``[B, N, C]`` tokens
-    (mean |activation| over the tokens above ``ratio`` times the median channel's)."""
+    (mean |activation| over the tokens above ``ratio`` times the median channel's; none when
+    the median channel is all zeros)."""
     magnitude = tokens.float().abs().mean(dim=1)
-    return magnitude > ratio * magnitude.median(dim=1, keepdim=True).values
+    median = magnitude.median(dim=1, keepdim=True).values
+    return (magnitude > ratio * median) & (median > 0)
 
 
 def normalise_tokens(tokens: torch.Tensor, ratio: float = MASSIVE_RATIO, eps: float = 1e-6) -> torch.Tensor:

@@ -6,7 +6,10 @@ each sampling run (OUTER_SAMPLE: a new record per run, ended with the run's outp
 and around each model call (APPLY_MODEL: forward hooks that only read the layer outputs of
 the conditional half, ``cond_or_uncond`` 0). Recording is ``freeseg.capture.SamplingCapture``.
 Captured Features turns the record into the features Cluster Masks takes, after checking
-that the LATENT given is the output of the run it recorded."""
+that the LATENT given is the output of the run it recorded.
+
+DiTs (Flux.1, Chroma, SD3.x) go through the same hooks: their blocks and the reading of their
+image tokens come from ``diffusion_features.feature_layers``, as in Diffusion Features."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from ..freeseg.capture import KEEP_CHOICES, KEEP_LAST, SamplingCapture, StaleCap
 from ..freeseg.features import DiffusionFeatures
 from ..freeseg.settings import CHOICES, DEFAULTS
 from .common import CATEGORY, Features, check_choice, first_problem, io, log
-from .diffusion_features import check_family, unet_layers
+from .diffusion_features import check_family, feature_layers
 
 Capture = io.Custom("FREESEG_CAPTURE")
 WRAPPER_KEY = "freeseg_capture"
@@ -79,10 +82,11 @@ class FreeSegCaptureFeatures(io.ComfyNode):
             description="Records the FreeSeg-Diff features of a sampler's own UNet calls: give the model output "
                         "to any sampler (KSampler, SamplerCustomAdvanced, ...) and the capture output with "
                         "the sampler's LATENT to Captured Features. No extra model call; the generated image "
-                        "is the same as with the plain model. Works with SD1.x, SD2.x and SDXL.",
+                        "is the same as with the plain model. Works with SD1.x, SD2.x and SDXL UNets and "
+                        "Flux.1, Chroma and SD3.x DiTs.",
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x or SDXL). "
-                               "It is cloned, never changed."),
+                io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x, SDXL, "
+                               "Flux.1, Chroma or SD3.x). It is cloned, never changed."),
                 io.Combo.Input("keep", options=list(KEEP_CHOICES), default=KEEP_LAST, tooltip="last_call: the "
                                "features of the sampler's last model call (at sigma_min on most schedules, the "
                                "paper's timestep 0; for samplers with several calls per step, the last of them). "
@@ -108,8 +112,8 @@ class FreeSegCaptureFeatures(io.ComfyNode):
     @classmethod
     def execute(cls, model, keep, sigma, source, detail) -> io.NodeOutput:
         family = check_family(model)
-        recorder = SamplingCapture(unet_layers(model.model.diffusion_model, source), source, detail == "fine",
-                                   keep, sigma)
+        layers, pick = feature_layers(model, source)
+        recorder = SamplingCapture(layers, source, detail == "fine", keep, sigma, pick)
         handle = CaptureHandle(recorder, family, model.get_model_object("model_sampling"))
         return io.NodeOutput(patch(model, recorder), handle)
 
@@ -136,7 +140,7 @@ class FreeSegCapturedFeatures(io.ComfyNode):
     def execute(cls, capture, latent) -> io.NodeOutput:
         samples = latent["samples"]
         if samples.ndim != 4:
-            raise ValueError(f"latent: FreeSeg-Diff takes [B,4,h,w] image latents; got shape {tuple(samples.shape)}")
+            raise ValueError(f"latent: FreeSeg-Diff takes [B,c,h,w] image latents; got shape {tuple(samples.shape)}")
         recorder = capture.recorder
         h, w = samples.shape[-2:]
         grid = (h, w) if recorder.capture.fine else (-(-h // 2), -(-w // 2))

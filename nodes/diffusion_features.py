@@ -8,7 +8,10 @@ the paper. DiTs (Flux.1 dev / schnell, Chroma, SD3.x): the image tokens of the b
 UNet layers (``freeseg.capture.LayerCapture``). Hooks rather than a
 ``patches_replace["dit"]`` entry: that dict holds one patch per block, so setting ours would
 replace one another node put there, while a hook fires inside any such patch (it calls the
-block) and reaches every family whether or not it offers the dit patch."""
+block) and reaches every family whether or not it offers the dit patch. The features are the
+block's own output: a replace patch on the very block read changes what the next blocks see,
+not the features (one on an earlier block reaches them). A patch that skips a block read
+(a block cache) is an error naming the block."""
 
 from __future__ import annotations
 
