@@ -264,3 +264,30 @@ def test_refusals_name_the_family(df, models) -> None:
         df.extract(model, PoolVAE(), images(1), resolution=RES)
     with pytest.raises(ValueError, match="Flux DiT has none"):
         df.extract(model, PoolVAE(), images(1), resolution=RES, source=SOURCE_DECODER, conditioning=conditioning())
+
+
+@pytest.mark.parametrize("family", ["Flux", "SD3"])
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_capture_while_sampling(df, models, family: str, cfg: float) -> None:
+    """Capture Features on a DiT: the generated latents are bit-identical to the plain MODEL's,
+    and the record is of the last model call (the schedule's last sigma), with the features'
+    documented shape and blocks."""
+    import comfy.sample
+    import comfy.samplers
+
+    cf = import_pack_module("nodes.capture_features")
+    model, width, _, blocks = models[family]
+    layers, pick = df.feature_layers(model, df.QUERIES)
+    recorder = cf.SamplingCapture(layers, df.QUERIES, False, pick=pick)
+    patched = cf.patch(model, recorder)
+    latent = torch.zeros(2, 16, RES // 8, RES // 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(11))
+    positive, negative = conditioning(1), conditioning(2)
+    runs = [comfy.sample.sample(m, noise, 3, cfg, "euler", "simple", positive, negative, latent, seed=11)
+            for m in (model, patched)]
+    assert torch.equal(runs[0], runs[1])
+    feats, names, sigma = recorder.features(runs[1], (RES // 16, RES // 16))
+    assert names == blocks and feats.shape == (2, width * len(blocks), RES // 16, RES // 16)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 3)
+    assert sigma == pytest.approx(float(sigmas[-2]))
+    assert torch.isfinite(feats).all()
