@@ -1,4 +1,4 @@
-"""DiT backbones (Flux, Chroma, SD3.x): which blocks the features come from, at which timestep
+"""DiT backbones (Flux.1, Chroma, Flux.2, SD3.x): which blocks the features come from, at which timestep
 and resolution, how a block's image tokens map onto the latent grid, and the massive
 activations handled before clustering. Runtime-free: the ComfyUI node
 (``nodes/diffusion_features.py``) finds the blocks in the model and runs the pass through
@@ -13,6 +13,9 @@ family  blocks (image tokens of)         timestep  resolution  source
 Flux    double blocks 15, 16, 17, 18     500       1024        ConceptAttention (ICML 2025)
         of 19 (Flux.1 dev / schnell,
         Chroma)
+Flux2   double blocks 6, 7 of 8          500       1024        Flux's choice scaled to the
+        (Flux.2 dev)                                           depth (ours: no published
+                                                               Flux.2 layer choice)
 SD3     joint block 9 of 24 (SD3         714       1024        Seg4Diff (NeurIPS 2025)
         medium; SD3.5 scaled: 14 of 38)
 ======  ===============================  ========  ==========  ===========================
@@ -33,9 +36,10 @@ SD3     joint block 9 of 24 (SD3         714       1024        Seg4Diff (NeurIPS
 The timestep and resolution are what the node's ``timestep`` / ``resolution`` inputs should be
 set to for a family (the example workflows do); the node uses what it is given.
 
-Token order: Flux and SD3 patchify the latent 2x2 into ``ceil(h/2) * ceil(w/2)`` tokens in
+Token order: Flux.1 and SD3 patchify the latent 2x2 into ``ceil(h/2) * ceil(w/2)`` tokens in
 row-major order (``b c (h ph) (w pw) -> b (h w) (c ph pw)``; SD3 a stride-2 conv, flattened
-the same way); the double / joint blocks return the image stream apart from the text stream.
+the same way; Flux.2 takes each cell of its 128-channel 1/16 latent as one token, patch 1); the
+double / joint blocks return the image stream apart from the text stream.
 ``image_tokens`` takes that stream (first the image tokens, then any reference-image tokens
 Flux Kontext appends) and ``freeseg.features.tokens_to_map`` reshapes it row-major.
 """
@@ -66,6 +70,7 @@ class DiTFamily:
         timestep: recommended timestep (0..999).
         resolution: recommended resolution (px).
         source: where the choice comes from.
+        downscale: image pixels per latent cell (8; Flux.2's latent: 16).
     """
 
     name: str
@@ -77,20 +82,26 @@ class DiTFamily:
     timestep: int
     resolution: int
     source: str
+    downscale: int = 8
 
 
 FLUX = DiTFamily("Flux", "double_blocks", "double_block", 0, 19, (15, 16, 17, 18), 500, 1024,
                  "ConceptAttention (ICML 2025): Flux double-stream blocks 15-18 averaged, a real image noised to "
                  "step 2 of 4 (t = 0.5), 1024 px")
+FLUX2 = DiTFamily("Flux2", "double_blocks", "double_block", 0, 19, (15, 16, 17, 18), 500, 1024,
+                  "Flux.1's ConceptAttention blocks scaled to Flux.2's depth (6 and 7 of 8); no published Flux.2 "
+                  "layer choice was used", downscale=16)
 SD3 = DiTFamily("SD3", "joint_blocks", "joint_block", 1, 24, (9,), 714, 1024,
                 "Seg4Diff (NeurIPS 2025): SD3 MM-DiT block 9, noise step 8 of 28, 1024 px")
 
-FAMILIES: dict[str, DiTFamily] = {f.name: f for f in (FLUX, SD3)}
+FAMILIES: dict[str, DiTFamily] = {f.name: f for f in (FLUX, FLUX2, SD3)}
 """The supported DiT families by name."""
 
-MODEL_FAMILIES: dict[str, DiTFamily] = {"Flux": FLUX, "FluxSchnell": FLUX, "Chroma": FLUX, "SD3": SD3}
+MODEL_FAMILIES: dict[str, DiTFamily] = {"Flux": FLUX, "FluxSchnell": FLUX, "Chroma": FLUX, "Flux2": FLUX2,
+                                        "SD3": SD3}
 """ComfyUI model config class name (``comfy/supported_models.py``) -> family. Flux.1 dev /
-schnell and Chroma share the Flux double-stream blocks; SD3 covers SD3 medium and SD3.5."""
+schnell and Chroma share the Flux double-stream blocks (Flux.2's are the same code with a
+shared modulation); SD3 covers SD3 medium and SD3.5."""
 
 MASSIVE_RATIO = 50.0
 """A channel whose mean |activation| over an image's tokens exceeds this many times the median

@@ -8,7 +8,7 @@ the conditional half, ``cond_or_uncond`` 0). Recording is ``freeseg.capture.Samp
 Captured Features turns the record into the features Cluster Masks takes, after checking
 that the LATENT given is the output of the run it recorded.
 
-DiTs (Flux.1, Chroma, SD3.x) go through the same hooks: their blocks and the reading of their
+DiTs (Flux.1, Chroma, Flux.2, SD3.x) go through the same hooks: their blocks and the reading of their
 image tokens come from ``diffusion_features.feature_layers``, as in Diffusion Features."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..freeseg.capture import KEEP_CHOICES, KEEP_LAST, SamplingCapture, StaleCap
 from ..freeseg.features import DiffusionFeatures
 from ..freeseg.settings import CHOICES, DEFAULTS
 from .common import CATEGORY, Features, check_choice, first_problem, io, log
-from .diffusion_features import check_family, feature_layers
+from .diffusion_features import check_family, feature_layers, latent_downscale
 
 Capture = io.Custom("FREESEG_CAPTURE")
 WRAPPER_KEY = "freeseg_capture"
@@ -33,8 +33,9 @@ class CaptureHandle:
     """What Capture Features hands to Captured Features: the recorder, and what the features
     record about the model."""
 
-    def __init__(self, recorder: SamplingCapture, family: str, model_sampling):
+    def __init__(self, recorder: SamplingCapture, family: str, model_sampling, downscale: int = 8):
         self.recorder, self.family, self.model_sampling = recorder, family, model_sampling
+        self.downscale = downscale  # image pixels per latent cell
 
     def timestep(self, sigma: float) -> int:
         """The DDPM timestep (0..999) nearest ``sigma``."""
@@ -83,10 +84,10 @@ class FreeSegCaptureFeatures(io.ComfyNode):
                         "to any sampler (KSampler, SamplerCustomAdvanced, ...) and the capture output with "
                         "the sampler's LATENT to Captured Features. No extra model call; the generated image "
                         "is the same as with the plain model. Works with SD1.x, SD2.x and SDXL UNets and "
-                        "Flux.1, Chroma and SD3.x DiTs.",
+                        "Flux.1, Chroma, Flux.2 and SD3.x DiTs.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x, SDXL, "
-                               "Flux.1, Chroma or SD3.x). It is cloned, never changed."),
+                               "Flux.1, Chroma, Flux.2 or SD3.x). It is cloned, never changed."),
                 io.Combo.Input("keep", options=list(KEEP_CHOICES), default=KEEP_LAST, tooltip="last_call: the "
                                "features of the sampler's last model call (at sigma_min on most schedules, the "
                                "paper's timestep 0; for samplers with several calls per step, the last of them). "
@@ -114,7 +115,7 @@ class FreeSegCaptureFeatures(io.ComfyNode):
         family = check_family(model)
         layers, pick = feature_layers(model, source)
         recorder = SamplingCapture(layers, source, detail == "fine", keep, sigma, pick)
-        handle = CaptureHandle(recorder, family, model.get_model_object("model_sampling"))
+        handle = CaptureHandle(recorder, family, model.get_model_object("model_sampling"), latent_downscale(model))
         return io.NodeOutput(patch(model, recorder), handle)
 
 
@@ -126,7 +127,8 @@ class FreeSegCapturedFeatures(io.ComfyNode):
             display_name="FreeSeg-Diff Captured Features",
             category=CATEGORY,
             description="The features Capture Features recorded while the sampler ran, for Cluster Masks. "
-                        "latent must be that sampler's output: the masks come out at 8x its size. Fails "
+                        "latent must be that sampler's output: the masks come out at 8x its size (Flux.2: "
+                        "16x). Fails "
                         "(asking to re-run the sampler) when the record is not of these latents.",
             inputs=[
                 Capture.Input("capture", tooltip="The capture output of Capture Features."),
@@ -143,7 +145,9 @@ class FreeSegCapturedFeatures(io.ComfyNode):
             raise ValueError(f"latent: FreeSeg-Diff takes [B,c,h,w] image latents; got shape {tuple(samples.shape)}")
         recorder = capture.recorder
         h, w = samples.shape[-2:]
-        grid = (h, w) if recorder.capture.fine else (-(-h // 2), -(-w // 2))
+        d = capture.downscale
+        step = 8 if recorder.capture.fine else 16  # pixels per grid cell, as Diffusion Features' detail
+        grid = (-(-h * d // step), -(-w * d // step))
         try:
             feats, names, sigma = recorder.features(samples, grid)
         except StaleCapture as err:
@@ -152,5 +156,5 @@ class FreeSegCapturedFeatures(io.ComfyNode):
         source = recorder.capture.source
         log.info("FreeSeg-Diff captured features: %s %s at sigma %.4f from %d blocks %s -> %s", capture.family,
                  source, sigma, len(names), names, tuple(feats.shape))
-        return io.NodeOutput(DiffusionFeatures(feats, (8 * h, 8 * w), capture.family, source,
-                                               capture.timestep(sigma), 8 * max(h, w), names))
+        return io.NodeOutput(DiffusionFeatures(feats, (d * h, d * w), capture.family, source,
+                                               capture.timestep(sigma), d * max(h, w), names))

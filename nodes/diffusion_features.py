@@ -37,7 +37,7 @@ QUERIES = DEFAULTS.source  # the paper's source, cross-attention queries
 from ..freeseg.stages import resize_square, seeded_noise
 from .common import CATEGORY, Features, Progress, check_choice, first_problem, input_range, io, log, to_rgb
 
-SUPPORTED = "SD1.x, SD2.x and SDXL (UNet) and Flux.1 dev / schnell, Chroma and SD3.x (DiT) checkpoints"
+SUPPORTED = "SD1.x, SD2.x and SDXL (UNet) and Flux.1 dev / schnell, Chroma, Flux.2 and SD3.x (DiT) checkpoints"
 
 
 def dit_family(model) -> "dit.DiTFamily | None":
@@ -62,10 +62,16 @@ def check_family(model) -> str:
     if (not isinstance(dm, UNetModel) or getattr(dm, "use_temporal_resblocks", False)
             or getattr(latent, "latent_channels", 4) != 4):
         raise ValueError(f"model: FreeSeg-Diff works with {SUPPORTED}; the MODEL given is {family}, which is not "
-                         "supported (its blocks or latent are not ones the features are read from: Flux.2, "
-                         "Flux Fill, Qwen-Image, Z-Image / Lumina 2, HiDream, PixArt, AuraFlow, HunyuanDiT and video "
+                         "supported (its blocks or latent are not ones the features are read from: "
+                         "Flux Fill, Chroma Radiance, Qwen-Image, Z-Image / Lumina 2, HiDream, PixArt, AuraFlow, HunyuanDiT and video "
                          "models are not).")
     return family
+
+
+def latent_downscale(model) -> int:
+    """Image pixels per latent cell of the MODEL's latent: 8, or the DiT family's (Flux.2: 16)."""
+    family = dit_family(model)
+    return 8 if family is None else family.downscale
 
 
 def patch_size(dm) -> int:
@@ -313,26 +319,27 @@ class ComfyFeatures:
     def extract_latent(self, samples: torch.Tensor, settings: FreeSegSettings) -> DiffusionFeatures:
         """``extract`` from ComfyUI LATENT samples ``[B,c,h,w]`` (the VAE's latent space, before
         the model's ``process_in``, as VAE Encode gives them; c: the model's latent channels, 4
-        or 16): no VAE encode. A latent not of side resolution/8 is resized to it (bilinear), as
-        the image path resizes images to resolution; the features map back to images of
-        ``8h x 8w`` pixels."""
+        16 or 128): no VAE encode. A latent not of side resolution/d (d: ``latent_downscale``,
+        8; Flux.2 16) is resized to it (bilinear), as the image path resizes images to
+        resolution; the features map back to images of ``dh x dw`` pixels."""
         channels = self.model.get_model_object("latent_format").latent_channels
         if samples.ndim != 4 or samples.shape[1] != channels:
             raise ValueError(f"latent: this {check_family(self.model)} model takes [B,{channels},h,w] latents; got "
                              f"shape {tuple(samples.shape)}")
-        side = settings.resolution // 8
+        scale = latent_downscale(self.model)
+        side = settings.resolution // scale
         b, _, h, w = samples.shape
 
         def latent(start: int, n: int) -> torch.Tensor:
             x = samples[start:start + n].float()
             return x if (h, w) == (side, side) else F.interpolate(x, size=(side, side), mode="bilinear",
                                                                   align_corners=False)
-        return self._features(b, (8 * h, 8 * w), settings, latent)
+        return self._features(b, (scale * h, scale * w), settings, latent)
 
     def _features(self, b: int, image_size: tuple[int, int], settings: FreeSegSettings,
                   encoded: Callable[[int, int], torch.Tensor]) -> DiffusionFeatures:
         """The passes over ``b`` images; ``encoded(start, n)``: the latents (before
-        ``process_in``) of images start..start+n at side resolution/8."""
+        ``process_in``) of images start..start+n at side resolution/``latent_downscale``."""
         family = check_family(self.model)
         resolution, timestep, seed, source = settings.resolution, settings.timestep, settings.seed, settings.source
         layers, pick = feature_layers(self.model, source)
@@ -351,7 +358,8 @@ class ComfyFeatures:
 
         progress = Progress(b)
         out, names = [], []
-        latent_shape = (latent_format.latent_channels, resolution // 8, resolution // 8)
+        side = resolution // latent_downscale(self.model)
+        latent_shape = (latent_format.latent_channels, side, side)
         mm.load_models_gpu([unet], memory_required=unet.memory_required([1, *latent_shape]))
         per_pass = images_per_pass(unet, b, latent_shape)
         for start in range(0, b, per_pass):
@@ -387,13 +395,13 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
             description="One pass of the loaded checkpoint's diffusion model per image, up to the last block "
                         "used (a batch shares passes as memory allows); captures the features "
                         "FreeSeg-Diff clusters into masks. Works with SD1.x, SD2.x and SDXL UNets and with "
-                        "Flux.1 dev / schnell, Chroma and SD3.x DiTs (their image tokens at the blocks the "
+                        "Flux.1 dev / schnell, Chroma, Flux.2 and SD3.x DiTs (their image tokens at the blocks the "
                         "published work found semantic; recommended for Flux: timestep 500, resolution 1024; "
                         "SD3: timestep 714, resolution 1024). Takes image + "
                         "vae, or latent (then image and vae are not used and no VAE encode runs).",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x, "
-                               "SDXL, Flux.1, Chroma or SD3.x). It is cloned, never changed."),
+                               "SDXL, Flux.1, Chroma, Flux.2 or SD3.x). It is cloned, never changed."),
                 io.Vae.Input("vae", optional=True, tooltip="The VAE that belongs to the model (with image; "
                              "not needed with latent)."),
                 io.Image.Input("image", optional=True, tooltip="Images to segment (any size; RGBA and grey are "
@@ -418,8 +426,8 @@ class FreeSegDiffusionFeatures(io.ComfyNode):
                               "conditioning (paper). Without it (and without conditioning) a UNet gets a zero "
                               "conditioning (a warning is logged); a DiT needs one of the two."),
                 io.Latent.Input("latent", optional=True, tooltip="Latents instead of image + vae (e.g. a sampler's "
-                                "output): the VAE encode is skipped. Resized to resolution/8 if not that size; "
-                                "the masks come out at 8x the latent's size."),
+                                "output): the VAE encode is skipped. Resized to resolution/8 (Flux.2: /16) if not "
+                                "that size; the masks come out at 8x (16x) the latent's size."),
                 io.Conditioning.Input("conditioning", optional=True, tooltip="The conditioning of the pass, used "
                                       "instead of encoding the empty prompt with clip (its first entry; e.g. a "
                                       "CLIPTextEncode of an empty prompt, or of a caption). A DiT (Flux, SD3) needs "

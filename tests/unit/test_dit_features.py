@@ -52,14 +52,22 @@ def build(name: str, config: dict, seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
-def flux_config(image_model: str = "flux") -> dict:
+def flux_config(image_model: str = "flux", in_channels: int = 16) -> dict:
+    """Flux.1 (``comfy/model_detection.py``'s fixed fields at a reduced width and depth), its
+    Fill variant with ``in_channels`` 96, or Flux.2 (``image_model`` "flux2": patch 1 on a
+    128-channel latent, shared modulation, 4 rope axes)."""
     import comfy.ldm.flux.model as flux_model
 
-    config = dict(image_model=image_model, in_channels=16, patch_size=2, out_channels=16, vec_in_dim=24,
+    config = dict(image_model=image_model, in_channels=in_channels, patch_size=2, out_channels=16, vec_in_dim=24,
                   context_in_dim=32, hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=4, depth_single_blocks=2,
                   axes_dim=[8, 12, 12], theta=10000, qkv_bias=True, guidance_embed=True)
+    flux2 = image_model == "flux2"
+    if flux2:
+        config.update(in_channels=128, out_channels=128, patch_size=1, vec_in_dim=None, axes_dim=[8, 8, 8, 8],
+                      theta=2000, mlp_ratio=3.0, global_modulation=True, mlp_silu_act=True, qkv_bias=False,
+                      ops_bias=False, default_ref_method="index", ref_index_scale=10.0)
     if "txt_ids_dims" in {f.name for f in dataclasses.fields(flux_model.FluxParams)}:
-        config["txt_ids_dims"] = []  # ComfyUI 0.33's detection sets it (no text position ids)
+        config["txt_ids_dims"] = [3] if flux2 else []  # as ComfyUI 0.33's detection sets it
     return config
 
 
@@ -69,10 +77,16 @@ SD3_CONFIG = dict(in_channels=16, pos_embed_scaling_factor=None, patch_size=2, o
                                            "params": {"in_features": 32, "out_features": 256}})
 
 
+FAMILIES = ["Flux", "Flux2", "SD3"]
+CHANNELS = {"Flux": 16, "Flux2": 128, "SD3": 16}  # latent channels
+DOWNSCALE = {"Flux": 8, "Flux2": 16, "SD3": 8}  # image pixels per latent cell
+
+
 @pytest.fixture(scope="module")
 def models(df) -> dict:
     """family -> (MODEL, hidden width, blocks attribute, expected block names)."""
     return {"Flux": (build("Flux", flux_config()), 64, "double_blocks", ["double_block_3"]),
+            "Flux2": (build("Flux2", flux_config("flux2")), 64, "double_blocks", ["double_block_3"]),
             "SD3": (build("SD3", SD3_CONFIG), 256, "joint_blocks", ["joint_block_1"])}
 
 
@@ -84,11 +98,15 @@ def conditioning(seed: int = 1) -> list:
 
 
 class PoolVAE:
-    """A VAE stand-in: 16-channel latents from 8x8 average pools (the pass after it is the node's)."""
+    """A VAE stand-in: ``channels`` latents from ``scale`` x ``scale`` average pools (the pass
+    after it is the node's)."""
+
+    def __init__(self, family: str = "Flux"):
+        self.channels, self.scale = CHANNELS[family], DOWNSCALE[family]
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        pooled = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8)
-        return torch.cat([pooled * (k + 1) / 6 for k in range(6)], dim=1)[:, :16]
+        pooled = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), self.scale)
+        return torch.cat([pooled * (k + 1) / 3 for k in range(-(-self.channels // 3))], dim=1)[:, :self.channels]
 
 
 class CallCount:
@@ -109,13 +127,14 @@ def test_family_table_scales_with_depth() -> None:
     assert dit.block_indices(dit.FAMILIES["SD3"], 24) == [9]
     assert dit.block_indices(dit.FAMILIES["SD3"], 38) == [14]  # SD3.5 large
     assert dit.block_indices(dit.FAMILIES["Flux"], 4) == [3]
+    assert dit.block_indices(dit.FAMILIES["Flux2"], 8) == [6, 7]  # Flux.2 dev
 
 
-@pytest.mark.parametrize("family", ["Flux", "SD3"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("detail", ["paper", "fine"])
 def test_documented_shape(df, models, family: str, detail: str) -> None:
     model, width, _, blocks = models[family]
-    out = df.extract(model, PoolVAE(), images(2), timestep=500, resolution=RES, detail=detail,
+    out = df.extract(model, PoolVAE(family), images(2), timestep=500, resolution=RES, detail=detail,
                      conditioning=conditioning())
     side = RES // (16 if detail == "paper" else 8)
     assert out.features.shape == (2, width * len(blocks), side, side)
@@ -123,7 +142,7 @@ def test_documented_shape(df, models, family: str, detail: str) -> None:
     assert out.blocks == blocks and out.family == family and out.image_size == (40, 56)
 
 
-@pytest.mark.parametrize("family", ["Flux", "SD3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_early_stop_gives_the_whole_pass_features(df, models, family: str) -> None:
     model, _, _, _ = models[family]
     dm = model.model.diffusion_model
@@ -131,7 +150,7 @@ def test_early_stop_gives_the_whole_pass_features(df, models, family: str) -> No
     for stop in (True, False):
         counter = CallCount(dm.final_layer)
         try:
-            outs[stop] = df.extract(model, PoolVAE(), images(2), timestep=500, resolution=RES,
+            outs[stop] = df.extract(model, PoolVAE(family), images(2), timestep=500, resolution=RES,
                                     conditioning=conditioning(), stop_early=stop)
         finally:
             counter.handle.remove()
@@ -140,15 +159,16 @@ def test_early_stop_gives_the_whole_pass_features(df, models, family: str) -> No
     assert not any(m._forward_hooks for m in dm.modules()), "a hook was left on the model"
 
 
-@pytest.mark.parametrize("family", ["Flux", "SD3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_images_share_a_pass_as_memory_allows(df, models, family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import comfy.model_management as mm
 
     model, _, attr, _ = models[family]
     batch_images = images(3, seed=4)
-    singles = torch.cat([df.extract(model, PoolVAE(), batch_images[i:i + 1], timestep=300, resolution=RES, seed=7 + i,
+    singles = torch.cat([df.extract(model, PoolVAE(family), batch_images[i:i + 1], timestep=300, resolution=RES, seed=7 + i,
                                     conditioning=conditioning()).features for i in range(3)])
-    one = model.model.memory_required([1, 16, RES // 8, RES // 8])
+    side = RES // DOWNSCALE[family]
+    one = model.model.memory_required([1, CHANNELS[family], side, side])
     for free, passes in ((None, 1), (one * 1.6, 3)):
         if free is not None:
             real = mm.get_free_memory
@@ -156,7 +176,7 @@ def test_images_share_a_pass_as_memory_allows(df, models, family: str, monkeypat
                                 lambda dev=None, torch_free_too=False: real(dev, True) if torch_free_too else free)
         counter = CallCount(getattr(model.model.diffusion_model, attr)[0])
         try:
-            batch = df.extract(model, PoolVAE(), batch_images, timestep=300, resolution=RES, seed=7,
+            batch = df.extract(model, PoolVAE(family), batch_images, timestep=300, resolution=RES, seed=7,
                                conditioning=conditioning())
         finally:
             counter.handle.remove()
@@ -165,7 +185,7 @@ def test_images_share_a_pass_as_memory_allows(df, models, family: str, monkeypat
             (batch.features.float() - singles.float()).abs().max()
 
 
-@pytest.mark.parametrize("family", ["Flux", "SD3"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("before", [1, 0])
 def test_a_patch_another_node_added_still_runs_and_the_model_is_not_changed(df, models, family: str,
                                                                            before: int) -> None:
@@ -173,7 +193,7 @@ def test_a_patch_another_node_added_still_runs_and_the_model_is_not_changed(df, 
     the block read itself (the features are that block's own output: the hook sits on it)."""
     model, _, attr, blocks = models[family]
     index = int(blocks[-1].rsplit("_", 1)[1]) - before
-    plain = df.extract(model, PoolVAE(), images(1), timestep=500, resolution=RES, conditioning=conditioning())
+    plain = df.extract(model, PoolVAE(family), images(1), timestep=500, resolution=RES, conditioning=conditioning())
     user = model.clone()
     calls = []
     def other_node(args, extra):  # a replace patch as other packs add them: calls the block, changes its output
@@ -185,7 +205,7 @@ def test_a_patch_another_node_added_still_runs_and_the_model_is_not_changed(df, 
 
     user.set_model_patch_replace(other_node, "dit", "double_block", index)
     options_before = repr(user.model_options)
-    patched = df.extract(user, PoolVAE(), images(1), timestep=500, resolution=RES, conditioning=conditioning())
+    patched = df.extract(user, PoolVAE(family), images(1), timestep=500, resolution=RES, conditioning=conditioning())
     assert calls, "the other node's patch did not run"
     assert torch.equal(patched.features, plain.features) == (before == 0)
     assert repr(user.model_options) == options_before
@@ -193,29 +213,31 @@ def test_a_patch_another_node_added_still_runs_and_the_model_is_not_changed(df, 
     assert ("double_block", index) in user.model_options["transformer_options"]["patches_replace"]["dit"]
 
 
-def one_hot_latent(grid: int) -> torch.Tensor:
-    """``[1,16,2g,2g]``: 2x2 patch (r, c) (token k = r * g + c, row-major) is one-hot at the
-    element k of its ``(c ph pw)`` flattening: channel k // 4, row 2r + (k % 4) // 2, column
-    2c + k % 2."""
-    latent = torch.zeros(1, 16, 2 * grid, 2 * grid)
+def one_hot_latent(grid: int, channels: int, patch: int) -> torch.Tensor:
+    """``[1,channels,pg,pg]``: patch (r, c) (token k = r * g + c, row-major) is one-hot at the
+    element k of its ``(c ph pw)`` flattening: channel k // p^2, row pr + (k % p^2) // p,
+    column pc + k % p."""
+    latent = torch.zeros(1, channels, patch * grid, patch * grid)
     for r in range(grid):
         for c in range(grid):
             k = r * grid + c
-            latent[0, k // 4, 2 * r + (k % 4) // 2, 2 * c + k % 2] = 1.0
+            latent[0, k // patch ** 2, patch * r + (k % patch ** 2) // patch, patch * c + k % patch] = 1.0
     return latent
 
 
-@pytest.mark.parametrize("family", ["Flux", "SD3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_token_to_grid_known_answer(df, family: str) -> None:
     """The patch embedding copies each token's 64 patch values to its first 64 channels, every
     block returns its input: the feature at grid cell (r, c) must be hot at channel r * 8 + c."""
     grid = RES // 16
-    if family == "Flux":
-        model = build("Flux", flux_config())
+    patch = 1 if family == "Flux2" else 2
+    if family.startswith("Flux"):
+        model = build(family, flux_config(family.lower()))
         dm = model.model.diffusion_model
         with torch.no_grad():
-            dm.img_in.weight.copy_(torch.eye(64))
-            dm.img_in.bias.zero_()
+            dm.img_in.weight.copy_(torch.eye(64, dm.img_in.weight.shape[1]))
+            if dm.img_in.bias is not None:
+                dm.img_in.bias.zero_()
         for block in dm.double_blocks:
             block.forward = lambda img, txt, **_kwargs: (img, txt)
     else:
@@ -231,7 +253,8 @@ def test_token_to_grid_known_answer(df, family: str) -> None:
         for block in dm.joint_blocks:
             block.forward = lambda context, x, **_kwargs: (context, x)
     settings = df.DEFAULTS.replace(timestep=0, resolution=RES)  # sigma 0: the latent itself
-    out = df.ComfyFeatures(model, None, conditioning=conditioning()).extract_latent(one_hot_latent(grid), settings)
+    out = df.ComfyFeatures(model, None, conditioning=conditioning()).extract_latent(
+        one_hot_latent(grid, CHANNELS[family], patch), settings)
     hot = out.features[0].float().argmax(dim=0)
     expected = torch.arange(grid * grid).reshape(grid, grid)
     assert torch.equal(hot, expected), hot
@@ -252,21 +275,22 @@ def test_massive_channels_are_zeroed_and_tokens_normalised() -> None:
 
 
 def test_refusals_name_the_family(df, models) -> None:
-    flux2 = build("Flux2", flux_config("flux2"))
-    with pytest.raises(ValueError, match="Flux2, which is not supported"):
-        df.check_family(flux2)
+    family = "Flux"
+    fill = build("FluxInpaint", flux_config(in_channels=96))  # Flux Fill: image + mask channels concatenated
+    with pytest.raises(ValueError, match="FluxInpaint, which is not supported"):
+        df.check_family(fill)
     aura = build("AuraFlow", dict(in_channels=4, out_channels=4, patch_size=2, dim=64, n_layers=2, n_double_layers=1,
                                   n_heads=2, global_conddim=64, cond_seq_dim=32, max_seq=64))
     with pytest.raises(ValueError, match="AuraFlow, which is not supported"):
-        df.extract(aura, PoolVAE(), images(1), resolution=RES, conditioning=conditioning())
+        df.extract(aura, PoolVAE(family), images(1), resolution=RES, conditioning=conditioning())
     model = models["Flux"][0]
     with pytest.raises(ValueError, match="a Flux model is conditioned on its text encoder's empty prompt"):
-        df.extract(model, PoolVAE(), images(1), resolution=RES)
+        df.extract(model, PoolVAE(family), images(1), resolution=RES)
     with pytest.raises(ValueError, match="Flux DiT has none"):
-        df.extract(model, PoolVAE(), images(1), resolution=RES, source=SOURCE_DECODER, conditioning=conditioning())
+        df.extract(model, PoolVAE(family), images(1), resolution=RES, source=SOURCE_DECODER, conditioning=conditioning())
 
 
-@pytest.mark.parametrize("family", ["Flux", "SD3"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("cfg", [1.0, 2.0])
 def test_capture_while_sampling(df, models, family: str, cfg: float) -> None:
     """Capture Features on a DiT: the generated latents are bit-identical to the plain MODEL's,
@@ -280,7 +304,8 @@ def test_capture_while_sampling(df, models, family: str, cfg: float) -> None:
     layers, pick = df.feature_layers(model, df.QUERIES)
     recorder = cf.SamplingCapture(layers, df.QUERIES, False, pick=pick)
     patched = cf.patch(model, recorder)
-    latent = torch.zeros(2, 16, RES // 8, RES // 8)
+    side = RES // DOWNSCALE[family]
+    latent = torch.zeros(2, CHANNELS[family], side, side)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(11))
     positive, negative = conditioning(1), conditioning(2)
     runs = [comfy.sample.sample(m, noise, 3, cfg, "euler", "simple", positive, negative, latent, seed=11)
