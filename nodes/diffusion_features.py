@@ -3,7 +3,7 @@ block used; a batch shares passes as memory allows), capturing the features Free
 clusters. The images come as IMAGE + VAE (encoded here) or as a LATENT.
 
 Stable Diffusion UNets (SD1.x, SD2.x, SDXL): the cross-attention queries or decoder blocks of
-the paper. DiTs (Flux.1 dev / schnell, Chroma, SD3.x): the image tokens of the blocks of
+the paper. DiTs (Flux.1 dev / schnell, Chroma, Flux.2, SD3.x): the image tokens of the blocks of
 ``freeseg.dit.FAMILIES``, read by forward hooks on the blocks themselves, the same seam as the
 UNet layers (``freeseg.capture.LayerCapture``). Hooks rather than a
 ``patches_replace["dit"]`` entry: that dict holds one patch per block, so setting ours would
@@ -62,9 +62,9 @@ def check_family(model) -> str:
     if (not isinstance(dm, UNetModel) or getattr(dm, "use_temporal_resblocks", False)
             or getattr(latent, "latent_channels", 4) != 4):
         raise ValueError(f"model: FreeSeg-Diff works with {SUPPORTED}; the MODEL given is {family}, which is not "
-                         "supported (its blocks or latent are not ones the features are read from: "
-                         "Flux Fill, Chroma Radiance, Qwen-Image, Z-Image / Lumina 2, HiDream, PixArt, AuraFlow, HunyuanDiT and video "
-                         "models are not).")
+                         "supported (its blocks or latent are not ones the features are read from: Flux Fill, "
+                         "Chroma Radiance, Qwen-Image, Z-Image / Lumina 2, HiDream, PixArt, AuraFlow, HunyuanDiT "
+                         "and video models are not).")
     return family
 
 

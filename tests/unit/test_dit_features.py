@@ -165,8 +165,8 @@ def test_images_share_a_pass_as_memory_allows(df, models, family: str, monkeypat
 
     model, _, attr, _ = models[family]
     batch_images = images(3, seed=4)
-    singles = torch.cat([df.extract(model, PoolVAE(family), batch_images[i:i + 1], timestep=300, resolution=RES, seed=7 + i,
-                                    conditioning=conditioning()).features for i in range(3)])
+    singles = torch.cat([df.extract(model, PoolVAE(family), batch_images[i:i + 1], timestep=300, resolution=RES,
+                                    seed=7 + i, conditioning=conditioning()).features for i in range(3)])
     side = RES // DOWNSCALE[family]
     one = model.model.memory_required([1, CHANNELS[family], side, side])
     for free, passes in ((None, 1), (one * 1.6, 3)):
@@ -287,7 +287,8 @@ def test_refusals_name_the_family(df, models) -> None:
     with pytest.raises(ValueError, match="a Flux model is conditioned on its text encoder's empty prompt"):
         df.extract(model, PoolVAE(family), images(1), resolution=RES)
     with pytest.raises(ValueError, match="Flux DiT has none"):
-        df.extract(model, PoolVAE(family), images(1), resolution=RES, source=SOURCE_DECODER, conditioning=conditioning())
+        df.extract(model, PoolVAE(family), images(1), resolution=RES, source=SOURCE_DECODER,
+                   conditioning=conditioning())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
