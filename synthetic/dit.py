@@ -113,15 +113,17 @@ FLUX_EXPECTED_CLASS = "Flux"
 SD3_EXPECTED_CLASS = "SD3"
 
 
-def _random_dit(model_config_cls_name: str, config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """Instantiate ComfyUI's diffusion model for ``config`` via its model config class and
-    initialise it deterministically: torch.nn layers by their own reset, norm scales 1, the
-    positional table (SD3) N(0, 0.02); return the state dict (fp32)."""
+def random_dit(model_config_cls_name: str, config: dict[str, Any], seed: int,
+               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Instantiate ComfyUI's diffusion model for ``config`` via its model config class (in
+    ``dtype``: the real-size bench models are built directly in bf16) and initialise it
+    deterministically: torch.nn layers by their own reset, norm scales 1, the positional table
+    (SD3) N(0, 0.02); return the state dict."""
     import_comfy()
     import comfy.supported_models
 
     cfg = getattr(comfy.supported_models, model_config_cls_name)(copy.deepcopy(config))
-    cfg.set_inference_dtype(torch.float32, None)
+    cfg.set_inference_dtype(dtype, None)
     model = cfg.get_model({}).diffusion_model
     names = [n for n, _ in model.named_parameters()]
     ones = {n: 1.0 for n in names if n.endswith(".scale") or n.endswith("ln_q.weight") or n.endswith("ln_k.weight")}
@@ -130,11 +132,11 @@ def _random_dit(model_config_cls_name: str, config: dict[str, Any], seed: int) -
     sd = model.state_dict()
     if "pos_embed" in sd:
         with _seeded(seed + 1):
-            sd["pos_embed"] = torch.randn(sd["pos_embed"].shape) * 0.02
+            sd["pos_embed"] = (torch.randn(sd["pos_embed"].shape) * 0.02).to(dtype)
     return sd
 
 
-def _check_detection(sd: dict[str, torch.Tensor], prefix: str, config: dict[str, Any], expected: str) -> None:
+def check_detection(sd: dict[str, torch.Tensor], prefix: str, config: dict[str, Any], expected: str) -> None:
     """Raise unless ComfyUI's detection reads ``config`` back from the keys and picks ``expected``."""
     import comfy.model_detection
 
@@ -147,7 +149,7 @@ def _check_detection(sd: dict[str, torch.Tensor], prefix: str, config: dict[str,
         raise RuntimeError(f"ComfyUI detects the written model as {name}, not {expected}")
 
 
-def _random_kl16_vae(seed: int) -> dict[str, torch.Tensor]:
+def random_kl16_vae(seed: int) -> dict[str, torch.Tensor]:
     """A random 16-channel KL autoencoder as ComfyUI's VAELoader builds it from ``ae.safetensors``
     (AutoencodingEngine, no quant convs); state dict with ``encoder.*`` / ``decoder.*`` keys."""
     import_comfy()
@@ -178,25 +180,25 @@ def _random_clip_l(seed: int) -> dict[str, torch.Tensor]:
 
 def build_flux_unet(path: str | os.PathLike, seed: int = FLUX_SEED) -> str:
     """Write the random Flux.1-dev diffusion model (bf16, BFL keys, no prefix) to ``path``."""
-    sd = _to_saveable(_random_dit(FLUX_EXPECTED_CLASS, FLUX_DIT_CONFIG, seed), torch.bfloat16)
-    _check_detection(sd, "", FLUX_DIT_CONFIG, FLUX_EXPECTED_CLASS)
+    sd = _to_saveable(random_dit(FLUX_EXPECTED_CLASS, FLUX_DIT_CONFIG, seed), torch.bfloat16)
+    check_detection(sd, "", FLUX_DIT_CONFIG, FLUX_EXPECTED_CLASS)
     return str(_save_safetensors(sd, Path(path), _metadata("flux_unet", seed)))
 
 
 def build_flux_vae(path: str | os.PathLike, seed: int = FLUX_VAE_SEED) -> str:
     """Write the random 16-channel KL VAE (bf16, ``ae.safetensors`` layout) to ``path``."""
-    sd = _to_saveable(_random_kl16_vae(seed), torch.bfloat16)
+    sd = _to_saveable(random_kl16_vae(seed), torch.bfloat16)
     return str(_save_safetensors(sd, Path(path), _metadata("flux_vae", seed)))
 
 
 def build_sd3_checkpoint(path: str | os.PathLike, seed: int = SD3_CKPT_SEED) -> str:
     """Write the random SD3.5-style checkpoint (fp16: MMDiT + 16-channel KL VAE + CLIP-L) to ``path``."""
-    dit = _random_dit(SD3_EXPECTED_CLASS, SD3_DIT_CONFIG, seed)
+    dit = random_dit(SD3_EXPECTED_CLASS, SD3_DIT_CONFIG, seed)
     sd: dict[str, torch.Tensor] = {"model.diffusion_model." + k: v for k, v in dit.items()}
-    sd.update({"first_stage_model." + k: v for k, v in _random_kl16_vae(seed + 1).items()})
+    sd.update({"first_stage_model." + k: v for k, v in random_kl16_vae(seed + 1).items()})
     sd.update({"text_encoders.clip_l.transformer." + k: v for k, v in _random_clip_l(seed + 2).items()})
     sd = _to_saveable(sd, torch.float16)
-    _check_detection(sd, "model.diffusion_model.", SD3_DIT_CONFIG, SD3_EXPECTED_CLASS)
+    check_detection(sd, "model.diffusion_model.", SD3_DIT_CONFIG, SD3_EXPECTED_CLASS)
     return str(_save_safetensors(sd, Path(path), _metadata("sd3_ckpt", seed)))
 
 
