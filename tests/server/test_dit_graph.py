@@ -69,3 +69,47 @@ def test_dit_checkpoint_runs_the_full_graph(family, timestep, channels, models_c
     assert 1 <= len(named) <= 3 and set(named) <= set(CLASSES.split(", "))
     assert probed(result, masks)["shape"] == [len(named), HEIGHT, WIDTH]
     assert probed(result, union)["shape"] == [1, HEIGHT, WIDTH]
+
+
+def test_evaluator_runs_the_flux_workflow(models_client, models_server, tmp_path):
+    """The README's command for users with the weights, `freeseg eval --backend comfyui
+    --workflow workflows/api/freeseg_flux.json`, on a 2-image VOC-layout split (random ground
+    truth) with the workflow's model names swapped for the fixtures as in test_workflows."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    import workflow_tools as wt
+    from freeseg.app.paths import REPO
+    from synthetic.scenes import write_test_image
+
+    voc = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    stems = ["2007_000001", "2007_000002"]
+    rng = np.random.default_rng(0)
+    for i, stem in enumerate(stems):
+        png = write_test_image(str(tmp_path / f"{stem}.png"), 64, 48, seed=50 + i)
+        Image.open(png).convert("RGB").save(voc / "JPEGImages" / f"{stem}.jpg", quality=95)
+        gt = rng.choice(np.array([0, 8, 12], dtype=np.uint8), size=(48, 64))
+        Image.fromarray(gt, mode="L").save(voc / "SegmentationClass" / f"{stem}.png")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(stems) + "\n")
+    with open(os.path.join(wt.API_DIR, "freeseg_flux.json"), encoding="utf-8") as f:
+        api = json.load(f)
+    workflow = wt.adapt_api(api, {node: "example.png" for node in wt.load_image_ids(api)})  # eval sets the image
+    (tmp_path / "flux.json").write_text(json.dumps(workflow))
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, "-m", "freeseg", "eval", "--dataset", "voc", "--root", str(voc), "--backend", "comfyui",
+         "--workflow", str(tmp_path / "flux.json"), "--url", models_server.url,
+         "--blip2", MODEL_LINKS["blip2_dir"][1], "--mode", "open", "--resolution", "128", "--clusters", "3",
+         "--no-progress", "--out", str(out), "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout)
+    assert 0.0 <= scores["miou"] <= 1.0
+    (pred_dir,) = (out / "predictions").iterdir()
+    assert sorted(p.stem for p in pred_dir.iterdir()) == stems
