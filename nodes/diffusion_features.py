@@ -227,8 +227,6 @@ def model_kwargs(base, cond: torch.Tensor, extras: dict, n: int, resolution: int
     for key, value in (("width", resolution), ("height", resolution), ("crop_w", 0), ("crop_h", 0),
                        ("target_width", resolution), ("target_height", resolution)):
         params.setdefault(key, value)
-    if params.get("pooled_output") is None:
-        params.pop("pooled_output", None)
     params.update(device=device, noise=x, latent_image=x0)
     out = {}
     for key, value in base.extra_conds(**params).items():

@@ -1,7 +1,8 @@
-"""Diffusion Features on DiTs (Flux.1 and SD3), in-process ComfyUI on reduced random-weight models.
+"""Diffusion Features on DiTs (Flux.1, Chroma, Flux.2, SD3), in-process ComfyUI on reduced
+random-weight models.
 
-The models are ComfyUI's own classes (``comfy.supported_models.Flux`` / ``SD3`` ->
-``get_model``), built in memory at a reduced width and depth with seeded random weights
+The models are ComfyUI's own classes (``comfy.supported_models.Flux`` / ``Chroma`` / ``Flux2`` /
+``SD3`` -> ``get_model``), built in memory at a reduced width and depth with seeded random weights
 (the on-disk fixtures of ``synthetic/dit.py`` keep Flux's real 3072 width, too slow for
 these checks on a CPU). The conditioning is a CONDITIONING the test makes (Flux and SD3 read
 T5-XXL tokens, which cannot be built here), through the node's ``conditioning`` input.
@@ -71,21 +72,27 @@ def flux_config(image_model: str = "flux", in_channels: int = 16) -> dict:
     return config
 
 
+CHROMA_CONFIG = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64,
+                     mlp_ratio=2.0, num_heads=2, depth=4, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000,
+                     patch_size=2, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32, n_layers=2)
+"""Chroma: Flux's double / single blocks without their own modulation (an approximator gives it)."""
+
 SD3_CONFIG = dict(in_channels=16, pos_embed_scaling_factor=None, patch_size=2, out_channels=16, depth=4,
                   adm_in_channels=24, num_patches=64 * 64, pos_embed_max_size=64,
                   context_embedder_config={"target": "torch.nn.Linear",
                                            "params": {"in_features": 32, "out_features": 256}})
 
 
-FAMILIES = ["Flux", "Flux2", "SD3"]
-CHANNELS = {"Flux": 16, "Flux2": 128, "SD3": 16}  # latent channels
-DOWNSCALE = {"Flux": 8, "Flux2": 16, "SD3": 8}  # image pixels per latent cell
+FAMILIES = ["Flux", "Chroma", "Flux2", "SD3"]
+CHANNELS = {"Flux": 16, "Chroma": 16, "Flux2": 128, "SD3": 16}  # latent channels
+DOWNSCALE = {"Flux": 8, "Chroma": 8, "Flux2": 16, "SD3": 8}  # image pixels per latent cell
 
 
 @pytest.fixture(scope="module")
 def models(df) -> dict:
     """family -> (MODEL, hidden width, blocks attribute, expected block names)."""
     return {"Flux": (build("Flux", flux_config()), 64, "double_blocks", ["double_block_3"]),
+            "Chroma": (build("Chroma", CHROMA_CONFIG), 64, "double_blocks", ["double_block_3"]),
             "Flux2": (build("Flux2", flux_config("flux2")), 64, "double_blocks", ["double_block_3"]),
             "SD3": (build("SD3", SD3_CONFIG), 256, "joint_blocks", ["joint_block_1"])}
 
@@ -231,8 +238,8 @@ def test_token_to_grid_known_answer(df, family: str) -> None:
     block returns its input: the feature at grid cell (r, c) must be hot at channel r * 8 + c."""
     grid = RES // 16
     patch = 1 if family == "Flux2" else 2
-    if family.startswith("Flux"):
-        model = build(family, flux_config(family.lower()))
+    if family != "SD3":
+        model = build(family, CHROMA_CONFIG if family == "Chroma" else flux_config(family.lower()))
         dm = model.model.diffusion_model
         with torch.no_grad():
             dm.img_in.weight.copy_(torch.eye(64, dm.img_in.weight.shape[1]))
