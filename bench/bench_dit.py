@@ -176,7 +176,8 @@ def run_dit(args: argparse.Namespace) -> int:
             f"features_over_vae_forward_to_last_block_{unit}": round(feat / (vae + to_last), 3),
             f"features_over_vae_full_forward_{unit}": round(feat / (vae + forward), 3),
         })
-        print(f"\nstage (median of the single runs)           {'wall seconds' if clock is None else 'server CPU seconds'}")
+        what = "wall seconds" if clock is None else "server CPU seconds"
+        print(f"\nstage (median of the single runs)           {what}")
         for name, value in stages.items():
             print(f"  {name:42s} {value:8.2f}")
         print(f"  {'baseline VAEEncode':42s} {vae:8.2f}")
