@@ -72,10 +72,16 @@ def flux_config(image_model: str = "flux", in_channels: int = 16) -> dict:
     return config
 
 
-CHROMA_CONFIG = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64,
-                     mlp_ratio=2.0, num_heads=2, depth=4, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000,
-                     patch_size=2, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32, n_layers=2)
-"""Chroma: Flux's double / single blocks without their own modulation (an approximator gives it)."""
+def chroma_config() -> dict:
+    """Chroma: Flux's double / single blocks without their own modulation (an approximator gives it)."""
+    import comfy.ldm.chroma.model as chroma_model
+
+    config = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64,
+                  mlp_ratio=2.0, num_heads=2, depth=4, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000,
+                  patch_size=2, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32, n_layers=2)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(chroma_model.ChromaParams)}:
+        config.update(txt_ids_dims=[], vec_in_dim=None)  # as ComfyUI 0.33's detection sets them
+    return config
 
 SD3_CONFIG = dict(in_channels=16, pos_embed_scaling_factor=None, patch_size=2, out_channels=16, depth=4,
                   adm_in_channels=24, num_patches=64 * 64, pos_embed_max_size=64,
@@ -92,7 +98,7 @@ DOWNSCALE = {"Flux": 8, "Chroma": 8, "Flux2": 16, "SD3": 8}  # image pixels per 
 def models(df) -> dict:
     """family -> (MODEL, hidden width, blocks attribute, expected block names)."""
     return {"Flux": (build("Flux", flux_config()), 64, "double_blocks", ["double_block_3"]),
-            "Chroma": (build("Chroma", CHROMA_CONFIG), 64, "double_blocks", ["double_block_3"]),
+            "Chroma": (build("Chroma", chroma_config()), 64, "double_blocks", ["double_block_3"]),
             "Flux2": (build("Flux2", flux_config("flux2")), 64, "double_blocks", ["double_block_3"]),
             "SD3": (build("SD3", SD3_CONFIG), 256, "joint_blocks", ["joint_block_1"])}
 
@@ -239,7 +245,7 @@ def test_token_to_grid_known_answer(df, family: str) -> None:
     grid = RES // 16
     patch = 1 if family == "Flux2" else 2
     if family != "SD3":
-        model = build(family, CHROMA_CONFIG if family == "Chroma" else flux_config(family.lower()))
+        model = build(family, chroma_config() if family == "Chroma" else flux_config(family.lower()))
         dm = model.model.diffusion_model
         with torch.no_grad():
             dm.img_in.weight.copy_(torch.eye(64, dm.img_in.weight.shape[1]))
