@@ -1,5 +1,5 @@
-"""DiT backbones (Flux.1, Chroma, Flux.2, SD3.x): which blocks the features come from, at which timestep
-and resolution, how a block's image tokens map onto the latent grid, and the massive
+"""DiT backbones (Flux.1, Chroma, Flux.2, SD3.x): which blocks the features come from, at which
+timestep and resolution, how a block's image tokens map onto the latent grid, and the massive
 activations handled before clustering. Runtime-free: the ComfyUI node
 (``nodes/diffusion_features.py``) finds the blocks in the model and runs the pass through
 ``freeseg.capture.LayerCapture``, as for UNets.
@@ -26,7 +26,7 @@ SD3     joint block 9 of 24 (SD3         714       1024        Seg4Diff (NeurIPS
   never run).
 - SD3: Seg4Diff finds MM-DiT block 9 the "semantic grounding" layer, at noise step 8 of a
   28-step schedule (timestep 1000 * (1 - 8/28) = 714 here), 1024 px.
-- Both take the block's output image tokens (the residual stream), not an attention map:
+- All take the block's output image tokens (the residual stream), not an attention map:
   the features FreeSeg-Diff clusters. Per DiTF (arXiv 2505.18584) these carry "massive
   activations" in a few fixed channels; ``normalise_tokens`` zeroes those channels and
   normalises each token (the parameter-free part of the block's AdaLN: its scale and shift
@@ -34,7 +34,11 @@ SD3     joint block 9 of 24 (SD3         714       1024        Seg4Diff (NeurIPS
   concatenation GoCA (CVPR 2026) asks for ("aggregated and rescaled").
 
 The timestep and resolution are what the node's ``timestep`` / ``resolution`` inputs should be
-set to for a family (the example workflows do); the node uses what it is given.
+set to for a family (the example workflows do); the node uses what it is given. Of the node's
+options, ``detail`` applies (paper: a resolution/16 grid, the token grid itself; fine: a
+resolution/8 grid, the tokens upsampled, as a DiT has no finer blocks) and ``source`` does
+not (only the default ``cross_attn_queries``, read as "the family's blocks"; a DiT has no
+decoder blocks, so ``decoder_blocks`` is refused).
 
 Token order: Flux.1 and SD3 patchify the latent 2x2 into ``ceil(h/2) * ceil(w/2)`` tokens in
 row-major order (``b c (h ph) (w pw) -> b (h w) (c ph pw)``; SD3 a stride-2 conv, flattened
