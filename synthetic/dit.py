@@ -40,6 +40,9 @@ them once into the fixture cache (keys ``flux_unet``, ``flux_vae``, ``sd3_ckpt``
   from ``joint_blocks.N.x_block.attn2.qkv.weight``. Reduced: ``SD3_DEPTH`` blocks of width
   64 * ``SD3_DEPTH`` (real 3.5 large: 38 blocks, 2432 wide; 3 medium: 24, 1536), positional table
   64 x 64 patches (1024 px; real 192 x 192). Context (4096) and pooled (2048) widths are real.
+* ``build_pixart_unet(path)``: a PixArt-Sigma diffusion model (one block; detection reads the
+  depth by counting ``blocks.N.``, fixes the width at 1152) for the refusal of a DiT family the
+  features node does not reach.
 * ``build_clip_l(path)``: a full-size random CLIP-L text encoder in the layout of the
   ``clip_l.safetensors`` users put in ``models/text_encoders`` (``text_model.*``).
 
@@ -66,6 +69,7 @@ CLIP_L_SEED = 7004
 FLUX_DEPTH = 1
 FLUX_SINGLE_DEPTH = 1
 SD3_DEPTH = 10
+PIXART_SEED = 7005
 
 # What comfy.model_detection.detect_unet_config returns for the Flux fixture (the config the
 # builder instantiates, checked against detection after writing).
@@ -108,6 +112,10 @@ KL16_DDCONFIG: dict[str, Any] = {"double_z": True, "z_channels": 16, "resolution
                                  "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
                                  "attn_resolutions": [], "dropout": 0.0}
 
+PIXART_DIT_CONFIG: dict[str, Any] = {"num_heads": 16, "patch_size": 2, "hidden_size": 1152, "in_channels": 4,
+                                     "depth": 1, "model_max_length": 300, "image_model": "pixart_sigma",
+                                     "micro_condition": False}
+
 # Classes ComfyUI's detection must pick for the files (comfy.supported_models).
 FLUX_EXPECTED_CLASS = "Flux"
 SD3_EXPECTED_CLASS = "SD3"
@@ -127,7 +135,7 @@ def random_dit(model_config_cls_name: str, config: dict[str, Any], seed: int,
     model = cfg.get_model({}).diffusion_model
     names = [n for n, _ in model.named_parameters()]
     ones = {n: 1.0 for n in names if n.endswith(".scale") or n.endswith("ln_q.weight") or n.endswith("ln_k.weight")}
-    zeros = {n: 0.0 for n in names if n == "pos_embed"}
+    zeros = {n: 0.0 for n in names if n == "pos_embed" or n.endswith("scale_shift_table")}  # PixArt's tables
     reset_all_parameters(model, seed, extra={**ones, **zeros})
     sd = model.state_dict()
     if "pos_embed" in sd:
@@ -207,3 +215,9 @@ def build_clip_l(path: str | os.PathLike, seed: int = CLIP_L_SEED) -> str:
     sd = _to_saveable(_random_clip_l(seed), torch.float16)
     return str(_save_safetensors(sd, Path(path), _metadata("clip_l", seed)))
 
+
+def build_pixart_unet(path: str | os.PathLike, seed: int = PIXART_SEED) -> str:
+    """Write a random one-block PixArt-Sigma diffusion model (fp16, no prefix) to ``path``."""
+    sd = _to_saveable(random_dit("PixArtSigma", PIXART_DIT_CONFIG, seed), torch.float16)
+    check_detection(sd, "", PIXART_DIT_CONFIG, "PixArtSigma")
+    return str(_save_safetensors(sd, Path(path), _metadata("pixart_unet", seed)))

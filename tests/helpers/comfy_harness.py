@@ -25,7 +25,7 @@ MODEL_LINKS = {
     "sd15_ckpt": ("checkpoints", "freeseg-tiny-sd15.safetensors"),
     "sdxl_unet": ("diffusion_models", "freeseg-tiny-sdxl.safetensors"),
     "sdxl_vae": ("vae", "freeseg-tiny-sdxl-vae.safetensors"),
-    "sd3_unet": ("diffusion_models", "freeseg-tiny-sd3.safetensors"),
+    "pixart_unet": ("diffusion_models", "freeseg-tiny-pixart-sigma.safetensors"),  # a DiT family refused
     "blip2_dir": ("blip2", "tiny-blip2"),
     "open_clip_dir": ("open_clip", "tiny-open-clip"),
 }
