@@ -20,6 +20,8 @@ Diffusion Features on the decoded image; with capture: Captured Features), in pa
 with medians (``main_capture``); asserted: the generated latents and images equal bit for
 bit, and cosine >= 0.99 per block between the captured features and Diffusion Features on the
 same final latent at the same sigma.
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --flux   # Flux blocks at real width (bench/bench_dit.py)
+    nice -n 5 .venv/bin/python bench/bench_pipeline.py --sd3    # SD3 medium (bench/bench_dit.py)
 
 What it does:
 
@@ -122,6 +124,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     big.add_argument("--blip2", action="store_true", help="a BLIP-2 OPT-2.7B captioner instead of BLIP base "
                      "(batch 1, 1 baseline): the full graph with SD1.5 when the memory allows, else the caption "
                      "stage alone, else skipped")
+    big.add_argument("--flux", action="store_true", help="Diffusion Features on Flux.1-dev's real-width blocks "
+                     "(4 of them) vs VAE encode + one forward (bench/bench_dit.py; default resolution 512, batch 1)")
+    big.add_argument("--sd3", action="store_true", help="the same on SD3 medium (bench/bench_dit.py)")
     p.add_argument("--quick", action="store_true", help="development run: half the resolution, batch 2 "
                    "(SD1.5 only)")
     p.add_argument("--resolution", type=int, default=None, help="features resolution (default 512, SDXL 1024; "
@@ -145,7 +150,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the server's base folder (log, outputs)")
     add_capture_args(p)
     args = p.parse_args(argv)
-    big = args.sdxl or args.blip2
+    big = args.sdxl or args.blip2 or args.flux or args.sd3
     if args.resolution is None:
         args.resolution = (1024 if args.sdxl else 512) // (2 if args.quick else 1)
     if args.batch is None:
@@ -731,6 +736,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.capture:
         return main_capture(args)
+    if args.flux or args.sd3:
+        from bench_dit import run_dit  # the DiT bench (issue 22)
+
+        return run_dit(args)
     from freeseg.app.server import ComfyServer, link
 
     setup = Setup.of(args)

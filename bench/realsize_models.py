@@ -32,6 +32,15 @@ Built only on request (``--sdxl`` / ``--blip2`` of bench_pipeline.py; several GB
   ``save_pretrained`` in fp16, with a byte-level BPE tokenizer of OPT's 50265 ids plus
   ``<image>`` (50265) and a ``Blip2Processor`` with 32 query tokens.
 
+DiTs (``--flux`` / ``--sd3`` of bench_pipeline.py; ``synthetic/dit.py``'s builders, in bf16):
+
+* ``flux``: a Flux.1-dev diffusion model (``models/diffusion_models`` layout) at the real width
+  (3072, 24 heads, real text widths 4096 / 768, guidance) with ``FLUX_BENCH_DOUBLE`` (4)
+  double-stream blocks and no single-stream block; 1.42B (real: 19 + 38 blocks, 11.9B).
+* ``sd3``: the SD3 medium MMDiT exactly (24 joint blocks, 1536 wide; ComfyUI reads the depth
+  from the width, so it cannot be cut); 2.03B.
+* ``kl16_vae``: the 16-channel KL VAE of both, real size (83.7M).
+
 Measured on 2 CPU cores: sdxl 52 s, 6.94 GB; blip2 29 s, 7.49 GB; sdxl_reduced 8 s, 1.79 GB;
 the sdxl + blip2 build peaks at 8.0 GiB RSS (both are built directly in fp16).
 
@@ -58,6 +67,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository root importable
 from synthetic import cache as fixture_cache  # noqa: E402
+from synthetic import dit  # noqa: E402  (the DiT builders of the test fixtures)
 from synthetic import models as fx  # noqa: E402  (shared build helpers of the test fixtures)
 
 # Bump when a recipe below changes: cached models are rebuilt.
@@ -318,6 +328,43 @@ def build_blip(folder: Path, seed: int = SEED + 20) -> None:
     fx._build_folder_atomically(folder, lambda tmp: _fill_blip(tmp, seed))
 
 
+# DiTs (issue 22) at their real widths, built directly in bf16 with synthetic/dit.py's builders.
+# Flux.1-dev: the real double-stream block (3072 wide, 24 heads), the real text widths (T5-XXL
+# tokens 4096, CLIP-L pooled 768), guidance embedding; FLUX_BENCH_DOUBLE double blocks instead
+# of 19 and no single-stream block (the features pass stops after the double blocks it reads,
+# so a single block never runs in it): 12B parameters do not fit this machine.
+FLUX_BENCH_DOUBLE = 4
+FLUX_BENCH_CONFIG: dict[str, Any] = {**dit.FLUX_DIT_CONFIG, "vec_in_dim": 768, "depth": FLUX_BENCH_DOUBLE,
+                                     "depth_single_blocks": 0}
+# SD3 medium exactly (ComfyUI reads the depth from the width, 64 per block, so the width fixes
+# all 24 blocks): 1536 wide, 192 x 192 positional table, no q/k norm; 2.03B parameters.
+SD3_MEDIUM_CONFIG: dict[str, Any] = {
+    **dit.SD3_DIT_CONFIG, "depth": 24, "num_patches": 192 * 192, "pos_embed_max_size": 192,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
+}
+del SD3_MEDIUM_CONFIG["qk_norm"]
+
+
+def build_flux_bench(path: Path, seed: int = SEED + 50) -> None:
+    """The Flux.1-dev diffusion model at real width, FLUX_BENCH_DOUBLE double blocks (bf16)."""
+    sd = dit.random_dit(dit.FLUX_EXPECTED_CLASS, FLUX_BENCH_CONFIG, seed, dtype=torch.bfloat16)
+    dit.check_detection(sd, "", FLUX_BENCH_CONFIG, dit.FLUX_EXPECTED_CLASS)
+    fx._save_safetensors(sd, path, fx._metadata("flux_bench", seed))
+
+
+def build_sd3_medium(path: Path, seed: int = SEED + 60) -> None:
+    """The SD3 medium MMDiT as a diffusion-model file (bf16, no key prefix)."""
+    sd = dit.random_dit(dit.SD3_EXPECTED_CLASS, SD3_MEDIUM_CONFIG, seed, dtype=torch.bfloat16)
+    dit.check_detection(sd, "", SD3_MEDIUM_CONFIG, dit.SD3_EXPECTED_CLASS)
+    fx._save_safetensors(sd, path, fx._metadata("sd3_medium", seed))
+
+
+def build_kl16_vae(path: Path, seed: int = SEED + 70) -> None:
+    """The 16-channel KL VAE of Flux and SD3 (ae.safetensors layout, fp32 -> bf16 on disk)."""
+    fx._save_safetensors(fx._to_saveable(dit.random_kl16_vae(seed), torch.bfloat16), path,
+                         fx._metadata("kl16_vae", seed))
+
+
 MODELS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "sd15": ("checkpoints/freeseg-bench-sd15.safetensors", build_sd15),
     "open_clip": ("open_clip/freeseg-bench-vit-b-32", build_open_clip),
@@ -325,6 +372,9 @@ MODELS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "sdxl": ("checkpoints/freeseg-bench-sdxl.safetensors", build_sdxl),
     "sdxl_reduced": ("checkpoints/freeseg-bench-sdxl-reduced.safetensors", build_sdxl_reduced),
     "blip2": ("blip2/freeseg-bench-blip2-opt-2.7b", build_blip2),
+    "flux": ("diffusion_models/freeseg-bench-flux1-dev-4-double.safetensors", build_flux_bench),
+    "sd3": ("diffusion_models/freeseg-bench-sd3-medium.safetensors", build_sd3_medium),
+    "kl16_vae": ("vae/freeseg-bench-kl16-vae.safetensors", build_kl16_vae),
 }
 DEFAULT_KEYS = ("sd15", "open_clip", "blip")
 

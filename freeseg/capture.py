@@ -11,8 +11,10 @@ UNet in ``freeseg.backends.diffusers``) does the same four things, which live he
    and otherwise runs the whole pass once more, with a warning, for the rest of its passes;
 4. ``captured_to_features`` turns the captured outputs into the feature grid.
 
-A new source (a DiT) is one new module: a class with ``extract(images, settings) ->
+A new source is one new module: a class with ``extract(images, settings) ->
 DiffusionFeatures`` (``FeatureSource``), whose forward pass goes through ``LayerCapture``.
+A layer whose output is not the feature tensor itself (a DiT block returns a tuple of text and
+image streams) is read through ``pick(output, latent_hw)`` (``freeseg.dit.image_tokens``).
 
 Features captured while a sampler runs (no pass of their own) go through ``SamplingCapture``:
 the runtime calls ``begin`` / ``call`` / ``end`` around each sampling run and each model call
@@ -30,10 +32,13 @@ from .features import SOURCE_QUERIES, DiffusionFeatures, StopPass, aggregate_map
 from .settings import FreeSegSettings
 
 __all__ = ["FeatureSource", "Layer", "LayerCapture", "SamplingCapture", "StaleCapture", "feature_grid",
-           "levels_match", "select_blocks", "captured_to_features", "KEEP_LAST", "KEEP_NEAREST", "KEEP_CHOICES"]
+           "Pick", "levels_match", "select_blocks", "captured_to_features", "KEEP_LAST", "KEEP_NEAREST", "KEEP_CHOICES"]
 
 Layer = tuple[str, torch.nn.Module, int]
 """(name, module to hook, downscale factor of its output relative to the latent)."""
+
+Pick = Callable[[Any, tuple[int, int]], torch.Tensor]
+"""(a hooked module's output, latent (h, w)) -> its ``[n,N,C]`` tokens or ``[n,C,h,w]`` map."""
 
 
 class FeatureSource(Protocol):
@@ -65,26 +70,29 @@ class LayerCapture:
     the features of ``source`` / ``fine`` use (``stop_early``; False: the whole pass).
 
     ``warn(message)`` is called once if the captured levels are not where ``layers`` said;
-    the pass is then rerun whole, and every later pass of this object runs whole."""
+    the pass is then rerun whole, and every later pass of this object runs whole. ``pick``
+    reads a layer's output (None: ``layer_output``)."""
 
     def __init__(self, layers: Sequence[Layer], source: str, fine: bool = False, stop_early: bool = True,
-                 warn: Optional[Callable[[str], None]] = None):
+                 warn: Optional[Callable[[str], None]] = None, pick: Optional[Pick] = None):
         self.layers = list(layers)
+        self.pick = pick
         self.source = source
         self.fine = fine
         self.stop = last_used_layer([(n, f) for n, _, f in self.layers], source, fine) if stop_early else None
         self.warn = warn
 
     def capture(self, forward: Callable[[], Any], check: Optional[Callable[[], None]] = None,
-                stop: Optional[str] = None) -> dict[str, torch.Tensor]:
-        """The outputs of the layers in one ``forward()``, which ends after layer ``stop`` (None:
-        the whole pass). ``check()`` runs at every captured layer (an interrupt check: a cancel
-        stops a long pass midway). Hooks are removed after."""
+                stop: Optional[str] = None, latent_hw: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
+        """The outputs of the layers in one ``forward()`` of a latent of ``latent_hw``, which ends
+        after layer ``stop`` (None: the whole pass). ``check()`` runs at every captured layer (an
+        interrupt check: a cancel stops a long pass midway). Hooks are removed after."""
         captured: dict[str, torch.Tensor] = {}
 
         def hook(name: str) -> Callable:
             def fn(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-                captured[name] = layer_output(output).detach()
+                tensor = layer_output(output) if self.pick is None else self.pick(output, latent_hw)
+                captured[name] = tensor.detach()
                 if check is not None:
                     check()
                 if name == stop:
@@ -105,12 +113,18 @@ class LayerCapture:
             check: Optional[Callable[[], None]] = None) -> dict[str, torch.Tensor]:
         """``capture`` up to the last used layer, checked: ``{name: output}`` in forward order
         (``[n,N,C]`` tokens or ``[n,C,h,w]`` maps, as the layers give them)."""
-        captured = self.capture(forward, check, self.stop)
+        captured = self.capture(forward, check, self.stop, latent_hw)
         if self.stop is not None and not levels_match(captured, self.layers, latent_hw):
             if self.warn is not None:
                 self.warn("the UNet's levels are not where its structure says; running the whole UNet instead")
             self.stop = None
-            captured = self.capture(forward, check, None)
+            captured = self.capture(forward, check, None, latent_hw)
+        names = [name for name, _, _ in self.layers]
+        ran = names[:names.index(self.stop) + 1] if self.stop is not None else names  # up to the stop
+        missing = [name for name in ran if name not in captured]
+        if missing:
+            raise RuntimeError(f"the layers {', '.join(missing)} did not run in the model's forward pass (does a "
+                               "patch on the MODEL skip blocks, e.g. a block cache?); their features are needed")
         return captured
 
     def features(self, forward: Callable[[], Any], latent_hw: tuple[int, int], grid: tuple[int, int],
@@ -179,10 +193,10 @@ class SamplingCapture:
     handle no sampler used are never handed out: it raises ``StaleCapture`` instead."""
 
     def __init__(self, layers: Sequence[Layer], source: str, fine: bool = False, keep: str = KEEP_LAST,
-                 sigma: float = 0.0):
+                 sigma: float = 0.0, pick: Optional[Pick] = None):
         if keep not in KEEP_CHOICES:
             raise ValueError(f"keep: {keep!r} is not one of {', '.join(KEEP_CHOICES)}")
-        self.capture = LayerCapture(layers, source, fine, stop_early=False)
+        self.capture = LayerCapture(layers, source, fine, stop_early=False, pick=pick)
         self.keep, self.sigma = keep, float(sigma)
         self.runs = 0  # sampling runs begun
         self.active = False  # inside a run
@@ -211,7 +225,7 @@ class SamplingCapture:
                 and abs(sigma - self.sigma) >= abs(self.kept[1] - self.sigma)):
             return forward()
         result = []
-        captured = self.capture.capture(lambda: result.append(forward()))
+        captured = self.capture.capture(lambda: result.append(forward()), latent_hw=latent_hw)
         used = select_blocks(captured, latent_hw, self.capture.source, self.capture.fine)
         self.kept = ({name: captured[name][rows] for name in used}, float(sigma), latent_hw)
         return result[0]

@@ -6,7 +6,10 @@ each sampling run (OUTER_SAMPLE: a new record per run, ended with the run's outp
 and around each model call (APPLY_MODEL: forward hooks that only read the layer outputs of
 the conditional half, ``cond_or_uncond`` 0). Recording is ``freeseg.capture.SamplingCapture``.
 Captured Features turns the record into the features Cluster Masks takes, after checking
-that the LATENT given is the output of the run it recorded."""
+that the LATENT given is the output of the run it recorded.
+
+DiTs (Flux.1, Chroma, Flux.2, SD3.x) go through the same hooks: their blocks and the reading of their
+image tokens come from ``diffusion_features.feature_layers``, as in Diffusion Features."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from ..freeseg.capture import KEEP_CHOICES, KEEP_LAST, SamplingCapture, StaleCap
 from ..freeseg.features import DiffusionFeatures
 from ..freeseg.settings import CHOICES, DEFAULTS
 from .common import CATEGORY, Features, check_choice, first_problem, io, log
-from .diffusion_features import check_family, unet_layers
+from .diffusion_features import check_family, feature_layers, latent_downscale
 
 Capture = io.Custom("FREESEG_CAPTURE")
 WRAPPER_KEY = "freeseg_capture"
@@ -30,8 +33,9 @@ class CaptureHandle:
     """What Capture Features hands to Captured Features: the recorder, and what the features
     record about the model."""
 
-    def __init__(self, recorder: SamplingCapture, family: str, model_sampling):
+    def __init__(self, recorder: SamplingCapture, family: str, model_sampling, downscale: int = 8):
         self.recorder, self.family, self.model_sampling = recorder, family, model_sampling
+        self.downscale = downscale  # image pixels per latent cell
 
     def timestep(self, sigma: float) -> int:
         """The DDPM timestep (0..999) nearest ``sigma``."""
@@ -79,10 +83,11 @@ class FreeSegCaptureFeatures(io.ComfyNode):
             description="Records the FreeSeg-Diff features of a sampler's own UNet calls: give the model output "
                         "to any sampler (KSampler, SamplerCustomAdvanced, ...) and the capture output with "
                         "the sampler's LATENT to Captured Features. No extra model call; the generated image "
-                        "is the same as with the plain model. Works with SD1.x, SD2.x and SDXL.",
+                        "is the same as with the plain model. Works with SD1.x, SD2.x and SDXL UNets and "
+                        "Flux.1, Chroma, Flux.2 and SD3.x DiTs.",
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x or SDXL). "
-                               "It is cloned, never changed."),
+                io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x, SDXL, "
+                               "Flux.1, Chroma, Flux.2 or SD3.x). It is cloned, never changed."),
                 io.Combo.Input("keep", options=list(KEEP_CHOICES), default=KEEP_LAST, tooltip="last_call: the "
                                "features of the sampler's last model call (at sigma_min on most schedules, the "
                                "paper's timestep 0; for samplers with several calls per step, the last of them). "
@@ -108,9 +113,9 @@ class FreeSegCaptureFeatures(io.ComfyNode):
     @classmethod
     def execute(cls, model, keep, sigma, source, detail) -> io.NodeOutput:
         family = check_family(model)
-        recorder = SamplingCapture(unet_layers(model.model.diffusion_model, source), source, detail == "fine",
-                                   keep, sigma)
-        handle = CaptureHandle(recorder, family, model.get_model_object("model_sampling"))
+        layers, pick = feature_layers(model, source)
+        recorder = SamplingCapture(layers, source, detail == "fine", keep, sigma, pick)
+        handle = CaptureHandle(recorder, family, model.get_model_object("model_sampling"), latent_downscale(model))
         return io.NodeOutput(patch(model, recorder), handle)
 
 
@@ -122,7 +127,8 @@ class FreeSegCapturedFeatures(io.ComfyNode):
             display_name="FreeSeg-Diff Captured Features",
             category=CATEGORY,
             description="The features Capture Features recorded while the sampler ran, for Cluster Masks. "
-                        "latent must be that sampler's output: the masks come out at 8x its size. Fails "
+                        "latent must be that sampler's output: the masks come out at 8x its size (Flux.2: "
+                        "16x). Fails "
                         "(asking to re-run the sampler) when the record is not of these latents.",
             inputs=[
                 Capture.Input("capture", tooltip="The capture output of Capture Features."),
@@ -136,10 +142,12 @@ class FreeSegCapturedFeatures(io.ComfyNode):
     def execute(cls, capture, latent) -> io.NodeOutput:
         samples = latent["samples"]
         if samples.ndim != 4:
-            raise ValueError(f"latent: FreeSeg-Diff takes [B,4,h,w] image latents; got shape {tuple(samples.shape)}")
+            raise ValueError(f"latent: FreeSeg-Diff takes [B,c,h,w] image latents; got shape {tuple(samples.shape)}")
         recorder = capture.recorder
         h, w = samples.shape[-2:]
-        grid = (h, w) if recorder.capture.fine else (-(-h // 2), -(-w // 2))
+        d = capture.downscale
+        step = 8 if recorder.capture.fine else 16  # pixels per grid cell, as Diffusion Features' detail
+        grid = (-(-h * d // step), -(-w * d // step))
         try:
             feats, names, sigma = recorder.features(samples, grid)
         except StaleCapture as err:
@@ -148,5 +156,5 @@ class FreeSegCapturedFeatures(io.ComfyNode):
         source = recorder.capture.source
         log.info("FreeSeg-Diff captured features: %s %s at sigma %.4f from %d blocks %s -> %s", capture.family,
                  source, sigma, len(names), names, tuple(feats.shape))
-        return io.NodeOutput(DiffusionFeatures(feats, (8 * h, 8 * w), capture.family, source,
-                                               capture.timestep(sigma), 8 * max(h, w), names))
+        return io.NodeOutput(DiffusionFeatures(feats, (d * h, d * w), capture.family, source,
+                                               capture.timestep(sigma), d * max(h, w), names))

@@ -53,6 +53,23 @@ MODEL_FILES = {
         "url": "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_model.safetensors"},
 }
 VIDEO = "example.mp4"  # any clip in ComfyUI's input folder
+# DiT checkpoints (issue 22), the files and folders of ComfyUI's own Flux and SD3.5 templates.
+FLUX_UNET, FLUX_VAE = "flux1-dev.safetensors", "ae.safetensors"
+CLIP_L, T5XXL = "clip_l.safetensors", "t5xxl_fp16.safetensors"
+SD35_CHECKPOINT = "sd3.5_large_fp8_scaled.safetensors"  # MMDiT + VAE + CLIP-L, CLIP-G and T5-XXL in one file
+_FLUX_TE = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/"
+MODEL_FILES.update({
+    ("UNETLoader", FLUX_UNET): {"name": FLUX_UNET, "directory": "diffusion_models",
+                                "url": "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors"},
+    ("VAELoader", FLUX_VAE): {"name": FLUX_VAE, "directory": "vae",
+                              "url": "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/"
+                                     "split_files/vae/ae.safetensors"},
+    ("DualCLIPLoader", CLIP_L): {"name": CLIP_L, "directory": "text_encoders", "url": _FLUX_TE + CLIP_L},
+    ("DualCLIPLoader", T5XXL): {"name": T5XXL, "directory": "text_encoders", "url": _FLUX_TE + T5XXL},
+    ("CheckpointLoaderSimple", SD35_CHECKPOINT): {
+        "name": SD35_CHECKPOINT, "directory": "checkpoints",
+        "url": "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/" + SD35_CHECKPOINT},
+})
 
 # Inputs the frontend shows as widgets (anything else is a socket).
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -398,13 +415,20 @@ MODELS_NOTE = (
 def segment(g: Graph, image: Out, ckpt: Node, class_names: str = "", captioner: bool = True,
             method: str = "crf") -> tuple[Node | None, Node]:
     """Caption (optional) -> diffusion features -> k-means masks -> CLIP names -> refinement."""
+    return segment_with(g, image, ckpt["MODEL"], ckpt["VAE"], ckpt["CLIP"], class_names, captioner, method)
+
+
+def segment_with(g: Graph, image: Out, model: Out, vae: Out, clip: Out, class_names: str = "",
+                 captioner: bool = True, method: str = "crf", timestep: int = 0,
+                 resolution: int = 512) -> tuple[Node | None, Node]:
+    """`segment` from separate MODEL, VAE and CLIP outputs, at `timestep` and `resolution`."""
     clip_model = g.add("FreeSegCLIPLoader", model_name=OPEN_CLIP)
     caption = None
     if captioner:
         blip2 = g.add("FreeSegBLIP2Loader", model_name=BLIP)
         caption = g.add("FreeSegCaption", image=image, blip2=blip2["blip2"], class_names=class_names)
-    feats = g.add("FreeSegDiffusionFeatures", model=ckpt["MODEL"], vae=ckpt["VAE"], image=image, clip=ckpt["CLIP"],
-                  timestep=0, resolution=512, source="cross_attn_queries", seed=0)
+    feats = g.add("FreeSegDiffusionFeatures", model=model, vae=vae, image=image, clip=clip,
+                  timestep=timestep, resolution=resolution, source="cross_attn_queries", seed=0)
     clusters = g.add("FreeSegClusterMasks", features=feats["features"], n_clusters=4, method="kmeans", seed=0)
     names = caption["class_names"] if caption is not None else class_names
     labelled = g.add("FreeSegCLIPLabel", segments=clusters["segments"], image=image, clip_model=clip_model["clip_model"],
@@ -426,6 +450,16 @@ def save_segments(g: Graph, refined: Node, image: Out, prefix: str) -> Node:
                  segments=refined["segments"], image=image, filename_prefix=prefix)
 
 
+def full_outputs(g: Graph, refined: Node, caption: Node, image: Out, prefix: str) -> None:
+    """What the full workflow shows: the caption's class names, the preview, the masks, labels, JSON."""
+    g.add("PreviewAny", title="Class names (from the caption)", source=caption["class_names"])
+    g.add("SaveImage", title="Save preview", images=refined["preview"], filename_prefix=f"{prefix}_preview")
+    save_masks(g, refined["masks"], f"{prefix}_mask")
+    g.add("PreviewAny", title="Labels (one per mask)", source=refined["labels"])
+    g.add("PreviewAny", title="Segments (JSON)", source=refined["json"])
+    save_segments(g, refined, image, f"{prefix}_segments")
+
+
 def freeseg_full(g: Graph) -> None:
     g.note("## FreeSeg-Diff: segment everything and name it\n"
            "BLIP captions the image; the nouns of the caption (plus any names you add in *Caption*) "
@@ -437,12 +471,7 @@ def freeseg_full(g: Graph) -> None:
     image = g.add("LoadImage", image=IMAGE)["IMAGE"]
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
     caption, refined = segment(g, image, ckpt)
-    g.add("PreviewAny", title="Class names (from the caption)", source=caption["class_names"])
-    g.add("SaveImage", title="Save preview", images=refined["preview"], filename_prefix="freeseg/full_preview")
-    save_masks(g, refined["masks"], "freeseg/full_mask")
-    g.add("PreviewAny", title="Labels (one per mask)", source=refined["labels"])
-    g.add("PreviewAny", title="Segments (JSON)", source=refined["json"])
-    save_segments(g, refined, image, "freeseg/full_segments")
+    full_outputs(g, refined, caption, image, "freeseg/full")
 
 
 def freeseg_inpaint(g: Graph) -> None:
@@ -620,6 +649,57 @@ def freeseg_generate(g: Graph) -> None:
 
 
 WORKFLOWS_DEFS["freeseg_generate"] = freeseg_generate  # issue 20: features captured while sampling
+
+
+DIT_NOTE = (
+    "Timestep and resolution are the family's defaults (`freeseg.dit.FAMILIES`, README \"DiT checkpoints\"): "
+    "the features are the image tokens of {blocks}, {source}. The text encoder only encodes the empty "
+    "prompt the pass is conditioned on.\n\n"
+    "**Models** (nothing is downloaded unless you switch `download` on in a loader; the frontend offers "
+    "the downloads of the missing files):\n{files}"
+    f"* `models/blip/{BLIP}/` and `models/open_clip/{OPEN_CLIP}`: the captioner and CLIP of the other "
+    "FreeSeg workflows.\n")
+
+
+def freeseg_flux(g: Graph) -> None:
+    g.note("## FreeSeg on a Flux.1 checkpoint (dev or schnell; Chroma)\n"
+           "The diffusion model, its two text encoders and its VAE are loaded as in ComfyUI's own Flux "
+           "templates. " + DIT_NOTE.format(
+               blocks="Flux's double-stream blocks 15-18 (of 19), averaged by concatenation",
+               source="as in ConceptAttention (ICML 2025), on the image noised to t = 0.5; the pass stops "
+                      "after block 18 (the 38 single-stream blocks never run)",
+               files=f"* `models/diffusion_models/{FLUX_UNET}` (or flux1-schnell, any Flux.1 fine-tune);\n"
+                     f"* `models/text_encoders/{CLIP_L}` and `{T5XXL}` (the fp8 T5 works too);\n"
+                     f"* `models/vae/{FLUX_VAE}`;\n"), size=(460, 420))
+    image = g.add("LoadImage", image=IMAGE)["IMAGE"]
+    unet = g.add("UNETLoader", unet_name=FLUX_UNET, weight_dtype="default")
+    clip = g.add("DualCLIPLoader", clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
+    vae = g.add("VAELoader", vae_name=FLUX_VAE)
+    caption, refined = segment_with(g, image, unet["MODEL"], vae["VAE"], clip["CLIP"], timestep=500,
+                                    resolution=1024)
+    full_outputs(g, refined, caption, image, "freeseg/flux")
+
+
+def freeseg_sd3(g: Graph) -> None:
+    g.note("## FreeSeg on an SD3.5 / SD3 checkpoint\n"
+           "One checkpoint file with the MMDiT, its VAE and its text encoders, as in ComfyUI's own SD3.5 "
+           "templates (a checkpoint without text encoders: add a *TripleCLIPLoader* and connect its CLIP). "
+           + DIT_NOTE.format(
+               blocks="the MM-DiT joint block Seg4Diff calls the semantic grounding layer (block 9 of "
+                      "SD3 medium's 24, at the same relative depth in SD3.5's 38)",
+               source="at noise step 8 of a 28-step schedule as in Seg4Diff (NeurIPS 2025); the pass stops "
+                      "after that block",
+               files=f"* `models/checkpoints/{SD35_CHECKPOINT}` (or sd3.5_medium / sd3_medium_incl_clips);\n"),
+           size=(460, 400))
+    image = g.add("LoadImage", image=IMAGE)["IMAGE"]
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD35_CHECKPOINT)
+    caption, refined = segment_with(g, image, ckpt["MODEL"], ckpt["VAE"], ckpt["CLIP"], timestep=714,
+                                    resolution=1024)
+    full_outputs(g, refined, caption, image, "freeseg/sd3")
+
+
+WORKFLOWS_DEFS["freeseg_flux"] = freeseg_flux  # issue 22: DiT checkpoints
+WORKFLOWS_DEFS["freeseg_sd3"] = freeseg_sd3
 
 
 def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:

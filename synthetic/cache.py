@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterator
 
 from freeseg.app.paths import REPO, fixture_cache
 
+from .dit import build_clip_l, build_flux_unet, build_flux_vae, build_pixart_unet, build_sd3_checkpoint
 from .models import (FIXTURE_VERSION, build_blip1, build_blip2, build_open_clip, build_sd2_checkpoint,
-                     build_sd3_unet, build_sd15_checkpoint, build_sd15_diffusers_config, build_sd15_diffusers_vae,
+                     build_sd15_checkpoint, build_sd15_diffusers_config, build_sd15_diffusers_vae,
                      build_sdxl_unet, build_sdxl_vae)
 
 ARTIFACTS: dict[str, tuple[str, Callable[[str], str]]] = {
@@ -31,12 +32,17 @@ ARTIFACTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "sd2_ckpt": ("checkpoints/freeseg_tiny_sd2_v.safetensors", build_sd2_checkpoint),
     "sdxl_unet": ("diffusion_models/freeseg_tiny_sdxl_unet.safetensors", build_sdxl_unet),
     "sdxl_vae": ("vae/freeseg_tiny_sdxl_taesd.safetensors", build_sdxl_vae),
-    "sd3_unet": ("diffusion_models/freeseg_tiny_sd3_mmdit.safetensors", build_sd3_unet),
+    "pixart_unet": ("diffusion_models/freeseg_tiny_pixart_sigma.safetensors", build_pixart_unet),
     "sd15_diffusers_config": ("diffusers/freeseg_tiny_sd15_config", build_sd15_diffusers_config),
     "sd15_diffusers_vae": ("diffusers/freeseg_tiny_vae", build_sd15_diffusers_vae),
     "blip2_dir": ("blip2/freeseg_tiny_blip2", build_blip2),
     "blip_dir": ("blip/freeseg_tiny_blip", build_blip1),
     "open_clip_dir": ("open_clip/freeseg_tiny_open_clip", build_open_clip),
+    # DiTs (synthetic/dit.py): real formats and widths, reduced depth.
+    "flux_unet": ("diffusion_models/freeseg_tiny_flux_dev.safetensors", build_flux_unet),
+    "flux_vae": ("vae/freeseg_tiny_flux_ae.safetensors", build_flux_vae),
+    "sd3_ckpt": ("checkpoints/freeseg_tiny_sd35.safetensors", build_sd3_checkpoint),
+    "clip_l": ("text_encoders/freeseg_tiny_clip_l.safetensors", build_clip_l),
 }
 
 
@@ -77,7 +83,8 @@ def build_all(cache_dir: str | os.PathLike, verbose: bool = False,
     ``{key: absolute path}``.
 
     Keys: those of ``ARTIFACTS`` (``sd15_ckpt``, ``sd2_ckpt``, ``sdxl_unet``, ``sdxl_vae``,
-    ``sd3_unet``, ``blip2_dir``, ``blip_dir``, ``open_clip_dir``, the diffusers-side folders).
+    ``pixart_unet``, ``blip2_dir``, ``blip_dir``, ``open_clip_dir``, the diffusers-side folders, the
+    DiTs ``flux_unet``, ``flux_vae``, ``sd3_ckpt`` and ``clip_l``).
     An artefact is rebuilt when missing or when its stamp's FIXTURE_VERSION differs.
     """
     cache = Path(cache_dir).resolve()

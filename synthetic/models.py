@@ -129,22 +129,6 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
 }
 SDXL_EXPECTED_CLASS = "KOALA_700M"
 
-# A one-block SD3 (MMDiT) diffusion model: the family FreeSeg-Diff refuses. Detection reads the
-# hidden size (64 * depth) and every other dimension from tensor shapes.
-SD3_UNET_CONFIG: dict[str, Any] = {
-    "in_channels": 16,
-    "out_channels": 16,
-    "patch_size": 2,
-    "depth": 1,
-    "input_size": None,
-    "adm_in_channels": 2048,
-    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 64}},
-    "num_patches": 4096,
-    "pos_embed_max_size": 64,
-    "pos_embed_scaling_factor": None,
-}
-SD3_SEED = 4567
-
 BLIP2_SENTENCES = [
     "a photo of a cat sitting on a sofa",
     "a dog running on the grass in a park",
@@ -380,13 +364,6 @@ def build_sdxl_unet(path: str | os.PathLike, seed: int = SDXL_UNET_SEED) -> str:
     """Write a random SDXL-family (KOALA_700M-detected) UNet-only file (fp16, no key prefix); return it."""
     unet = _build_unet(SDXL_EXPECTED_CLASS, SDXL_UNET_CONFIG, seed)
     meta = _metadata("sdxl_unet", seed)
-    return str(_save_safetensors(_to_saveable(unet, torch.float16), Path(path), meta))
-
-
-def build_sd3_unet(path: str | os.PathLike, seed: int = SD3_SEED) -> str:
-    """Write a random one-block SD3 (MMDiT) diffusion-model file (fp16, no key prefix); return it."""
-    unet = _build_unet("SD3", SD3_UNET_CONFIG, seed)
-    meta = _metadata("sd3_unet", seed)
     return str(_save_safetensors(_to_saveable(unet, torch.float16), Path(path), meta))
 
 

@@ -8,6 +8,10 @@ bench/bench_pipeline.py; never part of the pack).
 * FreeSegBenchSaveFeatures: writes the FREESEG_FEATURES tensor to a safetensors file (for the
   diffusers parity check) and reports shape and block names.
 * FreeSegBenchSink: consumes any value (makes e.g. a KSampler an output of the prompt).
+* FreeSegBenchZeroConditioning: a CONDITIONING of zeros, ``[1, tokens, width]`` with a
+  ``[1, pooled]`` pooled output, what ConditioningZeroOut makes of a text encode: the DiT
+  benchmarks condition on it at the real text widths and token counts (T5-XXL, which feeds
+  Flux and SD3, cannot be built here; the content does not change the cost of a pass).
 """
 
 import json
@@ -105,5 +109,21 @@ class FreeSegBenchSink:
         return {"ui": {"probe": [json.dumps({"shape": shape})]}}
 
 
+class FreeSegBenchZeroConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tokens": ("INT", {"default": 256, "min": 1, "max": 4096}),
+                             "width": ("INT", {"default": 4096, "min": 1, "max": 16384}),
+                             "pooled": ("INT", {"default": 768, "min": 1, "max": 16384})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, tokens, width, pooled):
+        return ([[torch.zeros(1, tokens, width), {"pooled_output": torch.zeros(1, pooled)}]],)
+
+
 NODE_CLASS_MAPPINGS = {c.__name__: c for c in (FreeSegBenchBareCaption, FreeSegBenchBareCLIP,
-                                                FreeSegBenchSaveFeatures, FreeSegBenchSink)}
+                                                FreeSegBenchSaveFeatures, FreeSegBenchSink,
+                                                FreeSegBenchZeroConditioning)}

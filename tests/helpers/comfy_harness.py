@@ -25,16 +25,22 @@ MODEL_LINKS = {
     "sd15_ckpt": ("checkpoints", "freeseg-tiny-sd15.safetensors"),
     "sdxl_unet": ("diffusion_models", "freeseg-tiny-sdxl.safetensors"),
     "sdxl_vae": ("vae", "freeseg-tiny-sdxl-vae.safetensors"),
-    "sd3_unet": ("diffusion_models", "freeseg-tiny-sd3.safetensors"),
+    "pixart_unet": ("diffusion_models", "freeseg-tiny-pixart-sigma.safetensors"),  # a DiT family refused
     "blip2_dir": ("blip2", "tiny-blip2"),
     "open_clip_dir": ("open_clip", "tiny-open-clip"),
 }
 
 # Fixtures only the second server (`models_server`) offers besides MODEL_LINKS, so the session
-# server keeps one model per loader (the clients pick the only one there).
+# server keeps one model per loader (the clients pick the only one there). The DiTs
+# (synthetic/dit.py): Flux.1-dev and its 16-channel VAE, an SD3.5 checkpoint, and the CLIP-L that
+# stands in for both DualCLIPLoader files (T5-XXL and CLIP-G cannot be built here).
 EXTRA_MODEL_LINKS = {
     "sd2_ckpt": ("checkpoints", "freeseg-tiny-sd2-v.safetensors"),
     "blip_dir": ("blip", "tiny-blip"),
+    "flux_unet": ("diffusion_models", "freeseg-tiny-flux1-dev.safetensors"),
+    "flux_vae": ("vae", "freeseg-tiny-flux-ae.safetensors"),
+    "sd3_ckpt": ("checkpoints", "freeseg-tiny-sd3.5.safetensors"),
+    "clip_l": ("text_encoders", "freeseg-tiny-clip-l.safetensors"),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import os
 
-from comfy_harness import MODEL_LINKS
+from comfy_harness import EXTRA_MODEL_LINKS, MODEL_LINKS
 from freeseg.app.paths import REPO
 
 WORKFLOW_DIR = os.path.join(REPO, "workflows")
@@ -20,7 +20,10 @@ API_DIR = os.path.join(WORKFLOW_DIR, "api")
 # validate_ui and prompt_differences: `pinned=False`).
 PINNED_COMFYUI = "0.3.75"
 NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabulary", "freeseg_batch",
-         "freeseg_video", "freeseg_generate")
+         "freeseg_video", "freeseg_generate", "freeseg_flux", "freeseg_sd3")
+# Workflows of DiT checkpoints: they run on the second test server (`models_server`), which has
+# the DiT fixtures (comfy_harness.EXTRA_MODEL_LINKS; the session server keeps one checkpoint).
+DIT_NAMES = ("freeseg_flux", "freeseg_sd3")
 
 # A combo whose chosen option brings inputs of its own (newer cores: Save Video's `format`, whose
 # option brings `codec`): the frontend draws it as a combo and the chosen option's inputs as
@@ -38,6 +41,21 @@ TEST_MODELS = {
     ("FreeSegBLIP2Loader", "model_name"): MODEL_LINKS["blip2_dir"][1],
     ("FreeSegCLIPLoader", "model_name"): MODEL_LINKS["open_clip_dir"][1],
 }
+# The DiT workflows' files, by the name they publish (scripts/make_workflows.py): replaced by the
+# DiT fixtures (synthetic/dit.py) wherever a loader names them. T5-XXL (4.7B parameters) cannot be
+# built here: the CLIP-L fixture stands in for it, and the Flux DualCLIPLoader's type becomes
+# `sd3` (TEST_DIT_TYPES), whose encoder gives CLIP-L's tokens zero-padded to T5's 4096 wide and a
+# 2048-wide pooled vector: the text widths the Flux fixture is built for.
+TEST_DIT_FILES = {
+    "flux1-dev.safetensors": EXTRA_MODEL_LINKS["flux_unet"][1],
+    "ae.safetensors": EXTRA_MODEL_LINKS["flux_vae"][1],
+    "clip_l.safetensors": EXTRA_MODEL_LINKS["clip_l"][1],
+    "t5xxl_fp16.safetensors": EXTRA_MODEL_LINKS["clip_l"][1],
+    "sd3.5_large_fp8_scaled.safetensors": EXTRA_MODEL_LINKS["sd3_ckpt"][1],
+}
+TEST_DIT_TYPES = {("DualCLIPLoader", "type", "flux"): "sd3"}
+DIT_FILE_INPUTS = {("UNETLoader", "unet_name"), ("VAELoader", "vae_name"), ("DualCLIPLoader", "clip_name1"),
+                   ("DualCLIPLoader", "clip_name2")}
 # Smaller settings so that a workflow runs in seconds on a CPU.
 TEST_SPEED = {
     ("FreeSegDiffusionFeatures", "resolution"): 128,
@@ -222,7 +240,7 @@ def validate_ui(ui: dict, object_info: dict, check_files: bool = True, pinned: b
         problems.append("last_node_id is below a node id")
     if ui["links"] and max(l[0] for l in ui["links"]) > ui["last_link_id"]:
         problems.append("last_link_id is below a link id")
-    file_inputs = set(TEST_MODELS) | {("LoadImage", "image"), ("LoadVideo", "file")}
+    file_inputs = set(TEST_MODELS) | DIT_FILE_INPUTS | {("LoadImage", "image"), ("LoadVideo", "file")}
 
     for node in ui["nodes"]:
         where = f"node {node['id']} ({node['type']})"
@@ -323,6 +341,13 @@ def fixture_values(class_type: str, node_id, images: dict, current: dict) -> dic
         values["file"] = images[str(node_id)]
     if class_type == "FreeSegCaption" and not current.get("class_names"):
         values["class_names"] = TEST_CLASS_NAMES
+    for name, value in current.items():
+        if not isinstance(value, str):
+            continue  # a link
+        if value in TEST_DIT_FILES:
+            values[name] = TEST_DIT_FILES[value]
+        if (class_type, name, value) in TEST_DIT_TYPES:
+            values[name] = TEST_DIT_TYPES[(class_type, name, value)]
     return values
 
 

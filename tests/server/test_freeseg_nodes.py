@@ -185,7 +185,7 @@ def test_missing_model_error_names_the_folder(client, upload):
 def test_non_unet_family_is_refused_with_a_clear_error(client, upload):
     g = Graph()
     image = g.node("LoadImage", image=upload(64, 64, seed=10))
-    unet = g.node("UNETLoader", unet_name=MODEL_LINKS["sd3_unet"][1], weight_dtype="default")
+    unet = g.node("UNETLoader", unet_name=MODEL_LINKS["pixart_unet"][1], weight_dtype="default")
     vae = g.node("VAELoader", vae_name=MODEL_LINKS["sdxl_vae"][1])
     feats = g.node("FreeSegDiffusionFeatures", model=unet[0], vae=vae[0], image=image[0], timestep=0,
                    resolution=128, source="cross_attn_queries", seed=0)
@@ -193,7 +193,7 @@ def test_non_unet_family_is_refused_with_a_clear_error(client, upload):
     with pytest.raises(ComfyError) as err:
         client.run(g.prompt)
     message = str(err.value)
-    assert "FreeSegDiffusionFeatures" in message and "SD3" in message and "model: " in message
+    assert "FreeSegDiffusionFeatures" in message and "PixArtSigma" in message and "model: " in message
     assert "SD1.x, SD2.x and SDXL" in message
 
 

@@ -121,8 +121,7 @@ def uploaded_images(client, upload, api: dict) -> dict:
     return {node_id: upload(WIDTH, HEIGHT, seed=10 + i) for i, node_id in enumerate(wt.load_image_ids(api))}
 
 
-@pytest.fixture
-def prepare(client, upload, pinned):
+def preparer(client, upload, pinned):
     def _prepare(name: str) -> tuple[dict, dict]:
         """The API twin adapted to the fixtures; also checks the adapted UI file converts to it."""
         ui, api = load(name)
@@ -135,6 +134,17 @@ def prepare(client, upload, pinned):
         return prompt, images
 
     return _prepare
+
+
+@pytest.fixture
+def prepare(client, upload, pinned):
+    return preparer(client, upload, pinned)
+
+
+@pytest.fixture
+def prepare_models(models_client, models_upload, pinned):
+    """`prepare` on the second server, which has the DiT fixtures."""
+    return preparer(models_client, models_upload, pinned)
 
 
 def node_id(prompt: dict, class_type: str, title: str | None = None) -> str:
@@ -298,3 +308,17 @@ def test_freeseg_generate_segments_what_it_generated_and_inpaints(client, prepar
     assert outside.any()
     diff = np.abs(np.asarray(out.convert("RGB")).astype(int) - np.asarray(generated.convert("RGB")).astype(int))
     assert diff[outside].max() <= 1  # untouched outside the (grown, feathered) mask
+
+
+@pytest.mark.parametrize("name", wt.DIT_NAMES)
+def test_dit_workflow_runs(name, models_client, prepare_models):
+    """Flux (UNETLoader + DualCLIPLoader + VAELoader) and SD3.5 (one checkpoint) on the DiT
+    fixtures; T5-XXL is stood in for by CLIP-L (workflow_tools.TEST_DIT_FILES)."""
+    prompt, _ = prepare_models(name)
+    result = models_client.run(prompt)
+    assert result["status"]["status_str"] == "success"
+    class_names = names(text(result, prompt, "Class names (from the caption)"))
+    assert names(wt.TEST_CLASS_NAMES) <= class_names
+    (preview,) = images(models_client, result, prompt, "Save preview")
+    assert preview.size == (WIDTH, HEIGHT) and preview.mode == "RGB"
+    check_named_masks(models_client, result, prompt, "Labels (one per mask)", "Save masks", [class_names])

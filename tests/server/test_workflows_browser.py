@@ -65,6 +65,17 @@ pytestmark = pytest.mark.skipif(_why_no_browser() is not None and not os.environ
 
 @pytest.fixture(scope="module")
 def page(server, client):
+    yield from open_page(server, client)
+
+
+@pytest.fixture(scope="module")
+def models_page(models_server, models_client):
+    """A page on the second server, which has the DiT fixtures (wt.DIT_NAMES run there)."""
+    yield from open_page(models_server, models_client)
+
+
+def open_page(server, client):
+    """Yields a Chromium page showing the frontend of `server`, ready for workflows."""
     from playwright.sync_api import sync_playwright
 
     for key, value in SETTINGS.items():
@@ -258,17 +269,29 @@ def write_pictures(page, name: str, ui: dict) -> None:
             os.path.join(REPO, "docs", "freeseg_full.png"), optimize=True)
 
 
-@pytest.fixture(scope="module")
-def example_png(client, tmp_path_factory):
+def upload_example(client, folder) -> str:
     """An input image named like ComfyUI's own example.png, so the screenshots show a picture."""
     from synthetic.scenes import write_test_image
 
-    path = write_test_image(str(tmp_path_factory.mktemp("example") / "example.png"), 512, 384, seed=3)
-    return client.upload_image(path)
+    return client.upload_image(write_test_image(str(folder / "example.png"), 512, 384, seed=3))
+
+
+@pytest.fixture(scope="module")
+def example_png(client, tmp_path_factory):
+    return upload_example(client, tmp_path_factory.mktemp("example"))
+
+
+@pytest.fixture(scope="module")
+def models_example_png(models_client, tmp_path_factory):
+    return upload_example(models_client, tmp_path_factory.mktemp("example-models"))
 
 
 @pytest.mark.parametrize("name", wt.NAMES)
-def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_png, tmp_path, pinned):
+def test_frontend_loads_and_queues_workflow(name, request, tmp_path, pinned):
+    # the DiT workflows need the DiT fixtures of the second server
+    on = "models_" if name in wt.DIT_NAMES else ""
+    page, client, upload = (request.getfixturevalue(on + f) for f in ("page", "client", "upload"))
+    request.getfixturevalue(on + "example_png")
     with open(os.path.join(wt.WORKFLOW_DIR, f"{name}.json")) as f:
         ui = json.load(f)
     with open(os.path.join(wt.API_DIR, f"{name}.json")) as f:
