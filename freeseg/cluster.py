@@ -419,11 +419,14 @@ def _merge_clusters(x: torch.Tensor, labels: torch.Tensor, k: int, max_clusters:
         keep = torch.nonzero(alive).flatten()
         ratio = _segment_distances(centres[keep]) / spread  # [A]
         small = counts[keep] < min_fraction * n
-        # the smallest undersized cluster first, else the least distinct one
-        key = torch.where(small, counts[keep] / n - 2.0, ratio.to(counts.dtype))
-        j = int(torch.argmin(key))
-        if not bool(small[j]) and float(ratio[j]) >= merge_ratio and keep.numel() <= max_clusters:
-            break
+        # the least distinct cluster while one is redundant by distance, then the smallest
+        # undersized one, then (over max_clusters) the least distinct one
+        j = int(torch.argmin(ratio))
+        if float(ratio[j]) >= merge_ratio:
+            if bool(small.any()):
+                j = int(torch.argmin(torch.where(small, counts[keep], math.inf)))
+            elif keep.numel() <= max_clusters:
+                break
         gone = int(keep[j])
         rest = keep[keep != gone]
         members = labels == gone
@@ -443,13 +446,14 @@ def auto_cluster_features(features: torch.Tensor, max_clusters: int = 8, method:
     1. Each image is clustered (``cluster_features``) into K0 = min(2 * max_clusters, h*w)
        clusters, more than it has regions, so that small regions get a cluster of their own.
     2. Redundant clusters are dissolved one at a time, their pixels going to the nearest
-       remaining centroid. A cluster is redundant when it holds fewer than ``min_fraction`` of
-       the pixels (the smallest such goes first), or when its centroid lies within
-       ``merge_ratio`` * s of another centroid or of the straight segment between two others,
-       s being the within-cluster spread (root mean squared distance of the pixels to their
-       centroids; the least distinct such cluster goes first). Near another centroid: one
-       region cut in two. Near a segment: a band of boundary pixels, whose features (a UNet
-       token seeing two regions) are a blend of the two regions' features, not a region.
+       remaining centroid. First, while there is one, the least distinct cluster whose
+       centroid lies within ``merge_ratio`` * s of another centroid or of the straight segment
+       between two others, s being the within-cluster spread (root mean squared distance of
+       the pixels to their centroids). Near another centroid: one region cut in two. Near a
+       segment: a band of boundary pixels, whose features (a UNet token seeing two regions)
+       are a blend of the two regions' features, not a region. Then the smallest cluster
+       holding fewer than ``min_fraction`` of the pixels (with the bands gone first, its
+       pixels join a region, not a band).
     3. It stops when no cluster is redundant and at most ``max_clusters`` remain (then
        K >= 2), or when two remain.
 

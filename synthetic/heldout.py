@@ -105,11 +105,17 @@ def grid_labels(gt: torch.Tensor, grid: int = 32) -> torch.Tensor:
     return counts.argmax(dim=2)
 
 
+def counted_regions(gt: torch.Tensor, grid: int = 32, min_fraction: float = 0.02) -> torch.Tensor:
+    """`[gt.max()+1]` bool: which labels of `gt` cover at least `min_fraction` of the `grid` x
+    `grid` cells of ``grid_labels(gt, grid)`` (an automatic K should find exactly these)."""
+    cells = torch.bincount(grid_labels(gt, grid).flatten(), minlength=int(gt.max()) + 1)
+    return cells >= min_fraction * grid * grid
+
+
 def region_count(gt: torch.Tensor, grid: int = 32, min_fraction: float = 0.02) -> int:
     """The number of regions (background included) covering at least `min_fraction` of the
     `grid` x `grid` cells of ``grid_labels(gt, grid)``: what an automatic K should find."""
-    cells = torch.bincount(grid_labels(gt, grid).flatten())
-    return int((cells >= min_fraction * grid * grid).sum())
+    return int(counted_regions(gt, grid, min_fraction).sum())
 
 
-__all__ = ["HELDOUT_SEED0", "SHAPES", "heldout_scene", "grid_labels", "region_count"]
+__all__ = ["HELDOUT_SEED0", "SHAPES", "heldout_scene", "grid_labels", "counted_regions", "region_count"]
