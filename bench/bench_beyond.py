@@ -6,7 +6,7 @@ Gaussian noise, resized and concatenated as FreeSeg-Diff does), so what is measu
 clustering-level behaviour of each option, not segmentation quality on real photographs.
 
 Usage: python bench/bench_beyond.py [--part autok|instances|shared|fine|cost|all] [--seeds 5] [--n-init 3]
-       [--heldout 100]
+       [--heldout 100] [--threads 2]
 
 Prints, side by side:
   autok     how often n_clusters=0 finds the true count (the regions covering >= 2% of the 32x32
@@ -211,8 +211,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="scenes per setting")
     ap.add_argument("--n-init", type=int, default=3, help="k-means restarts (library default 10)")
     ap.add_argument("--heldout", type=int, default=100, help="held-out scenes for --part autok")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy machine)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
     for name, fn in PARTS.items():
         if args.part in (name, "all"):
             fn(args.seeds, args.n_init, **({"heldout": args.heldout} if name == "autok" else {}))

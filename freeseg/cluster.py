@@ -454,19 +454,21 @@ def auto_cluster_features(features: torch.Tensor, max_clusters: int = 8, method:
        are a blend of the two regions' features, not a region. Then the smallest cluster
        holding fewer than ``min_fraction`` of the pixels (with the bands gone first, its
        pixels join a region, not a band).
-    3. It stops when no cluster is redundant and at most ``max_clusters`` remain (then
-       K >= 2), or when two remain.
+    3. It stops when no cluster is redundant and at most ``max_clusters`` remain, or when two
+       remain (more than max_clusters: the least distinct goes, redundant or not). So
+       2 <= K <= max_clusters, except K = 1 for an image of one distinct feature vector.
 
-    Chosen on synthetic scenes (``synthetic.scenes.objects_scene``, and held-out-generator
-    seeds below ``synthetic.heldout.HELDOUT_SEED0``); ``bench/bench_beyond.py --part autok``
-    measures it on the held-out seeds.
+    The two thresholds (1.25 and 2%) were chosen on synthetic scenes: ``objects_scene`` and
+    ``heldout_scene`` seeds 0..39 (below ``synthetic.heldout.HELDOUT_SEED0``);
+    ``bench/bench_beyond.py --part autok`` measures it on the held-out seeds from there.
 
     Cost per image: one clustering with K0 clusters (its n_init restarts) plus at most K0 - 2
     merge steps, each O(N C) for the spread and O(K0^3) for the segment distances.
 
     Args:
         features: [B,C,h,w] float tensor (as ``cluster_features``).
-        max_clusters: largest K returned (>= 2; K = 1 when h*w = 1).
+        max_clusters: largest K returned (>= 2; K = 1 when h*w = 1); the over-segmentation
+            has 2 * max_clusters clusters.
         method, seed, n_init, max_iter: as ``cluster_features`` (for the over-segmentation).
         min_fraction: a cluster with fewer pixels than this fraction of h*w is merged away.
         merge_ratio: centroid distance (to another centroid or segment) below which, in units
