@@ -47,20 +47,29 @@ FINE_BLOCKS = PAPER_BLOCKS + ((32, 32),) * 5  # plus five 32x32-token blocks (ha
 
 
 def silhouette_k(features: torch.Tensor, n_init: int, max_clusters: int = 8) -> tuple[torch.Tensor, int]:
-    """The automatic K this pack used before (for comparison only): every K in 2..max_clusters
-    clustered, the K whose labelling has the best silhouette averaged per cluster wins (the
-    smaller K on a tie). One image [1,C,h,w] -> (labels [1,h,w], K)."""
-    from sklearn.metrics import silhouette_samples
-
-    points = features[0].reshape(features.shape[1], -1).T.numpy()
+    """The automatic K this pack used before (for comparison only; the rule and silhouette code
+    that freeseg/cluster.py had, with the distance matrix computed once instead of once per K):
+    every K in 2..max_clusters clustered, the K whose labelling has the best silhouette
+    averaged per cluster wins (the smaller K on a tie). One image [1,C,h,w] with h*w <= 2048
+    (all pixels scored, as before) -> (labels [1,h,w], K)."""
+    x = features[0].reshape(features.shape[1], -1).T.float()
+    x = x - x.mean(dim=0, keepdim=True)
+    d = torch.cdist(x, x)  # [N,N]
     best, best_score = None, -2.0
     for k in range(2, max_clusters + 1):
         labels = cluster_features(features, k, n_init=n_init)
-        flat = labels.reshape(-1).numpy()
-        if len(set(flat.tolist())) < 2:
+        onehot = torch.nn.functional.one_hot(labels.reshape(-1), k).float()  # [N,K]
+        counts = onehot.sum(dim=0)
+        if int((counts > 0).sum()) < 2:
             continue
-        s = torch.from_numpy(silhouette_samples(points, flat))
-        score = float(torch.stack([s[torch.from_numpy(flat == c)].mean() for c in set(flat.tolist())]).mean())
+        lab = labels.reshape(-1)
+        sums = d @ onehot
+        own = counts[lab]
+        a = sums.gather(1, lab[:, None])[:, 0] / (own - 1).clamp_min(1)
+        other = (sums / counts.clamp_min(1)).masked_fill(onehot.bool() | (counts == 0)[None, :], float("inf"))
+        b = other.min(dim=1).values
+        sil = torch.where(own > 1, (b - a) / torch.maximum(a, b).clamp_min(1e-12), torch.zeros_like(a))
+        score = float(((onehot.T @ sil) / counts.clamp_min(1))[counts > 0].mean())
         if score > best_score + 1e-9:
             best, best_score = labels, score
     return best, int(best.max()) + 1
@@ -190,7 +199,7 @@ def part_cost(seeds: int, n_init: int) -> None:
     # a held-out scene with 5 objects at the real channel count (structured, unlike random features)
     scene = scene_features(heldout_scene(HELDOUT_SEED0 + 5), 32, ((16, 1280),) * 5, seed=HELDOUT_SEED0 + 5, noise=0.5)
     rows = []
-    for what, feats in (("random features", paper), ("held-out scene", scene)):
+    for what, feats in (("held-out scene", scene), ("random features", paper)):
         rows += [(f"{what}, paper grid, K=4", lambda f=feats: cluster_features(f, 4)),
                  (f"{what}, paper grid, n_clusters=0 (merge, used)", lambda f=feats: cluster_features(f, 0)),
                  (f"{what}, paper grid, silhouette K 2..8 (before)", lambda f=feats: silhouette_k(f, 10))]
