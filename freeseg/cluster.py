@@ -392,8 +392,8 @@ def _segment_distances(centres: torch.Tensor) -> torch.Tensor:
     sq = g.diagonal()
     # for a centre m and a segment a-b: <c_m - c_a, c_b - c_a> and |c_b - c_a|^2
     along = g[:, None, :] - g[:, :, None] - g[None, :, :] + sq[None, :, None]  # [m,a,b]
-    length = (sq[:, None] + sq[None, :] - 2.0 * g).clamp_min(0.0)  # [a,b]
-    to_a = (sq[:, None] + sq[None, :] - 2.0 * g).clamp_min(0.0)  # |c_m - c_a|^2 as [m,a]
+    pair = (sq[:, None] + sq[None, :] - 2.0 * g).clamp_min(0.0)  # squared centre distances [K,K]
+    length, to_a = pair, pair  # |c_b - c_a|^2 as [a,b]; |c_m - c_a|^2 as [m,a]
     t = torch.where(length[None] > 0, along / length[None].clamp_min(1e-30), torch.zeros_like(along)).clamp(0.0, 1.0)
     dist = (to_a[:, :, None] - 2.0 * t * along + t * t * length[None]).clamp_min(0.0)  # [m,a,b]
     idx = torch.arange(k, device=centres.device)
