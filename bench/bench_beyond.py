@@ -6,14 +6,19 @@ Gaussian noise, resized and concatenated as FreeSeg-Diff does), so what is measu
 clustering-level behaviour of each option, not segmentation quality on real photographs.
 
 Usage: python bench/bench_beyond.py [--part autok|instances|shared|fine|cost|all] [--seeds 5] [--n-init 3]
+       [--heldout 100] [--threads 2]
 
 Prints, side by side:
-  autok     how often n_clusters=0 finds the true count (1..7 objects + background), with the
-            per-cluster silhouette (used) and the usual per-pixel silhouette, at two noise levels;
+  autok     how often n_clusters=0 finds the true count (the regions covering >= 2% of the 32x32
+            grid, background included), the matched mIoU with nearest upsampling and the seconds
+            per image, for the method used (over-segment, then merge) and the one it replaced (K
+            in 2..8 by the per-cluster silhouette), on the scenes it was tuned on (objects_scene:
+            1..7 rectangles) and on held-out scenes (synthetic/heldout.py), at two noise levels;
   instances how often splitting the named mask gives the true number of instances (1..6);
   shared    label consistency across 8 frames of 3 moving objects: per-frame vs batch-shared;
   fine      mIoU on thin structures: paper grid 32x32 vs fine 64x64, nearest upsampling vs CRF;
-  cost      clustering time at the real feature sizes (SD1.5, 512 px): fixed K, automatic K, fine grid.
+  cost      clustering time at the real feature sizes (SD1.5, 512 px): fixed K, automatic K (used and
+            replaced), fine grid.
 """
 
 from __future__ import annotations
@@ -27,51 +32,78 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository root importable
-from freeseg.cluster import (cluster_features, cluster_features_shared, labels_to_masks,  # noqa: E402
-                             silhouette_score)
+from freeseg.cluster import (auto_cluster_features, cluster_features, cluster_features_shared,  # noqa: E402
+                             labels_to_masks)
 from freeseg.instances import split_instances  # noqa: E402
 from freeseg.refine import refine_masks  # noqa: E402
 from freeseg.segments import Segments  # noqa: E402
 from synthetic.scenes import (block_features, instances_scene, matched_miou, moving_scene,  # noqa: E402
                               objects_scene, scene_features, scene_image, thin_scene)
 from freeseg.features import aggregate_maps  # noqa: E402
+from synthetic.heldout import HELDOUT_SEED0, counted_regions, heldout_scene, region_count  # noqa: E402
 
 PAPER_BLOCKS = ((16, 64),) * 5  # the five 16x16 query blocks (64 channels each instead of 1280)
 FINE_BLOCKS = PAPER_BLOCKS + ((32, 32),) * 5  # plus five 32x32-token blocks (half the channels, as 640 vs 1280)
 
 
-def auto_k(features: torch.Tensor, n_init: int, max_clusters: int = 8) -> tuple[int, int]:
-    """(K by per-cluster silhouette, K by per-pixel silhouette) for one image [1,C,h,w]."""
-    points = features[0].reshape(features.shape[1], -1).T
-    best = {True: (-2.0, 0), False: (-2.0, 0)}
+def silhouette_k(features: torch.Tensor, n_init: int, max_clusters: int = 8) -> tuple[torch.Tensor, int]:
+    """The automatic K this pack used before (for comparison only; the rule and silhouette code
+    that freeseg/cluster.py had, with the distance matrix computed once instead of once per K):
+    every K in 2..max_clusters clustered, the K whose labelling has the best silhouette
+    averaged per cluster wins (the smaller K on a tie). One image [1,C,h,w] with h*w <= 2048
+    (all pixels scored, as before) -> (labels [1,h,w], K)."""
+    x = features[0].reshape(features.shape[1], -1).T.float()
+    x = x - x.mean(dim=0, keepdim=True)
+    d = torch.cdist(x, x)  # [N,N]
+    best, best_score = None, -2.0
     for k in range(2, max_clusters + 1):
-        labels = cluster_features(features, k, n_init=n_init).reshape(-1)
-        for per_cluster in (True, False):
-            s = silhouette_score(points, labels, per_cluster=per_cluster)
-            if s > best[per_cluster][0] + 1e-9:
-                best[per_cluster] = (s, int(labels.max()) + 1)
-    return best[True][1], best[False][1]
+        labels = cluster_features(features, k, n_init=n_init)
+        onehot = torch.nn.functional.one_hot(labels.reshape(-1), k).float()  # [N,K]
+        counts = onehot.sum(dim=0)
+        if int((counts > 0).sum()) < 2:
+            continue
+        lab = labels.reshape(-1)
+        sums = d @ onehot
+        own = counts[lab]
+        a = sums.gather(1, lab[:, None])[:, 0] / (own - 1).clamp_min(1)
+        other = (sums / counts.clamp_min(1)).masked_fill(onehot.bool() | (counts == 0)[None, :], float("inf"))
+        b = other.min(dim=1).values
+        sil = torch.where(own > 1, (b - a) / torch.maximum(a, b).clamp_min(1e-12), torch.zeros_like(a))
+        score = float(((onehot.T @ sil) / counts.clamp_min(1))[counts > 0].mean())
+        if score > best_score + 1e-9:
+            best, best_score = labels, score
+    return best, int(best.max()) + 1
 
 
-def part_autok(seeds: int, n_init: int) -> None:
-    print("== automatic K (n_clusters=0, K in 2..8): scenes of 1..7 objects + background, 256 px, grid 32")
-    print(f"{'noise':>6} {'objects':>8} {'per-cluster sil.':>17} {'per-pixel sil.':>15}")
-    for noise in (0.5, 1.0):
-        hits, hits_px, total, seconds = 0, 0, 0, []
-        for n in range(1, 8):
-            row, row_px = 0, 0
-            for seed in range(seeds):
-                gt = objects_scene(n, 256, seed)
-                feats = scene_features(gt, 32, PAPER_BLOCKS, seed=seed, noise=noise)
-                t = time.perf_counter()
-                k, k_px = auto_k(feats, n_init)
-                seconds.append(time.perf_counter() - t)
-                row += k == n + 1
-                row_px += k_px == n + 1
-            hits, hits_px, total = hits + row, hits_px + row_px, total + seeds
-            print(f"{noise:>6} {n:>8} {row:>11}/{seeds:<5} {row_px:>9}/{seeds:<5}")
-        print(f"{noise:>6} {'all':>8} {hits:>11}/{total:<5} {hits_px:>9}/{total:<5} "
-              f"(median {statistics.median(seconds):.2f} s per image for both, n_init={n_init})")
+def part_autok(seeds: int, n_init: int, heldout: int = 100) -> None:
+    print("== automatic K (n_clusters=0, max_clusters 8), 256 px, grid 32; right = the regions covering >= 2% "
+          "of the 32x32 grid")
+    print(f"   tuned: objects_scene, 1..7 rectangles + background, seeds 0..{seeds - 1} ({7 * seeds} scenes); "
+          f"held-out: heldout_scene seeds {HELDOUT_SEED0}..{HELDOUT_SEED0 + heldout - 1} ({heldout} scenes)")
+    print("   mIoU: matched, nearest upsampling, over all ground-truth regions / over the counted regions")
+    methods = (("merge (used)", lambda f: auto_cluster_features(f, 8, n_init=n_init)),
+               ("silhouette (before)", lambda f: silhouette_k(f, n_init)))
+    print(f"{'set':>9} {'noise':>6} {'method':>20} {'right K':>13} {'mIoU all':>9} {'counted':>8} {'s/image':>8}")
+    for name, scenes in (("tuned", [(objects_scene(n, 256, seed), seed) for n in range(1, 8) for seed in range(seeds)]),
+                         ("held-out", [(heldout_scene(HELDOUT_SEED0 + i), HELDOUT_SEED0 + i) for i in range(heldout)])):
+        for noise in (0.5, 1.0):
+            feats = [scene_features(gt, 32, PAPER_BLOCKS, seed=seed, noise=noise) for gt, seed in scenes]
+            for label, fn in methods:
+                right, mious, counted, seconds = 0, [], [], []
+                for (gt, _), f in zip(scenes, feats):
+                    t = time.perf_counter()
+                    labels, k = fn(f)
+                    seconds.append(time.perf_counter() - t)
+                    k = k[0] if isinstance(k, list) else k
+                    right += k == region_count(gt)
+                    pred = labels_to_masks(labels, tuple(gt.shape)).argmax(dim=1)[0]
+                    mious.append(matched_miou(pred, gt))
+                    counted.append(matched_miou(pred, gt, counted_regions(gt)))
+                n = len(scenes)
+                print(f"{name:>9} {noise:>6} {label:>20} {right:>4}/{n:<3} {100 * right / n:3.0f}% "
+                      f"{statistics.mean(mious):>9.3f} {statistics.mean(counted):>8.3f} "
+                      f"{statistics.median(seconds):>8.2f}", flush=True)
+    print(f"(n_init={n_init}, CPU)")
 
 
 def part_instances(seeds: int, n_init: int) -> None:
@@ -160,17 +192,22 @@ def part_fine(seeds: int, n_init: int) -> None:
 
 
 def part_cost(seeds: int, n_init: int) -> None:
-    print("== cost at the real sizes (random features, CPU, n_init=10 as the library default)")
+    print("== cost at the real sizes (CPU, n_init=10 as the library default)")
     g = torch.Generator().manual_seed(0)
     paper = torch.randn(1, 6400, 32, 32, generator=g)  # SD1.5 at 512 px: 5 x 1280 channels, 32x32 grid
     fine = torch.randn(1, 6400 + 3200, 64, 64, generator=g)  # plus 5 x 640 channels, 64x64 grid
-    rows = [("paper grid, K=4", lambda: cluster_features(paper, 4)),
-            ("paper grid, n_clusters=0 (K 2..8)", lambda: cluster_features(paper, 0)),
-            ("fine grid, K=4", lambda: cluster_features(fine, 4))]
+    # a held-out scene with 5 objects at the real channel count (structured, unlike random features)
+    scene = scene_features(heldout_scene(HELDOUT_SEED0 + 5), 32, ((16, 1280),) * 5, seed=HELDOUT_SEED0 + 5, noise=0.5)
+    rows = []
+    for what, feats in (("held-out scene", scene), ("random features", paper)):
+        rows += [(f"{what}, paper grid, K=4", lambda f=feats: cluster_features(f, 4)),
+                 (f"{what}, paper grid, n_clusters=0 (merge, used)", lambda f=feats: cluster_features(f, 0)),
+                 (f"{what}, paper grid, silhouette K 2..8 (before)", lambda f=feats: silhouette_k(f, 10))]
+    rows.append(("random features, fine grid, K=4", lambda: cluster_features(fine, 4)))
     for name, fn in rows:
         t = time.perf_counter()
         fn()
-        print(f"{name:>36}: {time.perf_counter() - t:6.2f} s")
+        print(f"{name:>56}: {time.perf_counter() - t:6.2f} s", flush=True)
 
 
 PARTS = {"autok": part_autok, "instances": part_instances, "shared": part_shared, "fine": part_fine,
@@ -182,11 +219,13 @@ def main() -> None:
     ap.add_argument("--part", choices=[*PARTS, "all"], default="all")
     ap.add_argument("--seeds", type=int, default=5, help="scenes per setting")
     ap.add_argument("--n-init", type=int, default=3, help="k-means restarts (library default 10)")
+    ap.add_argument("--heldout", type=int, default=100, help="held-out scenes for --part autok")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy machine)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
     for name, fn in PARTS.items():
         if args.part in (name, "all"):
-            fn(args.seeds, args.n_init)
+            fn(args.seeds, args.n_init, **({"heldout": args.heldout} if name == "autok" else {}))
             print(flush=True)
 
 

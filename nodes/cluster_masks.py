@@ -55,9 +55,9 @@ class FreeSegClusterMasks(io.ComfyNode):
             inputs=[
                 Features.Input("features", tooltip="Output of FreeSeg-Diff Diffusion Features."),
                 io.Int.Input("n_clusters", default=DEFAULTS.n_clusters, **input_range("n_clusters"), tooltip="Masks per image (paper: 4). "
-                             "0 = automatic: every count from 2 to max_clusters is tried and the one whose "
-                             "clusters are best separated (silhouette score) is kept; costs about "
-                             "max_clusters - 1 clusterings."),
+                             "0 = automatic: the features are cut into 2 x max_clusters clusters, then clusters "
+                             "that only split a region, hold the blended features of a boundary, or cover under "
+                             "2% of the image are merged away; costs about one clustering."),
                 io.Combo.Input("method", options=list(CHOICES["cluster_method"]), default=DEFAULTS.cluster_method, tooltip="kmeans with "
                                "k-means++ start (paper) or agglomerative (Ward)."),
                 io.Int.Input("seed", default=DEFAULTS.seed, **input_range("seed"), tooltip="Seed of the k-means start."),

@@ -123,9 +123,10 @@ def scene_image(gt: torch.Tensor, seed: int = 0, noise: float = 0.04) -> torch.T
     return img.clamp(0, 1)
 
 
-def matched_miou(pred: torch.Tensor, gt: torch.Tensor) -> float:
+def matched_miou(pred: torch.Tensor, gt: torch.Tensor, classes: torch.Tensor | None = None) -> float:
     """mIoU over the ground-truth classes of `gt` `[H,W]` after mapping each predicted segment of
-    `pred` `[H,W]` to the class it overlaps most (the usual matching for class-agnostic masks)."""
+    `pred` `[H,W]` to the class it overlaps most (the usual matching for class-agnostic masks).
+    `classes` (`[n_classes]` bool, optional) restricts the mean to the classes marked True."""
     pred, gt = pred.flatten().long(), gt.flatten().long()
     n_p, n_g = int(pred.max()) + 1, int(gt.max()) + 1
     joint = torch.bincount(pred * n_g + gt, minlength=n_p * n_g).reshape(n_p, n_g)
@@ -134,7 +135,7 @@ def matched_miou(pred: torch.Tensor, gt: torch.Tensor) -> float:
     for c in range(n_g):
         inter = int(((mapped == c) & (gt == c)).sum())
         union = int(((mapped == c) | (gt == c)).sum())
-        if int((gt == c).sum()):
+        if int((gt == c).sum()) and (classes is None or bool(classes[c])):
             ious.append(inter / union)
     return sum(ious) / len(ious)
 
