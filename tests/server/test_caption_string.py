@@ -52,3 +52,34 @@ def test_caption_string_refusals_name_the_inputs(client, upload, lines, refused)
     with pytest.raises(ComfyError) as err:
         client.run(g.prompt)
     assert refused in str(err.value)
+
+
+@pytest.mark.parametrize("connect", ["neither", "both"])
+def test_caption_refuses_neither_or_both_before_anything_runs(client, upload, connect):
+    """Queue-time refusal (validate_inputs): the prompt is rejected, naming both inputs, and
+    nothing runs (the probe never executes)."""
+    g = Graph()
+    image = g.node("LoadImage", image=upload(40, 32, seed=34))
+    inputs = {"image": image[0], "class_names": "dog", "max_new_tokens": 8}
+    if connect == "both":
+        inputs["captions"] = g.node("PrimitiveStringMultiline", value="a dog")[0]
+        inputs["blip2"] = g.node("FreeSegBLIP2Loader", model_name=MODEL_LINKS["blip2_dir"][1], download=False,
+                                 repo_id="")[0]
+    g.probe(g.node("FreeSegCaption", **inputs)[1])
+    with pytest.raises(ComfyError) as err:
+        client.queue(g.prompt, strict=True)
+    message = str(err.value)
+    assert "blip2" in message and "captions" in message and "FreeSegCaption" in message, message
+    assert ("neither" if connect == "neither" else "both connected") in message
+
+
+def test_caption_still_checks_the_types_of_its_links(client, upload):
+    """validate_inputs declares input_types (so it sees which inputs are linked), which turns off
+    ComfyUI's own type check of the links: the node checks them itself."""
+    g = Graph()
+    image = g.node("LoadImage", image=upload(40, 32, seed=35))
+    number = g.node("PrimitiveInt", value=3)
+    g.probe(g.node("FreeSegCaption", image=image[0], class_names="dog", max_new_tokens=8, captions=number[0])[1])
+    with pytest.raises(ComfyError) as err:
+        client.queue(g.prompt, strict=True)
+    assert "captions: a INT output is linked, it takes STRING" in str(err.value)
