@@ -21,6 +21,10 @@ API_DIR = os.path.join(WORKFLOW_DIR, "api")
 PINNED_COMFYUI = "0.3.75"
 NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabulary", "freeseg_batch",
          "freeseg_video", "freeseg_generate")
+# Workflows that need core SAM 3 (SAM3_Detect): generated from the 0.33.0 tree, checked on a
+# server that has it, skipped on the others (scripts/make_workflows.py SAM3_WORKFLOWS).
+SAM3_NAMES = ("freeseg_sam3",)
+ALL_NAMES = NAMES + SAM3_NAMES
 
 # A combo whose chosen option brings inputs of its own (newer cores: Save Video's `format`, whose
 # option brings `codec`): the frontend draws it as a combo and the chosen option's inputs as

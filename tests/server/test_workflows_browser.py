@@ -144,8 +144,9 @@ LOAD_JS = """async (wf) => {
     await new Promise(r => setTimeout(r, 200));
     const unknown = app.graph.nodes.filter(n => n.has_errors || !(n.type in LiteGraph.registered_node_types))
                                    .map(n => n.type);
+    const unregistered = app.graph.nodes.filter(n => !(n.type in LiteGraph.registered_node_types)).map(n => n.type);
     const prompt = await app.graphToPrompt();
-    return {unknown, serialized: app.graph.serialize(), prompt: prompt.output};
+    return {unknown, unregistered, serialized: app.graph.serialize(), prompt: prompt.output};
 }"""
 
 
@@ -202,10 +203,12 @@ def load_in_page(page, workflow: dict, models_here: bool = True) -> dict:
     page.messages.clear()
     state = page.evaluate(LOAD_JS, workflow)
     reported = report(page)
-    assert reported["missingNodes"] == [] and state["unknown"] == [], reported["missingNodes"] or state["unknown"]
-    if not models_here:
+    assert reported["missingNodes"] == [] and state["unregistered"] == [], \
+        reported["missingNodes"] or state["unregistered"]
+    if not models_here:  # newer frontends also flag the loaders of the missing models (has_errors)
         dismiss_report(page)
         return state
+    assert state["unknown"] == [], state["unknown"]
     assert reported["missingModels"] == []
     assert reported["dialogs"] == [] and reported["toasts"] == [] and reported["overlay"] == [], reported
     assert page.messages == [], page.messages
@@ -267,8 +270,13 @@ def example_png(client, tmp_path_factory):
     return client.upload_image(path)
 
 
-@pytest.mark.parametrize("name", wt.NAMES)
-def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_png, tmp_path, pinned):
+@pytest.mark.parametrize("name", wt.ALL_NAMES)
+def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_png, tmp_path, pinned,
+                                            comfyui_version):
+    info = client.object_info()
+    if name in wt.SAM3_NAMES and "SAM3_Detect" not in info:
+        pytest.skip(f"{name} needs core SAM3_Detect, which ComfyUI {comfyui_version} does not have "
+                    "(it is checked on the 0.33.0 tree)")
     with open(os.path.join(wt.WORKFLOW_DIR, f"{name}.json")) as f:
         ui = json.load(f)
     with open(os.path.join(wt.API_DIR, f"{name}.json")) as f:
@@ -305,6 +313,9 @@ def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_
         sent, prompt = wt.without_default_titles(sent, ui), wt.without_default_titles(prompt, ui)
     assert wt.prompt_differences(sent, prompt, pinned) == []
 
+    if name in wt.SAM3_NAMES:
+        pytest.skip(f"{name} loads and converts; not queued: the test server has no SAM 3 checkpoint "
+                    "(test_sam3_boxes.py says why none is run here)")
     # Queue it from the page: the server accepts it and runs it.
     with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as answer:
         page.evaluate("async () => { await app.queuePrompt(0, 1); }")
