@@ -6,11 +6,11 @@ The BOUNDING_BOX type is only a name on 0.3.75 (there the boxes are checked and 
 core that has the box nodes (the 0.33.0 tree), core `DrawBBoxes` must draw our boxes where they
 are. Core `SAM3_Detect` itself is not run here: a random-weight SAM 3 checkpoint in the format
 0.33's loader detects is built (`synthetic.sam3`: `detector.*` / `tracker.*` keys, 506,593,208
-parameters, 1.0 GB in fp16) and a server's Load Checkpoint must give a SAM 3 MODEL from it, but
-SAM 3 has one fixed
-size (a ViT at 1008x1008 per box prompt) and one box took 465 s of wall clock on the 2 CPU
-cores (shared with other jobs) of the machine these tests were written on; the `freeseg_sam3` workflow is checked against the
-0.33.0 server's node definitions and in its frontend instead (test_workflows*.py).
+parameters, 1.0 GB in fp16) and a server's Load Checkpoint must give a SAM 3 MODEL from it,
+but SAM 3 has one fixed size (a ViT at 1008x1008 per box prompt) and one box took 465 s of wall
+clock on the 2 CPU cores (shared with other jobs) of the machine these tests were written on;
+the `freeseg_sam3` workflow is checked against the 0.33.0 server's node definitions and in its
+frontend instead (test_workflows*.py).
 """
 
 import io
@@ -160,7 +160,8 @@ def test_core_draw_bboxes_draws_our_boxes_where_they_are(client, upload):
         x0, y0 = box["x"], box["y"]
         x1, y1 = x0 + box["width"], y0 + box["height"]
         assert lit[min(y0, HEIGHT - 1), min(x0, WIDTH - 1)], box  # the top-left corner is drawn
-        assert lit[min(y1, HEIGHT - 1) - 1:min(y1, HEIGHT - 1) + 1, min(x1, WIDTH - 1) - 1:min(x1, WIDTH - 1) + 1].any(), box
+        ye, xe = min(y1, HEIGHT - 1), min(x1, WIDTH - 1)
+        assert lit[ye - 1:ye + 1, xe - 1:xe + 1].any(), box  # and the bottom-right one
         near[max(0, y0 - 2):y1 + 3, max(0, x0 - 2):x1 + 3] = True
     assert lit.any() and not (lit & ~near).any()  # nothing drawn away from our boxes
 
