@@ -322,7 +322,8 @@ def test_frontend_loads_and_queues_workflow(name, page, client, upload, example_
     assert answer.value.status == 200, answer.value.text()
     prompt_id = answer.value.json()["prompt_id"]
     assert page.evaluate("() => app.lastNodeErrors") in (None, {})
-    deadline = time.monotonic() + 300
+    # a hang guard: freeseg_generate runs at 512 px (crf_guard: ~30 s per image on a busy 2-core machine)
+    deadline = time.monotonic() + 600
     while (entry := client.history(prompt_id)) is None or not entry["status"].get("completed"):
         assert entry is None or entry["status"]["status_str"] != "error", entry["status"]
         assert time.monotonic() < deadline, f"{name}: prompt {prompt_id} did not finish"
