@@ -93,6 +93,19 @@ def test_refine_masks_boxes_one_list_per_image_as_the_records_say(client, upload
         assert box["x"] + box["width"] <= WIDTH and box["y"] + box["height"] <= HEIGHT
 
 
+def test_segment_everything_boxes_after_its_captions(client, upload):
+    g = Graph()
+    image = g.node("LoadImage", image=upload(WIDTH, HEIGHT, seed=46))
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=MODEL_LINKS["sd15_ckpt"][1])
+    clip_model = g.node("FreeSegCLIPLoader", model_name=MODEL_LINKS["open_clip_dir"][1], download=False, repo_id="")
+    pipe = g.node("FreeSegPipeline", model=ckpt[0], vae=ckpt[2], image=image[0], clip_model=clip_model[0],
+                  class_names=CLASSES, n_clusters=3, seed=5, clip=ckpt[1])
+    records, captions, boxes = g.probe(pipe[6]), g.probe(pipe[7]), g.probe(pipe[8])
+    result = client.run(g.prompt)
+    assert probed(result, captions)["kind"] == "str"
+    assert probed(result, boxes)["value"] == expected_boxes(json.loads(probed(result, records)["value"]), 1)
+
+
 def test_nothing_named_gives_an_empty_list_for_the_image(client, upload):
     g = Graph()
     image = g.node("LoadImage", image=upload(WIDTH, HEIGHT, seed=43))
