@@ -94,18 +94,17 @@ class FreeSegCaption(io.ComfyNode):
         for name, received in linked.items():
             if name in declared and not validate_node_input(received, declared[name]):
                 return f"{name}: a {received} output is linked, it takes {declared[name]}"
+        if max_new_tokens is not None and min_new_tokens is not None:
+            try:
+                check_caption_options(prompt, max_new_tokens, min_new_tokens, PAPER.num_beams)
+            except ValueError as exc:
+                return str(exc)
         if "blip2" not in linked and "captions" not in linked:
             return ("neither blip2 (a captioner from FreeSeg-Diff BLIP Loader) nor captions (another node's "
                     "caption text, e.g. core TextGenerate) is connected: connect one of them")
         if "blip2" in linked and "captions" in linked:
             return ("blip2 and captions are both connected: connect one of them (blip2 captions the images, "
                     "captions takes another node's text)")
-        if max_new_tokens is None or min_new_tokens is None:
-            return True
-        try:
-            check_caption_options(prompt, max_new_tokens, min_new_tokens, PAPER.num_beams)
-        except ValueError as exc:
-            return str(exc)
         return True
 
     @classmethod
