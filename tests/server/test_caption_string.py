@@ -83,3 +83,20 @@ def test_caption_still_checks_the_types_of_its_links(client, upload):
     with pytest.raises(ComfyError) as err:
         client.queue(g.prompt, strict=True)
     assert "captions: a INT output is linked, it takes STRING" in str(err.value)
+
+
+def test_the_cli_prompt_without_a_captioner_gives_the_typed_names(client, upload):
+    """freeseg.app.workflow.drop_captioner (the CLI's prompt when no captioner is used): the
+    loader goes, Caption takes an empty captions text and passes the typed names alone."""
+    from freeseg.app.workflow import drop_captioner
+
+    g = Graph()
+    image = g.node("LoadImage", image=upload(40, 32, seed=36))
+    blip = g.node("FreeSegBLIP2Loader", model_name=MODEL_LINKS["blip2_dir"][1], download=False, repo_id="")
+    caption = g.node("FreeSegCaption", image=image[0], class_names="dog, Cat", max_new_tokens=8, blip2=blip[0])
+    captions, names = g.probe(caption[0]), g.probe(caption[1])
+    prompt = drop_captioner(g.prompt)
+    assert "FreeSegBLIP2Loader" not in {n["class_type"] for n in prompt.values()}
+    result = client.run(prompt)
+    assert probed(result, captions)["value"] == ""
+    assert probed(result, names)["value"] == ", ".join(caption_class_names("", ["dog", "Cat"]))
