@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from comfy_execution.validation import validate_node_input
+
 from ..freeseg.caption import MAX_NEW_TOKENS_LIMIT, MAX_PROMPT_CHARS, check_caption_options
 from ..freeseg.names import caption_class_names, lines_per_image, parse_names
 from ..freeseg.settings import PAPER
@@ -20,8 +22,8 @@ def caption(images, captioner=None, class_names: str = "", max_new_tokens: int =
     options checked as ``FreeSegSettings`` fields. The captions come from ``captioner`` (BLIP /
     BLIP-2), or from ``captions``, another node's text (one line per image or one line for all;
     for one image the whole text, its line breaks as spaces), whose names are extracted by the
-    same rule (``freeseg.names.caption_class_names``); with neither, the user's names alone.
-    ValueError naming both inputs when both are given."""
+    same rule (``freeseg.names.caption_class_names``). ValueError naming both inputs when both
+    or neither are given (``FreeSegCaption.validate_inputs`` refuses those prompts at queue time)."""
     pixels = to_rgb(images)
     s = PAPER.replace(max_new_tokens=max_new_tokens, caption_prompt=prompt, min_new_tokens=min_new_tokens)
     user = parse_names(class_names)
@@ -33,7 +35,8 @@ def caption(images, captioner=None, class_names: str = "", max_new_tokens: int =
         texts = [" ".join(captions.split())] if b == 1 else lines_per_image(captions, b, "captions")
         return texts, [caption_class_names(text, user) for text in texts]
     if captioner is None:
-        return caption_images(pixels, None, None, user)
+        raise ValueError("neither blip2 (a captioner) nor captions (another node's caption text) is connected: "
+                         "connect one of them")
     return caption_images(pixels, lambda: load_to_device(captioner["patcher"]), captioner["processor"],
                           user, max_new_tokens=s.max_new_tokens, num_beams=s.num_beams,
                           prompt=s.caption_prompt, min_new_tokens=s.min_new_tokens, progress=Progress(pixels.shape[0]))
@@ -48,7 +51,8 @@ class FreeSegCaption(io.ComfyNode):
             category=CATEGORY,
             description="Captions each image with BLIP (the paper's captioner) or BLIP-2, or takes the captions "
                         "of any other captioner (core TextGenerate, Florence-2, ...) as text, and lists the class "
-                        "names the caption mentions, plus your own names. Without either, your names alone. "
+                        "names the caption mentions, plus your own names. Connect one of blip2 and captions "
+                        "(for your names alone, use CLIP Label's class_names without this node). "
                         "The defaults are the paper's: prompt 'a picture of ', 3 beams, 6 to 26 new tokens.",
             inputs=[
                 io.Image.Input("image", tooltip="Images to caption."),
@@ -78,17 +82,29 @@ class FreeSegCaption(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, max_new_tokens=None, prompt=PAPER.caption_prompt,
+    def validate_inputs(cls, input_types, max_new_tokens=None, prompt=PAPER.caption_prompt,
                         min_new_tokens=PAPER.min_new_tokens) -> bool | str:
-        """Queue-time check of the decoding options (ComfyUI skips its own range checks of the
-        inputs named here); a linked (not yet known) value is checked at run time. `prompt` and
-        `min_new_tokens` are optional: an API prompt without them gets the paper's values."""
-        if max_new_tokens is None or min_new_tokens is None:
-            return True
-        try:
-            check_caption_options(prompt, max_new_tokens, min_new_tokens, PAPER.num_beams)
-        except ValueError as exc:
-            return str(exc)
+        """Queue-time checks: exactly one of `blip2` and `captions` is connected, and the decoding
+        options (ComfyUI skips its own range checks of the inputs named here, and with
+        `input_types` declared its type check of the links, done here instead); a linked (not
+        yet known) value is checked at run time. `prompt` and `min_new_tokens` are optional: an
+        API prompt without them gets the paper's values."""
+        linked = input_types or {}  # {input name: type of the output linked to it}
+        declared = {i.id: i.get_io_type() for i in cls.define_schema().inputs}
+        for name, received in linked.items():
+            if name in declared and not validate_node_input(received, declared[name]):
+                return f"{name}: a {received} output is linked, it takes {declared[name]}"
+        if max_new_tokens is not None and min_new_tokens is not None:
+            try:
+                check_caption_options(prompt, max_new_tokens, min_new_tokens, PAPER.num_beams)
+            except ValueError as exc:
+                return str(exc)
+        if "blip2" not in linked and "captions" not in linked:
+            return ("neither blip2 (a captioner from FreeSeg-Diff BLIP Loader) nor captions (another node's "
+                    "caption text, e.g. core TextGenerate) is connected: connect one of them")
+        if "blip2" in linked and "captions" in linked:
+            return ("blip2 and captions are both connected: connect one of them (blip2 captions the images, "
+                    "captions takes another node's text)")
         return True
 
     @classmethod

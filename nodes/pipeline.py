@@ -4,6 +4,7 @@ orchestrator ``freeseg.pipeline.segment_batch`` with the ComfyUI runtime parts."
 
 from __future__ import annotations
 
+from ..freeseg.boxes import to_bboxes
 from ..freeseg.names import parse_names
 from ..freeseg.pipeline import Captioner as CaptionerParts
 from ..freeseg.pipeline import Models, segment_batch
@@ -13,7 +14,7 @@ from .clip_label import clip_parts, text_embed
 from .common import CATEGORY, Captioner, ClipModel, Progress, Segments, check_choice, first_problem, input_range, \
     io, load_to_device, log
 from .diffusion_features import ComfyFeatures
-from .refine_masks import OUTPUTS, outputs
+from .refine_masks import BBOXES_OUTPUT, OUTPUTS, outputs
 
 
 class FreeSegPipeline(io.ComfyNode):
@@ -49,7 +50,8 @@ class FreeSegPipeline(io.ComfyNode):
                               "empty-prompt conditioning (and the paper rule's candidate classes)."),
             ],
             outputs=[Segments.Output(display_name="segments"), *OUTPUTS,
-                     io.String.Output(display_name="captions", tooltip="One caption per line, per image.")],
+                     io.String.Output(display_name="captions", tooltip="One caption per line, per image."),
+                     BBOXES_OUTPUT],
         )
 
     @classmethod
@@ -72,4 +74,5 @@ class FreeSegPipeline(io.ComfyNode):
             text_embed=cached_embed(text_embed(clip)) if clip is not None else None,
             progress=Progress, warn=log.warning)
         result = segment_batch(image, settings, models, parse_names(class_names))
-        return io.NodeOutput(result.segments, *outputs(result.segments, image), "\n".join(result.captions))
+        return io.NodeOutput(result.segments, *outputs(result.segments, image), "\n".join(result.captions),
+                             to_bboxes(result.segments))

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ..freeseg.boxes import to_bboxes
 from ..freeseg.segments import Segments as SegmentsData
 from ..freeseg.segments import draw_overlay, to_segs
 from ..freeseg.settings import CHOICES, DEFAULTS
@@ -54,6 +55,14 @@ OUTPUTS = [
     io.String.Output(display_name="json", tooltip="Per mask: image index, label, score, area, bbox."),
 ]
 
+# ComfyUI's core bounding-box type (io.BoundingBox on 0.33 and newer); on older cores, where
+# it does not exist, the same type name, so the output links to the core nodes wherever they exist.
+BoundingBoxes = io.Custom("BOUNDING_BOX")
+BBOXES_OUTPUT = BoundingBoxes.Output(
+    display_name="bboxes", tooltip="The named segments as boxes, for core nodes that take boxes (SAM3 Detect, "
+    "Draw BBoxes): per image a list of {x, y, width, height, label, score} in pixels, in the order of `masks` "
+    "(an empty list for an image with nothing named).")
+
 
 class FreeSegRefineMasks(io.ComfyNode):
     @classmethod
@@ -83,7 +92,7 @@ class FreeSegRefineMasks(io.ComfyNode):
                                "parts smaller than this fraction of the image are dropped as specks (a "
                                "name always keeps its largest part)."),
             ],
-            outputs=[Segments.Output(display_name="segments"), *OUTPUTS],
+            outputs=[Segments.Output(display_name="segments"), *OUTPUTS, BBOXES_OUTPUT],
         )
 
     @classmethod
@@ -97,4 +106,4 @@ class FreeSegRefineMasks(io.ComfyNode):
                 min_area=DEFAULTS.min_area) -> io.NodeOutput:
         with on_compute_device() as device:  # ComfyUI's GPU when there is one; else the free CPU cores
             refined = refine(segments, image, method, instances, min_area, device)
-        return io.NodeOutput(refined, *outputs(refined, image))
+        return io.NodeOutput(refined, *outputs(refined, image), to_bboxes(refined))

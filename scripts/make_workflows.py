@@ -10,11 +10,17 @@ Each graph below is described once, in Python. From that description this script
     what the frontend's "Export (API)" writes for the same graph.
 
 Slot names and types, widget order and defaults come from the `/object_info` of a ComfyUI
-0.3.75 server with this pack (this script starts nothing): `--server http://127.0.0.1:8188`
-reads it from a running server, `--object-info FILE` from a saved copy.
+server with this pack (this script starts nothing): `--server http://127.0.0.1:8188` reads it
+from a running server, `--object-info FILE` from a saved copy. Which workflows it writes
+depends on that server:
+  * a server without core SAM 3 (`SAM3_Detect`), i.e. ComfyUI 0.3.75, the pinned core: every
+    workflow but those in SAM3_WORKFLOWS;
+  * a server with it (the 0.33.0 tree, `.cache/ComfyUI-0.33.0`): the SAM3_WORKFLOWS
+    (`freeseg_sam3`) only.
 `tests/server/test_workflows.py` checks that the files in workflows/ are exactly what this
-script generates from the test server; when they are not, it saves that server's
-`/object_info` into the run's pytest temporary folder and names the file in its failure.
+script generates from the test server (on 0.3.75 the first set, on 0.33.0 the second); when
+they are not, it saves that server's `/object_info` into the run's pytest temporary folder and
+names the file in its failure.
 
 Usage:
     .venv/bin/python scripts/make_workflows.py --object-info FILE          # (re)write workflows/
@@ -42,6 +48,7 @@ WORKFLOWS = os.path.join(REPO, "workflows")
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 BLIP = "blip-image-captioning-base"  # the paper's captioner
 OPEN_CLIP = "ViT-B-32-openai.safetensors"  # one file: the frontend can report it missing and fetch it
+SAM3_CHECKPOINT = "sam3.1_multiplex_fp16.safetensors"  # the name core ComfyUI's SAM 3 blueprints use
 IMAGE = "example.png"  # ComfyUI's own input/example.png
 # `properties.models` of the loader nodes: the frontend's missing-model dialog lists a model when
 # a node's widget holds its name and `/experiment/models/<directory>` lists no file of that name,
@@ -412,15 +419,15 @@ MODELS_NOTE = (
     "under this name (the frontend offers the download when it is missing), or an open_clip folder.\n")
 
 
-def segment(g: Graph, image: Out, ckpt: Node, class_names: str = "", captioner: bool = True,
-            method: str = "crf") -> tuple[Node | None, Node]:
-    """Caption (optional) -> diffusion features -> k-means masks -> CLIP names -> refinement."""
-    return segment_with(g, image, ckpt["MODEL"], ckpt["VAE"], ckpt["CLIP"], class_names, captioner, method)
+def segment(g: Graph, image: Out, ckpt: Node, class_names: str = "", captioner: bool = True
+            ) -> tuple[Node | None, Node]:
+    """Caption (optional) -> diffusion features -> k-means masks -> CLIP names -> refinement
+    (the node's default method)."""
+    return segment_with(g, image, ckpt["MODEL"], ckpt["VAE"], ckpt["CLIP"], class_names, captioner)
 
 
 def segment_with(g: Graph, image: Out, model: Out, vae: Out, clip: Out, class_names: str = "",
-                 captioner: bool = True, method: str = "crf", timestep: int = 0,
-                 resolution: int = 512) -> tuple[Node | None, Node]:
+                 captioner: bool = True, timestep: int = 0, resolution: int = 512) -> tuple[Node | None, Node]:
     """`segment` from separate MODEL, VAE and CLIP outputs, at `timestep` and `resolution`."""
     clip_model = g.add("FreeSegCLIPLoader", model_name=OPEN_CLIP)
     caption = None
@@ -433,7 +440,7 @@ def segment_with(g: Graph, image: Out, model: Out, vae: Out, clip: Out, class_na
     names = caption["class_names"] if caption is not None else class_names
     labelled = g.add("FreeSegCLIPLabel", segments=clusters["segments"], image=image, clip_model=clip_model["clip_model"],
                      class_names=names, crop_mode="masked", prompt="bare", threshold=0.0)
-    refined = g.add("FreeSegRefineMasks", segments=labelled["segments"], image=image, method=method)
+    refined = g.add("FreeSegRefineMasks", segments=labelled["segments"], image=image)
     return caption, refined
 
 
@@ -464,7 +471,8 @@ def freeseg_full(g: Graph) -> None:
     g.note("## FreeSeg-Diff: segment everything and name it\n"
            "BLIP captions the image; the nouns of the caption (plus any names you add in *Caption*) "
            "are the class names. One pass of the checkpoint's UNet gives features that k-means splits "
-           "into masks; CLIP names each mask; a CRF sharpens the edges.\n\n"
+           "into masks; CLIP names each mask; *Refine Masks* sharpens the edges (the paper's CRF, checked "
+           "by a guided filter: `crf_guard`; `crf` is the paper's alone).\n\n"
            "Outputs: the coloured preview, one mask per named segment (same order as *Labels*), "
            "the segments as JSON, and *Save segments* writes all of it as files (a PNG per mask, the "
            "overlay, labels.json) into the output folder for API clients.\n\n" + MODELS_NOTE)
@@ -597,7 +605,7 @@ def freeseg_video(g: Graph) -> None:
     labelled = g.add("FreeSegCLIPLabel", segments=clusters["segments"], image=frames,
                      clip_model=clip_model["clip_model"], class_names=caption["class_names"], crop_mode="masked",
                      prompt="bare", threshold=0.0)
-    refined = g.add("FreeSegRefineMasks", segments=labelled["segments"], image=frames, method="crf")
+    refined = g.add("FreeSegRefineMasks", segments=labelled["segments"], image=frames)
     g.add("PreviewAny", title="Labels (one per mask)", source=refined["labels"])
     g.add("PreviewAny", title="Segments (JSON, image = frame)", source=refined["json"])
     g.band()
@@ -640,7 +648,7 @@ def freeseg_generate(g: Graph) -> None:
     labelled = g.add("FreeSegCLIPLabel", segments=clusters["segments"], image=image,
                      clip_model=clip_model["clip_model"], class_names="dog, grass, tree, sky", crop_mode="masked",
                      prompt="bare", threshold=0.0)
-    refined = g.add("FreeSegRefineMasks", segments=labelled["segments"], image=image, method="crf")
+    refined = g.add("FreeSegRefineMasks", segments=labelled["segments"], image=image)
     g.add("PreviewAny", title="Labels", source=refined["labels"])
     g.add("SaveImage", title="Save preview", images=refined["preview"], filename_prefix="freeseg/generate_preview")
     save_segments(g, refined, image, "freeseg/generate_segments")
@@ -702,10 +710,45 @@ WORKFLOWS_DEFS["freeseg_flux"] = freeseg_flux  # issue 22: DiT checkpoints
 WORKFLOWS_DEFS["freeseg_sd3"] = freeseg_sd3
 
 
+def freeseg_sam3(g: Graph) -> None:
+    g.note("## FreeSeg names the parts, SAM 3 draws them\n"
+           "FreeSeg-Diff finds and names the parts as in *freeseg_full*; its `bboxes` output (one box per "
+           "named segment: x, y, width, height in pixels, label, score) prompts core *SAM3 Detect*, which "
+           "draws a sharp mask inside each box (`individual_masks` on, no text conditioning: one mask per "
+           "box, in box order). SAM 3 returns no names for box prompts; *Name Masks* gives each mask the "
+           "label and score of its box, with the same outputs as *Refine Masks*. *Draw BBoxes* shows "
+           "FreeSeg's boxes.\n\n"
+           "Needs a ComfyUI with core SAM 3 (SAM3 Detect, 2026 and later) and a SAM 3 or SAM 3.1 "
+           f"checkpoint in `models/checkpoints/` (here `{SAM3_CHECKPOINT}`, the name of core ComfyUI's "
+           "SAM 3 templates).\n\n" + MODELS_NOTE)
+    image = g.add("LoadImage", image=IMAGE)["IMAGE"]
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    _, refined = segment(g, image, ckpt)
+    g.add("PreviewAny", title="FreeSeg labels", source=refined["labels"])
+    g.add("PreviewImage", title="FreeSeg boxes",
+          images=g.add("DrawBBoxes", image=image, bboxes=refined["bboxes"])["out_image"])
+    g.band()
+    sam = g.add("CheckpointLoaderSimple", title="Load SAM 3", ckpt_name=SAM3_CHECKPOINT)
+    drawn = g.add("SAM3_Detect", model=sam["MODEL"], image=image, bboxes=refined["bboxes"], threshold=0.5,
+                  refine_iterations=2, individual_masks=True)
+    named = g.add("FreeSegNameMasks", masks=drawn["masks"], bboxes=refined["bboxes"], image=image)
+    g.add("SaveImage", title="Save preview", images=named["preview"], filename_prefix="freeseg/sam3_preview")
+    save_masks(g, named["masks"], "freeseg/sam3_mask")
+    g.add("PreviewAny", title="Labels (one per mask)", source=named["labels"])
+    g.add("PreviewAny", title="Segments (JSON)", source=named["json"])
+    save_segments(g, named, image, "freeseg/sam3_segments")
+
+
+# Workflows that need core SAM 3: written from a server that has SAM3_Detect (0.33.0 tree).
+SAM3_WORKFLOWS = {"freeseg_sam3": freeseg_sam3}
+
+
 def build_all(object_info: dict) -> dict[str, tuple[dict, dict]]:
-    """{name: (UI workflow, API prompt)} for every workflow, from a server's `/object_info`."""
+    """{name: (UI workflow, API prompt)} of the workflows this server's `/object_info` writes:
+    SAM3_WORKFLOWS when it has SAM3_Detect, else all the others."""
     out = {}
-    for name, describe in WORKFLOWS_DEFS.items():
+    wanted = SAM3_WORKFLOWS if "SAM3_Detect" in object_info else WORKFLOWS_DEFS
+    for name, describe in wanted.items():
         g = Graph(object_info, name)
         describe(g)
         out[name] = (g.ui(), g.api())
@@ -738,8 +781,9 @@ def load_object_info(path: str | None, server: str | None) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--object-info", help="a saved /object_info of ComfyUI 0.3.75 with this pack")
-    source.add_argument("--server", help="read /object_info from this running ComfyUI 0.3.75 with this pack")
+    source.add_argument("--object-info", help="a saved /object_info of ComfyUI (0.3.75, or the 0.33.0 tree for "
+                        "the SAM 3 workflows) with this pack")
+    source.add_argument("--server", help="read /object_info from this running ComfyUI with this pack")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
     args = parser.parse_args(argv)
     wanted = files(load_object_info(args.object_info, args.server))

@@ -112,9 +112,9 @@ def apply_settings(workflow: dict, values: dict[str, Any]) -> dict:
             if value and CAPTIONER_LOADER not in classes:
                 raise SegmentError(f"setting use_caption: the workflow has no {CAPTIONER_LOADER} to caption with")
             if not value:
-                from .workflow import drop_nodes
+                from .workflow import drop_captioner
 
-                out = drop_nodes(out, CAPTIONER_LOADER)
+                out = drop_captioner(out)
             continue
         pairs = [(c, i) for c, i in SETTING_INPUTS[name] if c in classes]
         if not pairs:

@@ -176,6 +176,21 @@ def drop_nodes(prompt: dict, class_type: str) -> dict:
     return out
 
 
+def drop_captioner(prompt: dict) -> dict:
+    """A copy without the FreeSegBLIP2Loader nodes: each FreeSegCaption node left with no
+    captioner takes an empty `captions` text (a core PrimitiveString), so its class names are
+    the typed ones alone (the Caption node refuses a prompt that connects neither)."""
+    out = drop_nodes(prompt, "FreeSegBLIP2Loader")
+    next_id = max([int(k) for k in out if k.isdigit()] + [0]) + 1
+    for node_id in nodes_of(out, "FreeSegCaption"):
+        if "captions" not in out[node_id]["inputs"]:
+            out[str(next_id)] = {"class_type": "PrimitiveString", "inputs": {"value": ""},
+                                 "_meta": {"title": "No caption (class names alone)"}}
+            out[node_id]["inputs"]["captions"] = [str(next_id), 0]
+            next_id += 1
+    return out
+
+
 def typed_class_names(prompt: dict) -> str:
     """The class names typed into the workflow's caption / pipeline / label nodes (joined)."""
     names = []
@@ -221,7 +236,7 @@ def choose_models(prompt: dict, object_info: dict, url: str, explicit: Optional[
                 out[node_id]["inputs"][input_name] = options[0]
             elif not options:
                 if role == "blip2" and typed_class_names(out):
-                    out = drop_nodes(out, class_type)
+                    out = drop_captioner(out)
                     break
                 extra = " (or type class names: --class-names)" if role == "blip2" else ""
                 raise ComfyError(f"the server at {url} has no {what}: put {goes} in its models/{folder}/{extra}")

@@ -24,6 +24,10 @@ NAMES = ("freeseg_full", "freeseg_inpaint", "freeseg_cutout", "freeseg_vocabular
 # Workflows of DiT checkpoints: they run on the second test server (`models_server`), which has
 # the DiT fixtures (comfy_harness.EXTRA_MODEL_LINKS; the session server keeps one checkpoint).
 DIT_NAMES = ("freeseg_flux", "freeseg_sd3")
+# Workflows that need core SAM 3 (SAM3_Detect): generated from the 0.33.0 tree, checked on a
+# server that has it, skipped on the others (scripts/make_workflows.py SAM3_WORKFLOWS).
+SAM3_NAMES = ("freeseg_sam3",)
+ALL_NAMES = NAMES + SAM3_NAMES
 
 # A combo whose chosen option brings inputs of its own (newer cores: Save Video's `format`, whose
 # option brings `codec`): the frontend draws it as a combo and the chosen option's inputs as

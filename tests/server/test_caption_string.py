@@ -52,3 +52,51 @@ def test_caption_string_refusals_name_the_inputs(client, upload, lines, refused)
     with pytest.raises(ComfyError) as err:
         client.run(g.prompt)
     assert refused in str(err.value)
+
+
+@pytest.mark.parametrize("connect", ["neither", "both"])
+def test_caption_refuses_neither_or_both_before_anything_runs(client, upload, connect):
+    """Queue-time refusal (validate_inputs): the prompt is rejected, naming both inputs, and
+    nothing runs (the probe never executes)."""
+    g = Graph()
+    image = g.node("LoadImage", image=upload(40, 32, seed=34))
+    inputs = {"image": image[0], "class_names": "dog", "max_new_tokens": 8}
+    if connect == "both":
+        inputs["captions"] = g.node("PrimitiveStringMultiline", value="a dog")[0]
+        inputs["blip2"] = g.node("FreeSegBLIP2Loader", model_name=MODEL_LINKS["blip2_dir"][1], download=False,
+                                 repo_id="")[0]
+    g.probe(g.node("FreeSegCaption", **inputs)[1])
+    with pytest.raises(ComfyError) as err:
+        client.queue(g.prompt, strict=True)
+    message = str(err.value)
+    assert "blip2" in message and "captions" in message and "FreeSegCaption" in message, message
+    assert ("neither" if connect == "neither" else "both connected") in message
+
+
+def test_caption_still_checks_the_types_of_its_links(client, upload):
+    """validate_inputs declares input_types (so it sees which inputs are linked), which turns off
+    ComfyUI's own type check of the links: the node checks them itself."""
+    g = Graph()
+    image = g.node("LoadImage", image=upload(40, 32, seed=35))
+    number = g.node("PrimitiveInt", value=3)
+    g.probe(g.node("FreeSegCaption", image=image[0], class_names="dog", max_new_tokens=8, captions=number[0])[1])
+    with pytest.raises(ComfyError) as err:
+        client.queue(g.prompt, strict=True)
+    assert "captions: a INT output is linked, it takes STRING" in str(err.value)
+
+
+def test_the_cli_prompt_without_a_captioner_gives_the_typed_names(client, upload):
+    """freeseg.app.workflow.drop_captioner (the CLI's prompt when no captioner is used): the
+    loader goes, Caption takes an empty captions text and passes the typed names alone."""
+    from freeseg.app.workflow import drop_captioner
+
+    g = Graph()
+    image = g.node("LoadImage", image=upload(40, 32, seed=36))
+    blip = g.node("FreeSegBLIP2Loader", model_name=MODEL_LINKS["blip2_dir"][1], download=False, repo_id="")
+    caption = g.node("FreeSegCaption", image=image[0], class_names="dog, Cat", max_new_tokens=8, blip2=blip[0])
+    captions, names = g.probe(caption[0]), g.probe(caption[1])
+    prompt = drop_captioner(g.prompt)
+    assert "FreeSegBLIP2Loader" not in {n["class_type"] for n in prompt.values()}
+    result = client.run(prompt)
+    assert probed(result, captions)["value"] == ""
+    assert probed(result, names)["value"] == ", ".join(caption_class_names("", ["dog", "Cat"]))

@@ -186,7 +186,10 @@ def test_model_choice_and_node_error_formatting():
     # With class names typed in and no BLIP-2 on the server, the captioner is left out.
     prompt = wf.choose_models(wf.fill_workflow(workflow, class_names="dog"), info, "U", {"clip": "b"})
     assert not wf.nodes_of(prompt, "FreeSegBLIP2Loader")
-    assert "blip2" not in prompt[wf.nodes_of(prompt, "FreeSegCaption")[0]]["inputs"]
+    caption = prompt[wf.nodes_of(prompt, "FreeSegCaption")[0]]["inputs"]
+    assert "blip2" not in caption  # and an empty caption text instead: the typed names alone
+    assert prompt[caption["captions"][0]] == {"class_type": "PrimitiveString", "inputs": {"value": ""},
+                                              "_meta": {"title": "No caption (class names alone)"}}
     assert prompt[wf.nodes_of(prompt, "CheckpointLoaderSimple")[0]]["inputs"]["ckpt_name"] == "only.safetensors"
 
     details = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},

@@ -27,6 +27,8 @@ def segment_graph(g: Graph, image, n_clusters=3, resolution=256, method="crf", w
     if with_blip:
         caption_inputs["blip2"] = g.node("FreeSegBLIP2Loader", model_name=MODEL_LINKS["blip2_dir"][1],
                                          download=False, repo_id="")[0]
+    else:  # no captioner: an empty caption text, so the class names are the typed ones alone
+        caption_inputs["captions"] = g.node("PrimitiveString", value="")[0]
     caption = g.node("FreeSegCaption", **caption_inputs)
     feats = g.node("FreeSegDiffusionFeatures", model=ckpt[0], vae=ckpt[2], image=image, clip=ckpt[1],
                    timestep=0, resolution=resolution, source="cross_attn_queries", seed=seed)

@@ -12,7 +12,7 @@ from comfy_harness import MODEL_LINKS, PACK_NAME
 PACK_NODES = {
     "FreeSegBLIP2Loader", "FreeSegCLIPLoader", "FreeSegCaption", "FreeSegDiffusionFeatures",
     "FreeSegClusterMasks", "FreeSegCLIPLabel", "FreeSegRefineMasks", "FreeSegSelectMask",
-    "FreeSegPipeline", "FreeSegSaveSegments", "FreeSegCaptureFeatures", "FreeSegCapturedFeatures",
+    "FreeSegPipeline", "FreeSegSaveSegments", "FreeSegCaptureFeatures", "FreeSegCapturedFeatures", "FreeSegNameMasks",
 }
 
 

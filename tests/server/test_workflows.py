@@ -3,7 +3,9 @@
 * On the pinned ComfyUI (workflow_tools.PINNED_COMFYUI) they are exactly what
   scripts/make_workflows.py generates from the live server's /object_info (which this module
   saves into the run's pytest temporary folder, never into a file the script reads by default;
-  a failure names that file for `--object-info`).
+  a failure names that file for `--object-info`); the SAM 3 workflows (workflow_tools.SAM3_NAMES)
+  likewise on a server with core SAM3_Detect (the 0.33.0 tree), and they are skipped on one
+  without it.
 * On any ComfyUI, every UI workflow agrees with /object_info: node types exist, slot names and
   types, link types, widget count, order and values (with the frontend's control_after_generate
   entries), and it converts to its API twin. What newer cores change is tolerated: outputs after
@@ -71,12 +73,24 @@ def object_info(client) -> dict:
     return client.object_info()
 
 
-def test_files_are_what_make_workflows_generates(object_info, pinned, comfyui_version, tmp_path_factory):
-    if not pinned:
+def skip_without_sam3(name: str, object_info: dict, comfyui_version: str) -> None:
+    """The SAM 3 workflows need core SAM3_Detect (ComfyUI 2026; the 0.33.0 tree has it)."""
+    if name in wt.SAM3_NAMES and "SAM3_Detect" not in object_info:
+        pytest.skip(f"{name} needs core SAM3_Detect, which ComfyUI {comfyui_version} does not have "
+                    "(it is checked on the 0.33.0 tree)")
+
+
+@pytest.mark.parametrize("names", ["pinned", "sam3"])
+def test_files_are_what_make_workflows_generates(names, object_info, pinned, comfyui_version, tmp_path_factory):
+    if names == "pinned" and not pinned:
         pytest.skip(f"the server is ComfyUI {comfyui_version}; the files are generated from "
                     f"{wt.PINNED_COMFYUI} (the other tests check their structure against this server)")
+    if names == "sam3":
+        skip_without_sam3(wt.SAM3_NAMES[0], object_info, comfyui_version)
+    expected = wt.NAMES if names == "pinned" else wt.SAM3_NAMES
     wanted = make_workflows_module().files(object_info)
-    assert sorted(wanted) == sorted([f"workflows/{n}.json" for n in wt.NAMES] + [f"workflows/api/{n}.json" for n in wt.NAMES])
+    assert sorted(wanted) == sorted([f"workflows/{n}.json" for n in expected] +
+                                    [f"workflows/api/{n}.json" for n in expected])
     stale = []
     for rel, text in wanted.items():
         path = os.path.join(REPO, rel)
@@ -91,8 +105,8 @@ def test_files_are_what_make_workflows_generates(object_info, pinned, comfyui_ve
 
 def test_templates_are_listed_and_served_with_thumbnails(client):
     listed = client.get_json("/workflow_templates")
-    assert sorted(listed.get(PACK_NAME, [])) == sorted(wt.NAMES), listed
-    for name in wt.NAMES:
+    assert sorted(listed.get(PACK_NAME, [])) == sorted(wt.ALL_NAMES), listed
+    for name in wt.ALL_NAMES:
         ui, _ = load(name)
         served = json.loads(get_bytes(client, f"/api/workflow_templates/{PACK_NAME}/{name}.json"))
         assert served == ui
@@ -101,8 +115,9 @@ def test_templates_are_listed_and_served_with_thumbnails(client):
         assert thumb.format == "JPEG" and min(thumb.size) >= 128
 
 
-@pytest.mark.parametrize("name", wt.NAMES)
-def test_ui_workflow_agrees_with_object_info_and_converts_to_api_twin(name, object_info, pinned):
+@pytest.mark.parametrize("name", wt.ALL_NAMES)
+def test_ui_workflow_agrees_with_object_info_and_converts_to_api_twin(name, object_info, pinned, comfyui_version):
+    skip_without_sam3(name, object_info, comfyui_version)
     ui, api = load(name)
     assert wt.validate_ui(ui, object_info, check_files=False, pinned=pinned) == []
     assert_converts(ui, object_info, api, pinned)
@@ -322,3 +337,19 @@ def test_dit_workflow_runs(name, models_client, prepare_models):
     (preview,) = images(models_client, result, prompt, "Save preview")
     assert preview.size == (WIDTH, HEIGHT) and preview.mode == "RGB"
     check_named_masks(models_client, result, prompt, "Labels (one per mask)", "Save masks", [class_names])
+
+
+def test_full_workflow_holds_the_library_defaults():
+    """`freeseg segment`'s comfyui backend runs workflows/api/freeseg_full.json: every setting
+    it holds is the library's default (what the diffusers backend runs), the refinement included
+    (the node default crf_guard, not the paper's crf)."""
+    from freeseg.app.settings_options import settings_in_workflow
+    from freeseg.settings import DEFAULTS
+
+    _, api = load("freeseg_full")
+    held = settings_in_workflow(api)
+    assert held["refine"] == DEFAULTS.refine == "crf_guard"
+    differ = {name: value for name, value in held.items() if hasattr(DEFAULTS, name) and value not in
+              (getattr(DEFAULTS, name), ", ".join(map(str, getattr(DEFAULTS, name) or ())) if name == "background"
+               else getattr(DEFAULTS, name))}
+    assert differ == {}

@@ -155,8 +155,9 @@ LOAD_JS = """async (wf) => {
     await new Promise(r => setTimeout(r, 200));
     const unknown = app.graph.nodes.filter(n => n.has_errors || !(n.type in LiteGraph.registered_node_types))
                                    .map(n => n.type);
+    const unregistered = app.graph.nodes.filter(n => !(n.type in LiteGraph.registered_node_types)).map(n => n.type);
     const prompt = await app.graphToPrompt();
-    return {unknown, serialized: app.graph.serialize(), prompt: prompt.output};
+    return {unknown, unregistered, serialized: app.graph.serialize(), prompt: prompt.output};
 }"""
 
 
@@ -213,10 +214,12 @@ def load_in_page(page, workflow: dict, models_here: bool = True) -> dict:
     page.messages.clear()
     state = page.evaluate(LOAD_JS, workflow)
     reported = report(page)
-    assert reported["missingNodes"] == [] and state["unknown"] == [], reported["missingNodes"] or state["unknown"]
-    if not models_here:
+    assert reported["missingNodes"] == [] and state["unregistered"] == [], \
+        reported["missingNodes"] or state["unregistered"]
+    if not models_here:  # newer frontends also flag the loaders of the missing models (has_errors)
         dismiss_report(page)
         return state
+    assert state["unknown"] == [], state["unknown"]
     assert reported["missingModels"] == []
     assert reported["dialogs"] == [] and reported["toasts"] == [] and reported["overlay"] == [], reported
     assert page.messages == [], page.messages
@@ -286,12 +289,15 @@ def models_example_png(models_client, tmp_path_factory):
     return upload_example(models_client, tmp_path_factory.mktemp("example-models"))
 
 
-@pytest.mark.parametrize("name", wt.NAMES)
-def test_frontend_loads_and_queues_workflow(name, request, tmp_path, pinned):
+@pytest.mark.parametrize("name", wt.ALL_NAMES)
+def test_frontend_loads_and_queues_workflow(name, request, tmp_path, pinned, comfyui_version):
     # the DiT workflows need the DiT fixtures of the second server
     on = "models_" if name in wt.DIT_NAMES else ""
     page, client, upload = (request.getfixturevalue(on + f) for f in ("page", "client", "upload"))
     request.getfixturevalue(on + "example_png")
+    if name in wt.SAM3_NAMES and "SAM3_Detect" not in client.object_info():
+        pytest.skip(f"{name} needs core SAM3_Detect, which ComfyUI {comfyui_version} does not have "
+                    "(it is checked on the 0.33.0 tree)")
     with open(os.path.join(wt.WORKFLOW_DIR, f"{name}.json")) as f:
         ui = json.load(f)
     with open(os.path.join(wt.API_DIR, f"{name}.json")) as f:
@@ -328,13 +334,17 @@ def test_frontend_loads_and_queues_workflow(name, request, tmp_path, pinned):
         sent, prompt = wt.without_default_titles(sent, ui), wt.without_default_titles(prompt, ui)
     assert wt.prompt_differences(sent, prompt, pinned) == []
 
+    if name in wt.SAM3_NAMES:
+        pytest.skip(f"{name} loads and converts; not queued: the test server has no SAM 3 checkpoint "
+                    "(test_sam3_boxes.py says why none is run here)")
     # Queue it from the page: the server accepts it and runs it.
     with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as answer:
         page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     assert answer.value.status == 200, answer.value.text()
     prompt_id = answer.value.json()["prompt_id"]
     assert page.evaluate("() => app.lastNodeErrors") in (None, {})
-    deadline = time.monotonic() + 300
+    # a hang guard: freeseg_generate runs at 512 px (crf_guard: ~30 s per image on a busy 2-core machine)
+    deadline = time.monotonic() + 600
     while (entry := client.history(prompt_id)) is None or not entry["status"].get("completed"):
         assert entry is None or entry["status"]["status_str"] != "error", entry["status"]
         assert time.monotonic() < deadline, f"{name}: prompt {prompt_id} did not finish"

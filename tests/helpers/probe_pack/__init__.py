@@ -35,6 +35,11 @@ def describe(value):
             {"label": s.label, "confidence": float(s.confidence), "crop_region": list(s.crop_region),
              "bbox": list(s.bbox), "cropped_image": list(s.cropped_image.shape),
              "cropped_mask": list(s.cropped_mask.shape), "fields": list(s._fields)} for s in value[1]]}
+    if isinstance(value, (list, dict)):  # e.g. BOUNDING_BOX: lists of box dicts
+        try:
+            return {"kind": type(value).__name__, "value": json.loads(json.dumps(value))}
+        except (TypeError, ValueError):
+            pass
     return {"kind": type(value).__name__, "repr": repr(value)[:200]}
 
 
