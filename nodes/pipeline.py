@@ -12,8 +12,8 @@ from ..freeseg.settings import CHOICES, DEFAULTS, PAPER
 from ..freeseg.vocab import cached_embed
 from .clip_label import clip_parts, text_embed
 from .common import CATEGORY, Captioner, ClipModel, Progress, Segments, check_choice, first_problem, input_range, \
-    io, load_to_device, log
-from .diffusion_features import ComfyFeatures
+    io, load_to_device, log, on_compute_device
+from .diffusion_features import ComfyFeatures, dit_family
 from .refine_masks import BBOXES_OUTPUT, OUTPUTS, outputs
 
 
@@ -30,7 +30,8 @@ class FreeSegPipeline(io.ComfyNode):
                         "rule open (default): your names and the caption's "
                         "must beat background words; rule paper: the paper's protocol over a full class list.",
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x or SDXL)."),
+                io.Model.Input("model", tooltip="The MODEL from your checkpoint loader (SD1.x, SD2.x, SDXL; Flux and SD3 "
+                               "at their family's timestep and resolution, README \"DiT checkpoints\")."),
                 io.Vae.Input("vae", tooltip="The VAE that belongs to the model."),
                 io.Image.Input("image", tooltip="Images to segment."),
                 ClipModel.Input("clip_model", tooltip="An open_clip model from FreeSeg-Diff CLIP Loader."),
@@ -66,6 +67,9 @@ class FreeSegPipeline(io.ComfyNode):
                              "the candidate classes come from the caption")
         preset = PAPER if rule == "paper" else DEFAULTS.replace(rule=rule)
         settings = preset.replace(n_clusters=n_clusters, seed=seed)
+        family = dit_family(model)
+        if family is not None:  # a DiT: its family's timestep and resolution (freeseg.dit.FAMILIES)
+            settings = settings.replace(timestep=family.timestep, resolution=family.resolution)
         models = Models(
             features=ComfyFeatures(model, vae, clip),
             clip=clip_parts(clip_model),
@@ -73,6 +77,8 @@ class FreeSegPipeline(io.ComfyNode):
             if blip2 is not None else None,
             text_embed=cached_embed(text_embed(clip)) if clip is not None else None,
             progress=Progress, warn=log.warning)
-        result = segment_batch(image, settings, models, parse_names(class_names))
+        with on_compute_device() as device:  # clusters and refinement on ComfyUI's GPU when there is one
+            models.device = device
+            result = segment_batch(image, settings, models, parse_names(class_names))
         return io.NodeOutput(result.segments, *outputs(result.segments, image), "\n".join(result.captions),
                              to_bboxes(result.segments))

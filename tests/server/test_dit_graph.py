@@ -113,3 +113,21 @@ def test_evaluator_runs_the_flux_workflow(models_client, models_server, tmp_path
     assert 0.0 <= scores["miou"] <= 1.0
     (pred_dir,) = (out / "predictions").iterdir()
     assert sorted(p.stem for p in pred_dir.iterdir()) == stems
+
+
+def test_segment_everything_on_a_dit_checkpoint(models_client, models_upload):
+    """Segment Everything (one node) on the SD3.5 checkpoint with its own CLIP: the features are
+    taken at the family's timestep and resolution (freeseg.dit.FAMILIES, 1024 px), and the masks
+    and boxes come back at the image's size."""
+    g = Graph()
+    image = g.node("LoadImage", image=models_upload(WIDTH, HEIGHT, seed=43))
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=EXTRA_MODEL_LINKS["sd3_ckpt"][1])
+    clip_model = g.node("FreeSegCLIPLoader", model_name=MODEL_LINKS["open_clip_dir"][1], download=False, repo_id="")
+    pipe = g.node("FreeSegPipeline", model=ckpt[0], vae=ckpt[2], image=image[0], clip_model=clip_model[0],
+                  class_names=CLASSES, n_clusters=3, seed=random.randrange(2**31), clip=ckpt[1])
+    masks, labels, union = g.probe(pipe[1]), g.probe(pipe[2]), g.probe(pipe[3])
+    result = models_client.run(g.prompt)
+    named = [l for l in probed(result, labels)["value"].splitlines() if l]
+    assert len(named) <= 3 and set(named) <= set(CLASSES.split(", "))
+    assert probed(result, masks)["shape"] == [max(len(named), 1), HEIGHT, WIDTH]
+    assert probed(result, union)["shape"] == [1, HEIGHT, WIDTH]
