@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import socket
 import sys
 import tempfile
@@ -193,6 +194,9 @@ class RayWorkers:
         self.stream = stream if stream is not None else sys.stderr
         self.per_worker = max(1, per_worker)
         self.started = not ray.is_initialized()
+        # Ray's driver prints its raylet's notes (a task retried, a worker died) on sys.stdout,
+        # which carries the commands' JSON: they go to stderr until `close`.
+        self._stdout, sys.stdout = sys.stdout, sys.stderr
         if self.started:
             init_ray(address, sum(max(1, spec.copies) for spec in specs))
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -298,6 +302,8 @@ class RayWorkers:
         self.actors = []
         if self.started and ray.is_initialized():
             ray.shutdown()
+        if self._stdout is not None:
+            sys.stdout, self._stdout = self._stdout, None
 
 
 def reason(error: BaseException) -> str:
@@ -305,8 +311,9 @@ def reason(error: BaseException) -> str:
     cause = getattr(error, "cause", None)
     if isinstance(cause, BaseException):
         return one_line(str(cause))
-    lines = [ln for ln in str(error).splitlines() if "Error:" in ln and not ln.startswith(("Traceback", " "))]
-    return one_line(lines[-1] if lines else str(error))[:500]  # a creation-task error ends with its exception
+    # A creation-task error carries the worker's traceback, ending with "module.SomeError: text".
+    found = [m.group(1) for m in re.finditer(r"^[A-Za-z_][\w.]*(?:Error|Exception|Left): (.*)$", str(error), re.M)]
+    return one_line(found[-1] if found else str(error))[:500]
 
 
 def init_ray(address: Optional[str], workers: int) -> None:
@@ -317,8 +324,10 @@ def init_ray(address: Optional[str], workers: int) -> None:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}}
+    # log_to_driver=False: the actors' output (and Ray's notes on retries) would go to this
+    # process's stdout, which carries the command's JSON; a worker's failure comes back as its exception.
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, runtime_env=runtime_env,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, log_to_driver=False)
