@@ -40,7 +40,6 @@ import socket
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, TextIO
 
