@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                         help="run on Ray actors, one worker each (needs the cluster extra: "
                              "requirements-cluster.txt): a local Ray without ADDRESS, else the cluster at ADDRESS "
-                             "(auto, ray://host:10001)")
+                             "(auto, ray://host:10001); put it after IMAGE|DIR, or write --ray=ADDRESS")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="with --ray and no --url: embedded ComfyUI servers (or diffusers pipelines) to run, "
                              "one per actor (default: one per GPU of the cluster, at least one)")
