@@ -196,13 +196,21 @@ class RayWorkers:
         # Ray's driver prints its raylet's notes (a task retried, a worker died) on sys.stdout,
         # which carries the commands' JSON: they go to stderr until `close`.
         self._stdout, sys.stdout = sys.stdout, sys.stderr
+        self.actors: list[Any] = []
+        try:  # whatever stops the start (an error, Ctrl-C) ends what was started
+            self._start(specs, address, gpus)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, specs: Sequence[WorkerSpec], address: Optional[str], gpus: Optional[bool]) -> None:
+        ray = self.ray
         if self.started:
             init_ray(address, sum(max(1, spec.copies) for spec in specs))
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus is None:
             gpus = cluster_gpus >= 1
         specs = [spec for spec in specs for _ in range(spec.copies or max(1, cluster_gpus if gpus else 1))]
-        self.actors: list[Any] = []
         for spec in specs:
             heavy = spec.kind != "url"
             options = dict(num_cpus=1 if heavy and not gpus else 0, num_gpus=1 if heavy and gpus else 0,
@@ -220,7 +228,6 @@ class RayWorkers:
             except Exception as e:  # the actor did not start: its own reason
                 self.errors[i] = reason(e)
         if not self.describe:
-            self.close()
             if len(specs) == 1:
                 raise SegmentError(f"{self.names[0]}: {self.errors[0]}")
             raise NoWorkerLeft("no worker started: " + "; ".join(f"{self.names[i]}: {e}" for i, e in self.errors.items()))
@@ -326,7 +333,10 @@ def init_ray(address: Optional[str], workers: int) -> None:
     # log_to_driver=False: the actors' output (and Ray's notes on retries) would go to this
     # process's stdout, which carries the command's JSON; a worker's failure comes back as its exception.
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise SegmentError(f"--ray {address}: cannot join the Ray cluster: {one_line(str(e))}") from None
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, runtime_env=runtime_env,
                  logging_level=logging.WARNING, log_to_driver=False)
