@@ -12,8 +12,12 @@ pictures each run, so no run is served from ComfyUI's cache):
 * ``--url A --ray``: one Ray worker bound to A;
 * ``--url A --url B``: two Ray workers (several servers run on Ray).
 
-Ray's overhead per image = (one Ray worker's seconds - its actors' start - one server's
-seconds without Ray) / images, also as a share of one image's time without Ray. The old
+Ray's overhead per image, two ways: (one Ray worker's seconds - its actors' start - one
+server's seconds without Ray) / images (noisy: the difference of two timed runs), and Ray's
+transport alone: the round trip of an image through an actor that does what `Worker.segment_files`
+does around the segmentation (the job and the image's bytes in, a temporary image and output
+folder, the files of a real result back, written by the driver), averaged over 50 calls. Both
+are also given as a share of one image's time without Ray. The old
 scheduler's figures (``freeseg.app.pool``, removed by issue 19) are printed beside, as measured
 with this script before its removal. On a machine with one GPU per server the speed-up approaches
 the number of servers; on a CPU-only machine the servers share the cores ("server CPU s/image":
@@ -38,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import ray  # noqa: E402  (the cluster extra, requirements-cluster.txt)
 
 from freeseg.app import segment  # noqa: E402
-from freeseg.app.cluster import RayWorkers, WorkerSpec  # noqa: E402
+from freeseg.app.cluster import RayWorkers, WorkerSpec, read_bytes, write_files  # noqa: E402
 from freeseg.app.paths import REPO  # noqa: E402
 from freeseg.app.server import ComfyServer, link  # noqa: E402
 from synthetic.cache import build_all_subprocess  # noqa: E402
@@ -89,6 +93,51 @@ def run(folder: str, out: str, urls: list[str], args: argparse.Namespace, ray: b
     return seconds
 
 
+class Transport:
+    """Ray's part of an image, without the segmentation: what ``cluster.Worker.segment_files``
+    does around it (the image to a temporary file, the output files read back)."""
+
+    def __init__(self, files: dict):
+        self.files = files
+
+    def segment_files(self, job, data: bytes, ext: str, source: str, class_names) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "image" + ext), "wb") as f:
+                f.write(data)
+            out = os.path.join(tmp, "out")
+            os.makedirs(out)
+            for name, payload in self.files.items():
+                with open(os.path.join(out, name), "wb") as f:
+                    f.write(payload)
+            back = {}
+            for name in sorted(os.listdir(out)):
+                with open(os.path.join(out, name), "rb") as f:
+                    back[name] = f.read()
+            return back
+
+
+def transport_seconds(result_dir: str, image: str, args: argparse.Namespace, calls: int = 50) -> float:
+    """Mean seconds of one image's round trip through a Ray actor (`Transport`), with the job
+    of a real run and the files of a real result (`result_dir`), written by the driver."""
+    files = {}
+    for name in [n for n in os.listdir(result_dir) if n != "done.json"]:
+        with open(os.path.join(result_dir, name), "rb") as f:
+            files[name] = f.read()
+    parsed = segment.build_parser().parse_args([image, "--out", "x", "--resolution", str(args.resolution)])
+    job = segment.workflow_job(parsed, {}, [], CLASS_NAMES)
+    actor = ray.remote(Transport).options(num_cpus=0).remote(files)
+    data, ext = read_bytes(image)
+    ray.get(actor.segment_files.remote(job, data, ext, image, CLASS_NAMES))  # started
+    out = tempfile.mkdtemp(prefix="freeseg-transport-")
+    start = time.perf_counter()
+    for _ in range(calls):
+        data, ext = read_bytes(image)
+        write_files(out, ray.get(actor.segment_files.remote(job, data, ext, image, CLASS_NAMES)))
+    seconds = (time.perf_counter() - start) / calls
+    ray.kill(actor)
+    return seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8, help="pictures per timed run (default 8)")
@@ -124,6 +173,8 @@ def main() -> int:
             seconds = run(pictures(os.path.join(work, f"set{k}"), range(k * n, (k + 1) * n)),
                           os.path.join(work, f"out{k}"), urls, args, ray=on_ray)
             rows.append((label, seconds, (cpu_seconds(servers) - cpu0) / n))
+        transport = transport_seconds(os.path.join(work, "out0", "img000"), os.path.join(work, "set0", "img000.png"),
+                                      args)
     finally:
         for srv in servers:
             srv.stop()
@@ -131,15 +182,17 @@ def main() -> int:
             ray.shutdown()
     print(f"{n} images {96}x{64}, resolution {args.resolution}, {args.per_server} prompts in flight per server, "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}")
-    print(f"local Ray start {ray_start:.1f} s, a run's actors start {actors_start:.1f} s (both in the Ray rows' "
-          "seconds: the actors' start; not in them: Ray's start)")
+    print(f"local Ray start {ray_start:.1f} s (not in the rows), a run's actors start {actors_start:.1f} s (in each "
+          "Ray row)")
     print(f"{'run':>17} {'seconds':>9} {'images/s':>9} {'s/image':>9} {'speed-up':>9} {'server CPU s/image':>19}")
     base = rows[0][1]
     for label, seconds, cpu in rows:
         print(f"{label:>17} {seconds:>9.1f} {n / seconds:>9.3f} {seconds / n:>9.2f} {base / seconds:>9.2f} {cpu:>19.2f}")
     overhead = (rows[1][1] - actors_start - base) / n
-    print(f"Ray's overhead per image: {overhead:+.3f} s = {100 * overhead / (base / n):+.1f}% of an image's "
-          f"{base / n:.2f} s without Ray (goal <= 5%)")
+    print(f"Ray's overhead per image, from the runs: {overhead:+.3f} s = {100 * overhead / (base / n):+.1f}% of an "
+          f"image's {base / n:.2f} s without Ray (goal <= 5%)")
+    print(f"Ray's transport per image (50 round trips): {transport * 1000:.1f} ms = "
+          f"{100 * transport / (base / n):.2f}% of an image's {base / n:.2f} s without Ray (goal <= 5%)")
     for i, pairs in enumerate(OLD_SCHEDULER, 1):
         print(f"old scheduler, run {i} (before issue 19): " + ", ".join(
             f"{servers_} server(s) {seconds:.1f} s = {n / seconds:.3f} images/s" for servers_, seconds in pairs))
