@@ -263,30 +263,14 @@ class ComfyClient:
                     on_event: Optional[Callable[[str, dict], None]], poll: float = 0.2) -> None:
         """Poll ``/api/jobs/{id}`` until the prompt is over (websocket events, if any, go to
         `on_event` in between). A prompt the server does not know for 10 s raises ComfyError."""
-        import websocket
-
-        unknown_since = None
+        unknown_since, ended = None, False
         while True:
             if time.monotonic() > deadline:
                 raise self._timed_out(prompt_id, timeout)
-            if ws is not None:
-                until = time.monotonic() + poll
-                while ws is not None and time.monotonic() < until:
-                    ws.settimeout(max(0.01, until - time.monotonic()))
-                    try:
-                        raw = ws.recv()
-                    except websocket.WebSocketTimeoutException:
-                        break
-                    except (OSError, websocket.WebSocketException):
-                        ws = None  # the events are lost; the Jobs API still says how it ends
-                        break
-                    if isinstance(raw, str):
-                        msg = json.loads(raw)
-                        data = msg.get("data") or {}
-                        if data.get("prompt_id") == prompt_id and on_event is not None:
-                            on_event(msg.get("type"), data)
-            else:
+            if ended:
                 time.sleep(poll)
+            else:
+                ws, ended = self._events(ws, prompt_id, on_event, poll)
             job = self.job(prompt_id)
             if job is None:
                 unknown_since = unknown_since or time.monotonic()
@@ -295,6 +279,8 @@ class ComfyClient:
                 continue
             unknown_since = None
             status = job.get("status")
+            if status in ("completed", "failed", "cancelled") and not ended:
+                self._events(ws, prompt_id, on_event, 2.0, to_end=True)  # the last events (the bar's 100%)
             if status == "completed":
                 return
             if status == "failed":
@@ -303,6 +289,42 @@ class ComfyClient:
                                  f"{str(err.get('exception_message', '')).strip()}", err)
             if status == "cancelled":
                 raise ComfyError(f"prompt {prompt_id} was interrupted", job)
+
+    @staticmethod
+    def _events(ws: Any, prompt_id: str, on_event: Optional[Callable[[str, dict], None]], seconds: float,
+                to_end: bool = False) -> tuple[Any, bool]:
+        """Hand the prompt's websocket events to `on_event` for `seconds` (a sleep without a
+        websocket), or with `to_end` until its last one (``executing`` with no node, or its error). Returns
+        (the websocket, None once it broke: the events are lost, the Jobs API still says how the
+        prompt ends; whether the last event came)."""
+        import websocket
+
+        if ws is None:
+            if not to_end:
+                time.sleep(seconds)
+            return None, False
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            ws.settimeout(max(0.01, until - time.monotonic()))
+            try:
+                raw = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                break
+            except (OSError, websocket.WebSocketException):
+                return None, False
+            if not isinstance(raw, str):
+                continue
+            msg = json.loads(raw)
+            kind, data = msg.get("type"), msg.get("data") or {}
+            if data.get("prompt_id") != prompt_id:
+                continue
+            if on_event is not None:
+                on_event(kind, data)
+            if kind == "executing" and data.get("node") is None:
+                return ws, True
+            if kind in ("execution_error", "execution_interrupted"):
+                return ws, True
+        return ws, False
 
     def _follow_websocket(self, prompt_id: str, deadline: float, timeout: float, ws: Any,
                           on_event: Optional[Callable[[str, dict], None]]) -> None:
