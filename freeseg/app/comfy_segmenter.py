@@ -41,9 +41,10 @@ EVAL_ERRORS = (ComfyError, SegmentError)
 
 class ComfySegmenter:
     """``segmenter(image [H,W,3] float 0..1, vocabulary) -> (masks [K,H,W] bool, K labels)``
-    through `job`: ``run(image_path, class_names)`` runs it on a server (`connect`) and
-    ``servers`` are ``{url: /object_info}`` of the servers used. ``cache_key`` names the filled
-    workflow (models and settings), ``workers`` how many calls may run at once."""
+    through `job`: ``run(image_path, class_names)`` runs it on a server (`connect`); `servers`
+    (``{url: /object_info}`` of the servers used) must all run the same prompt. ``cache_key``
+    names the filled workflow (models and settings), ``workers`` how many calls may run at once,
+    ``close()`` ends what `connect` started (the Ray actors)."""
 
     def __init__(self, job: WorkflowJob, servers: dict, run: Callable[[str, Optional[str]], Segmentation],
                  workers: int, close: Callable[[], Any] = lambda: None):
