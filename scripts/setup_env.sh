@@ -5,7 +5,7 @@
 #     unpacked into .venv/ComfyUI, or the ComfyUI tree $FREESEG_COMFYUI_DIR points at;
 #   - the requirements of that ComfyUI tree (its own requirements.txt, torch excepted; torchaudio
 #     at the version the constraints file pins beside torch);
-#   - this pack's requirements and the test tools (requirements-test.txt).
+#   - this pack's requirements and the test tools (requirements-test.txt, which takes requirements-cluster.txt: Ray).
 # Environment variables:
 #   FREESEG_VENV=DIR          build the virtualenv in DIR instead of .venv/
 #   FREESEG_COMFYUI_DIR=DIR   use the ComfyUI tree in DIR (not unpacked, not changed) instead of
@@ -28,7 +28,7 @@ if [ -n "${FREESEG_COMFYUI_DIR:-}" ] && [ ! -f "$comfy/requirements.txt" ]; then
 fi
 # The stamp covers what decides the environment: these files and, for a tree given from outside,
 # its path and requirements (the pinned tree is fixed by horde_version above).
-stamp_src=$( (cat scripts/setup_env.sh scripts/torch-constraints.txt requirements.txt requirements-test.txt
+stamp_src=$( (cat scripts/setup_env.sh scripts/torch-constraints.txt requirements.txt requirements-test.txt requirements-cluster.txt
               if [ -n "${FREESEG_COMFYUI_DIR:-}" ]; then echo "$comfy"; cat "$comfy/requirements.txt"; fi
               echo "frontend=${FREESEG_FRONTEND:-}") |
             sha256sum | cut -c1-16)

@@ -5,8 +5,15 @@ It never imports ComfyUI: it talks to any ComfyUI server by URL.
 
     client = ComfyClient("http://127.0.0.1:8188")
     name = client.upload_image("photo.png")
-    result = client.run(prompt)            # queue, follow the websocket, return the history entry
+    result = client.run(prompt)            # queue, follow it to its end, return the history entry
     data = client.view(result["outputs"]["9"]["images"][0])
+
+`run` follows a prompt through the Jobs API (``GET /api/jobs/{id}``: pending, in_progress,
+completed, failed, cancelled) where the server offers it (newer ComfyUI, e.g. 0.33.0), the
+websocket giving only the progress events; on servers without it (0.3.75) through the websocket
+(``executing`` with no node = done). ``/history/{id}`` is read once the prompt is over, and its
+``{}`` (which it answers for a prompt not finished as for an unknown one) is waited out, never
+read as an unknown prompt.
 
 Editing workflows (filling inputs by node class type, picking models, adding output nodes) is
 ``workflow.py``; the command line that reaches servers is ``python -m freeseg segment``
@@ -52,6 +59,7 @@ class ComfyClient:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.client_id = uuid.uuid4().hex
+        self._jobs: Optional[bool] = None
 
     # -- plain HTTP -------------------------------------------------------------------------
     def _request(self, path: str, data: Optional[bytes] = None, headers: Optional[dict] = None,
@@ -162,8 +170,45 @@ class ComfyClient:
             self.post_json("/interrupt", {"prompt_id": prompt_id})
 
     def history(self, prompt_id: str) -> Optional[dict]:
-        """The history entry of a finished prompt, or None while it is not finished."""
+        """The history entry of a finished prompt, or None while it is not finished (or unknown:
+        ``/history/{id}`` answers ``{}`` for both)."""
         return self.get_json(f"/history/{prompt_id}").get(prompt_id)
+
+    def jobs_api(self) -> bool:
+        """Whether the server offers the Jobs API (``GET /api/jobs``; newer ComfyUI). Asked once."""
+        if self._jobs is None:
+            try:
+                answer = self.get_json("/api/jobs?limit=1")
+                self._jobs = isinstance(answer, dict) and isinstance(answer.get("jobs"), list)
+            except ComfyConnectionError:
+                raise
+            except ComfyError:  # 404: an older server
+                self._jobs = False
+        return self._jobs
+
+    def job(self, prompt_id: str) -> Optional[dict]:
+        """The Jobs API's record of a prompt (``status``, ``execution_error``, ...), None when the
+        server does not know it (HTTP 404)."""
+        try:
+            return self.get_json(f"/api/jobs/{prompt_id}")
+        except ComfyConnectionError:
+            raise
+        except ComfyError as e:
+            if "HTTP 404" in str(e):
+                return None
+            raise
+
+    def finished_entry(self, prompt_id: str, wait: float = 10.0) -> dict:
+        """The history entry of a prompt known to be over; ``{}`` from /history is waited out
+        for up to `wait` seconds (the entry is being written), then ComfyError."""
+        deadline = time.monotonic() + wait
+        while True:
+            entry = self.history(prompt_id)
+            if entry is not None:
+                return entry
+            if time.monotonic() > deadline:
+                raise ComfyError(f"prompt {prompt_id} finished but is missing from /history")
+            time.sleep(0.1)
 
     def view(self, file_info: dict) -> bytes:
         """The bytes of an output file given as ``{"filename", "subfolder", "type"}``."""
@@ -174,58 +219,141 @@ class ComfyClient:
         """Ask the server to stop the running prompt."""
         self._request("/interrupt", b"{}", {"Content-Type": "application/json"})
 
-    # -- websocket --------------------------------------------------------------------------
+    # -- following a prompt -----------------------------------------------------------------
     def run(self, prompt: dict, timeout: float = 600.0,
             on_event: Optional[Callable[[str, dict], None]] = None, strict: bool = False) -> dict:
-        """Queue `prompt`, follow the websocket until it ends, and return its history entry.
+        """Queue `prompt`, follow it until it ends (the Jobs API where the server offers it,
+        else the websocket: see the module docstring) and return its history entry.
 
         `on_event(type, data)` sees every JSON websocket message of this prompt (``progress``,
         ``executing``, ``executed``, ...). Raises ComfyError if the prompt fails or is
         interrupted (the message carries the server's exception text). `strict`: see `queue`.
         """
+        jobs = self.jobs_api()
+        ws = self._websocket(timeout) if on_event is not None or not jobs else None
+        try:
+            prompt_id = self.queue(prompt, strict=strict)
+            deadline = time.monotonic() + timeout
+            if jobs:
+                self._follow_job(prompt_id, deadline, timeout, ws, on_event)
+            else:
+                self._follow_websocket(prompt_id, deadline, timeout, ws, on_event)
+        finally:
+            if ws is not None:
+                ws.close()
+        return self.finished_entry(prompt_id)
+
+    def _websocket(self, timeout: float) -> Any:
         import websocket  # websocket-client
 
         ws_url = self.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
         try:
-            ws = websocket.create_connection(ws_url, timeout=timeout)
+            return websocket.create_connection(ws_url, timeout=timeout)
         except (OSError, websocket.WebSocketException) as e:
             raise ComfyConnectionError(f"cannot open the websocket of the ComfyUI server at {self.url}: {e}") from None
+
+    def _timed_out(self, prompt_id: str, timeout: float) -> ComfyError:
         try:
-            prompt_id = self.queue(prompt, strict=strict)
-            deadline = time.monotonic() + timeout
-            while True:
-                ws.settimeout(max(1.0, deadline - time.monotonic()))
-                try:
-                    raw = ws.recv()
-                except websocket.WebSocketTimeoutException:
-                    try:
-                        self.cancel(prompt_id)  # do not leave it running (it may be retried elsewhere)
-                    except ComfyError:
-                        pass
-                    raise ComfyError(f"prompt {prompt_id} did not finish within {timeout:.0f} s") from None
-                except (OSError, websocket.WebSocketException) as e:
-                    raise ComfyConnectionError(f"lost the connection to the ComfyUI server at {self.url}: {e}") from None
-                if not isinstance(raw, str):
-                    continue  # binary preview frames
-                msg = json.loads(raw)
-                kind, data = msg.get("type"), msg.get("data") or {}
-                if data.get("prompt_id") not in (None, prompt_id):
-                    continue
-                if on_event is not None and data.get("prompt_id") == prompt_id:
-                    on_event(kind, data)
-                if kind == "execution_error":
-                    raise ComfyError(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                                     f"{data.get('exception_message', '').strip()}", data)
-                if kind == "execution_interrupted":
-                    raise ComfyError(f"prompt {prompt_id} was interrupted", data)
-                if kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                    break
-        finally:
-            ws.close()
-        entry = self.history(prompt_id)
-        if entry is None:
-            raise ComfyError(f"prompt {prompt_id} finished but is missing from /history")
-        return entry
+            self.cancel(prompt_id)  # do not leave it running (it may be run elsewhere)
+        except ComfyError:
+            pass
+        return ComfyError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def _follow_job(self, prompt_id: str, deadline: float, timeout: float, ws: Any,
+                    on_event: Optional[Callable[[str, dict], None]], poll: float = 0.2) -> None:
+        """Poll ``/api/jobs/{id}`` until the prompt is over (websocket events, if any, go to
+        `on_event` in between). A prompt the server does not know for 10 s raises ComfyError."""
+        unknown_since, ended = None, False
+        while True:
+            if time.monotonic() > deadline:
+                raise self._timed_out(prompt_id, timeout)
+            if ended:
+                time.sleep(poll)
+            else:
+                ws, ended = self._events(ws, prompt_id, on_event, poll)
+            job = self.job(prompt_id)
+            if job is None:
+                unknown_since = unknown_since or time.monotonic()
+                if time.monotonic() - unknown_since > 10.0:
+                    raise ComfyError(f"the server at {self.url} does not know prompt {prompt_id} (GET /api/jobs)")
+                continue
+            unknown_since = None
+            status = job.get("status")
+            if status in ("completed", "failed", "cancelled") and not ended:
+                self._events(ws, prompt_id, on_event, 2.0, to_end=True)  # the last events (the bar's 100%)
+            if status == "completed":
+                return
+            if status == "failed":
+                err = job.get("execution_error") or {}
+                raise ComfyError(f"node {err.get('node_id')} ({err.get('node_type')}) failed: "
+                                 f"{str(err.get('exception_message', '')).strip()}", err)
+            if status == "cancelled":
+                raise ComfyError(f"prompt {prompt_id} was interrupted", job)
+
+    @staticmethod
+    def _events(ws: Any, prompt_id: str, on_event: Optional[Callable[[str, dict], None]], seconds: float,
+                to_end: bool = False) -> tuple[Any, bool]:
+        """Hand the prompt's websocket events to `on_event` for `seconds` (a sleep without a
+        websocket), or with `to_end` until its last one (``executing`` with no node, or its error). Returns
+        (the websocket, None once it broke: the events are lost, the Jobs API still says how the
+        prompt ends; whether the last event came)."""
+        import websocket
+
+        if ws is None:
+            if not to_end:
+                time.sleep(seconds)
+            return None, False
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            ws.settimeout(max(0.01, until - time.monotonic()))
+            try:
+                raw = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                break
+            except (OSError, websocket.WebSocketException):
+                return None, False
+            if not isinstance(raw, str):
+                continue
+            msg = json.loads(raw)
+            kind, data = msg.get("type"), msg.get("data") or {}
+            if data.get("prompt_id") != prompt_id:
+                continue
+            if on_event is not None:
+                on_event(kind, data)
+            if kind == "executing" and data.get("node") is None:
+                return ws, True
+            if kind in ("execution_error", "execution_interrupted"):
+                return ws, True
+        return ws, False
+
+    def _follow_websocket(self, prompt_id: str, deadline: float, timeout: float, ws: Any,
+                          on_event: Optional[Callable[[str, dict], None]]) -> None:
+        """Read the websocket until the prompt is over (``executing`` with no node)."""
+        import websocket
+
+        while True:
+            ws.settimeout(max(1.0, deadline - time.monotonic()))
+            try:
+                raw = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                raise self._timed_out(prompt_id, timeout) from None
+            except (OSError, websocket.WebSocketException) as e:
+                raise ComfyConnectionError(f"lost the connection to the ComfyUI server at {self.url}: {e}") from None
+            if not isinstance(raw, str):
+                continue  # binary preview frames
+            msg = json.loads(raw)
+            kind, data = msg.get("type"), msg.get("data") or {}
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if on_event is not None and data.get("prompt_id") == prompt_id:
+                on_event(kind, data)
+            if kind == "execution_error":
+                raise ComfyError(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                                 f"{data.get('exception_message', '').strip()}", data)
+            if kind == "execution_interrupted":
+                raise ComfyError(f"prompt {prompt_id} was interrupted", data)
+            if kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                return
 
 
 def _summarise(details: dict) -> str:

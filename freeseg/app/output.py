@@ -60,7 +60,8 @@ def write_segmentation(out_dir: str, image_path: str, masks: list[np.ndarray], r
 
 
 def segment_to_folder(pipeline: Any, image_path: str, out_dir: str,
-                      class_names: Union[str, Sequence[str], None] = None) -> dict[str, Any]:
+                      class_names: Union[str, Sequence[str], None] = None,
+                      source: Optional[str] = None) -> dict[str, Any]:
     """Segment one image file with a ``freeseg.backends.diffusers.FreeSegPipeline`` and write
     the results into ``out_dir`` (created if needed), through ``write_segmentation``:
 
@@ -68,7 +69,8 @@ def segment_to_folder(pipeline: Any, image_path: str, out_dir: str,
       i = 0.. in mask order, label made file-name safe and short (``safe_label``);
     * ``overlay.png``: coloured masks with their names over the image;
     * ``labels.json``: the returned document (``freeseg.labels_file``), ``backend``
-      ``"diffusers"``.
+      ``"diffusers"``; its image ``source`` is `source` when given (a copy of the image was
+      segmented), else `image_path`.
     """
     from ..backends.diffusers import load_image
 
@@ -77,7 +79,7 @@ def segment_to_folder(pipeline: Any, image_path: str, out_dir: str,
     masks = [(result.masks[rec["mask"]] > 0.5).numpy() for rec in result.records()]
     overlay = draw_overlay(pixels[0], result.masks, result.labels)
     overlay_image = Image.fromarray((overlay.numpy() * 255).round().astype(np.uint8))
-    return write_segmentation(str(out_dir), str(image_path), masks, result.records(), overlay_image,
+    return write_segmentation(str(out_dir), str(source or image_path), masks, result.records(), overlay_image,
                               result.caption, list(result.class_names), backend="diffusers",
                               settings=result.settings.to_dict(),
                               timings={k: round(v, 4) for k, v in result.timings.items()})

@@ -27,7 +27,6 @@ from ..names import parse_names
 from .client import ComfyClient, ComfyError
 from .console import ProgressBar
 from .output import SegmentError, write_segmentation
-from .pool import ServerPool
 from .settings_options import settings_in_workflow
 from .workflow import (MODEL_CHOICES, choose_models, ensure_outputs, fill_workflow, missing_node_types,
                        missing_nodes_message, output_text)
@@ -168,13 +167,14 @@ class WorkflowJob:
         return collect(client, entry, roles, prompt, time.perf_counter() - start)
 
 
-def check_servers(pool: ServerPool, job: WorkflowJob, class_names: Optional[str] = None) -> str:
-    """The job's key, after checking every live server can run it and would run the same
-    prompt (same model names): outputs must not depend on the server. ComfyError otherwise."""
-    keys = {server.url: job.key(server.info, server.url, class_names) for server in pool.live}
+def check_servers(servers: dict[str, dict], job: WorkflowJob, class_names: Optional[str] = None) -> str:
+    """The job's key, after checking every server (``{url: its /object_info}``) can run it and
+    would run the same prompt (same model names): outputs must not depend on the server.
+    ComfyError otherwise."""
+    keys = {url: job.key(info, url, class_names) for url, info in servers.items()}
     if len(set(keys.values())) > 1:
-        models = {server.url: {n["class_type"]: n["inputs"] for n in job.prompt(server.info, server.url)[0].values()
-                               if n["class_type"] in LOADER_TYPES} for server in pool.live}
+        models = {url: {n["class_type"]: n["inputs"] for n in job.prompt(info, url)[0].values()
+                        if n["class_type"] in LOADER_TYPES} for url, info in servers.items()}
         raise ComfyError("the servers would run different prompts (different models?): "
                          + "; ".join(f"{url}: {json.dumps(m, sort_keys=True)}" for url, m in models.items())
                          + " - give the models by name (--checkpoint, --blip2, --clip) or use servers with the "

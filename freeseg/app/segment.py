@@ -26,9 +26,14 @@ takes it as a setting, comfyui writes it into the workflow's nodes
 
 A folder or a quoted glob instead of IMAGE segments every image into ``DIR/<name>/`` (the
 layout above plus a ``done.json`` resume marker) and writes ``DIR/index.csv`` and
-``DIR/index.json`` (``freeseg.app.batch``). ``--url`` repeated spreads the images over several
-servers, ``--per-server`` prompts in flight on each; an image whose server fails is retried on
-another (``freeseg.app.pool``).
+``DIR/index.json`` (``freeseg.app.batch``), ``--per-server`` images in flight at once.
+
+Past one server is Ray (``freeseg.app.cluster``, an optional extra): ``--ray [ADDRESS]`` runs the
+images on Ray actors that each own a worker (``--workers N`` embedded ComfyUI servers, or
+diffusers pipelines, one GPU each where the cluster has GPUs; or the ``--url`` servers), on a
+local Ray without ADDRESS or on the cluster at ADDRESS (``auto``, ``ray://host:10001``). Several
+``--url`` without ``--ray`` run on a local Ray too. One server (``--url URL`` or the embedded
+one) without ``--ray`` runs in this process, without Ray.
 """
 
 from __future__ import annotations
@@ -49,11 +54,11 @@ from PIL import Image
 from ..model_files import model_entries
 from .batch import (EXIT_SOME_FAILED, BatchError, Item, index_entries, is_batch_input, list_images, plan,
                     run_batch, write_index)
-from .client import ComfyError, one_line
+from .client import ComfyClient, ComfyError, one_line
+from .cluster import RayWorkers, WorkerSpec, read_bytes, write_files
 from .console import out_folder_error, report_error, shown
 from .output import SegmentError, segment_to_folder
 from .paths import DEFAULT_WORKFLOW, REPO, fixture_cache
-from .pool import ServerPool
 from .remote import WorkflowJob, check_servers
 from .server import ComfyServer, default_comfy_dir, link
 from .settings_options import add_setting_arguments, apply_settings, setting_values
@@ -190,30 +195,77 @@ def workflow_job(args: argparse.Namespace, models: dict, overrides: list, class_
                        seed=args.seed, models=models, overrides=overrides, timeout=args.timeout)
 
 
-def segment_on_servers(urls: list[str], args: argparse.Namespace, models: dict, overrides: list,
-                       class_names: Optional[str]) -> dict:
-    """Run the workflow for the one image on the first server that answers and can run it
-    (the others are tried when it fails) and write the output folder; the labels document.
-    A failure of the image's run names the image file (not the server's copy of it)."""
-    pool = ServerPool(urls, per_server=1)
-    pool.connect()
+def image_error(e: ComfyError, image: str) -> ComfyError:
+    """`e` naming the image file (not the server's copy of it); a refused workflow (node_errors)
+    is the workflow's fault and stays as it is."""
+    if "node_errors" in e.details:
+        return e
+    error = type(e)(f"{shown(image)}: {e}", e.details)
+    error.prompt = e.prompt
+    return error
+
+
+def segment_on_server(url: str, args: argparse.Namespace, models: dict, overrides: list,
+                      class_names: Optional[str]) -> dict:
+    """Run the workflow for the one image on the server at `url` (in this process) and write the
+    output folder; the labels document."""
+    info = ComfyClient(url).object_info()
     job = workflow_job(args, models, overrides, class_names)
-    check_servers(pool, job)
+    check_servers({url: info}, job)
     try:
-        result = pool.run(lambda client, info: job.run(client, info, args.image, quiet=args.quiet))
+        result = job.run(ComfyClient(url), info, args.image, quiet=args.quiet)
     except ComfyError as e:
-        if "node_errors" in e.details:  # the workflow is at fault, not the image
-            raise
-        error = type(e)(f"{shown(args.image)}: {e}", e.details)
-        error.prompt = e.prompt
-        raise error from None
+        raise image_error(e, args.image) from None
     return result.write(args.out, args.image)
 
 
+def ray_workers(args: argparse.Namespace, models: dict, class_names: Optional[str], per_worker: int) -> RayWorkers:
+    """The Ray actors of the options: one per ``--url`` server, else ``--workers`` embedded
+    ComfyUI servers or diffusers pipelines (default: one per GPU of the cluster, at least one)."""
+    if args.backend == "diffusers":
+        specs = [WorkerSpec("diffusers", args=args, models=models, class_names=class_names, copies=args.workers)]
+    elif args.url:
+        specs = [WorkerSpec("url", url=u.rstrip("/")) for u in dict.fromkeys(args.url)]
+    else:
+        specs = [WorkerSpec("embedded", args=args, models=models, class_names=class_names, copies=args.workers)]
+    return RayWorkers(specs, per_worker=per_worker, address=args.ray or None, gpus=False if args.cpu else None)
+
+
+def comfy_key(workers: RayWorkers, args: argparse.Namespace, overrides: list,
+              class_names: Optional[str]) -> tuple[Optional[WorkflowJob], str]:
+    """(the job the workers run, the run's key): every worker must run the same thing."""
+    described = list(workers.describe.values())
+    if described[0]["kind"] == "diffusers":
+        keys = {d["cache_key"] for d in described}
+        if len(keys) > 1:
+            raise SegmentError(f"the diffusers workers loaded different models: {', '.join(sorted(keys))}")
+        return None, f"{keys.pop()}-{hashlib.sha256(str(class_names).encode()).hexdigest()[:8]}"
+    job = workflow_job(args, described[0]["models"], overrides, class_names)
+    return job, check_servers({d["url"]: d["info"] for d in described}, job)
+
+
+def segment_on_ray(args: argparse.Namespace, models: dict, overrides: list, class_names: Optional[str]) -> dict:
+    """The one image on Ray (``--ray``, or several ``--url``): the first worker free runs it; the
+    labels document."""
+    workers = ray_workers(args, models, class_names, per_worker=1)
+    try:
+        job, _ = comfy_key(workers, args, overrides, class_names)
+        try:
+            files = workers.run("segment_files", job, *read_bytes(args.image), args.image, class_names)
+        except ComfyError as e:
+            raise image_error(e, args.image) from None
+        write_files(args.out, files)
+        return json.loads(files["labels.json"])
+    finally:
+        workers.close()
+
+
 @contextlib.contextmanager
-def embedded_server(args: argparse.Namespace, models: dict, class_names: Optional[str]) -> Iterator[tuple[str, dict]]:
+def embedded_server(args: argparse.Namespace, models: dict, class_names: Optional[str],
+                    die_with_parent: bool = False) -> Iterator[tuple[str, dict]]:
     """Start a ComfyUI of our own (temporary base folder, our pack, the models linked in);
-    yields (its URL, the model names picked in its models folder) and stops it again."""
+    yields (its URL, the model names picked in its models folder) and stops it again.
+    `die_with_parent`: see ``ComfyServer`` (a Ray actor's server)."""
     comfy_dir = os.path.abspath(args.comfyui or default_comfy_dir())
     if not os.path.isfile(os.path.join(comfy_dir, "main.py")):
         if args.comfyui:
@@ -237,7 +289,7 @@ def embedded_server(args: argparse.Namespace, models: dict, class_names: Optiona
         cpu = args.cpu or not wants_gpu(python)
         print(f"starting ComfyUI from {comfy_dir} ({'CPU' if cpu else 'GPU'}; models: {models_dir}) ...",
               file=sys.stderr, flush=True)
-        server = ComfyServer(base, comfy_dir=comfy_dir, python=python, cpu=cpu)
+        server = ComfyServer(base, comfy_dir=comfy_dir, python=python, cpu=cpu, die_with_parent=die_with_parent)
         try:  # stopped whatever happens, Ctrl-C while it starts included
             try:
                 server.start(timeout=args.startup_timeout)
@@ -258,7 +310,7 @@ def embedded_server(args: argparse.Namespace, models: dict, class_names: Optiona
 def segment_embedded(args: argparse.Namespace, models: dict, overrides: list, class_names: Optional[str]) -> dict:
     """The one image on an embedded ComfyUI (`embedded_server`)."""
     with embedded_server(args, models, class_names) as (url, chosen):
-        return segment_on_servers([url], args, chosen, overrides, class_names)
+        return segment_on_server(url, args, chosen, overrides, class_names)
 
 
 # -- the diffusers backend ------------------------------------------------------------------------
@@ -310,7 +362,8 @@ def segment_diffusers(args: argparse.Namespace, models: dict, class_names: Optio
 def segment_batch(items: list[Item], args: argparse.Namespace, models: dict, overrides: list,
                   class_names: Optional[str]) -> tuple[list[dict], dict]:
     """Segment every item (resuming); (index entries, {image: error})."""
-    progress = not args.quiet
+    if uses_ray(args):
+        return segment_batch_on_ray(items, args, models, overrides, class_names)
     if args.backend == "diffusers":
         pipeline = load_diffusers(args, models, class_names)
         key = f"{pipeline.cache_key}-{hashlib.sha256(str(class_names).encode()).hexdigest()[:8]}"
@@ -319,32 +372,61 @@ def segment_batch(items: list[Item], args: argparse.Namespace, models: dict, ove
             check_image(item.image)
             return segment_to_folder(pipeline, item.image, item.folder, class_names)
 
-        failures = run_batch(items, segment_one, key, threads=1, progress=progress)
+        failures = run_batch(items, segment_one, key, threads=1, progress=not args.quiet)
         return index_entries(items, key, failures, args.out), failures
     if args.url:
-        return segment_batch_on_servers(items, args.url, args, models, overrides, class_names)
+        return segment_batch_on_server(items, args.url[0], args, models, overrides, class_names)
     with embedded_server(args, models, class_names) as (url, chosen):
-        return segment_batch_on_servers(items, [url], args, chosen, overrides, class_names)
+        return segment_batch_on_server(items, url, args, chosen, overrides, class_names)
 
 
-def segment_batch_on_servers(items: list[Item], urls: list[str], args: argparse.Namespace, models: dict,
-                             overrides: list, class_names: Optional[str]) -> tuple[list[dict], dict]:
-    """The batch on a ServerPool of `urls` (``--per-server`` prompts in flight on each)."""
-    pool = ServerPool(urls, per_server=args.per_server)
-    pool.connect()
+def is_refused(error: BaseException) -> bool:
+    """A workflow the server refuses (``node_errors``): every image would fail alike."""
+    return isinstance(error, ComfyError) and "node_errors" in error.details
+
+
+def segment_batch_on_server(items: list[Item], url: str, args: argparse.Namespace, models: dict,
+                            overrides: list, class_names: Optional[str]) -> tuple[list[dict], dict]:
+    """The batch on the one server at `url`, in this process (``--per-server`` prompts in flight)."""
+    info = ComfyClient(url).object_info()
     job = workflow_job(args, models, overrides, class_names)
-    key = check_servers(pool, job)
-    print(f"segmenting {len(items)} image(s) on {len(pool.live)} server(s), {args.per_server} in flight on each",
-          file=sys.stderr, flush=True)
+    key = check_servers({url: info}, job)
+    print(f"segmenting {len(items)} image(s) on {url}, {args.per_server} in flight", file=sys.stderr, flush=True)
 
     def segment_one(item: Item) -> dict:
         check_image(item.image)
-        result = pool.run(lambda client, info: job.run(client, info, item.image))
-        return result.write(item.folder, item.image)
+        return job.run(ComfyClient(url), info, item.image).write(item.folder, item.image)
 
-    failures = run_batch(items, segment_one, key, threads=pool.capacity, progress=not args.quiet,
-                         fatal=lambda e: isinstance(e, ComfyError) and "node_errors" in e.details)
+    failures = run_batch(items, segment_one, key, threads=args.per_server, progress=not args.quiet, fatal=is_refused)
     return index_entries(items, key, failures, args.out), failures
+
+
+def segment_batch_on_ray(items: list[Item], args: argparse.Namespace, models: dict, overrides: list,
+                         class_names: Optional[str]) -> tuple[list[dict], dict]:
+    """The batch on Ray actors (`ray_workers`, ``--per-server`` images in flight on each): each
+    image's bytes go to a free worker, its files come back and are written here."""
+    workers = ray_workers(args, models, class_names, per_worker=args.per_server)
+    try:
+        job, key = comfy_key(workers, args, overrides, class_names)
+        print(f"segmenting {len(items)} image(s) on {len(workers.live)} Ray worker(s), {args.per_server} in flight "
+              "on each", file=sys.stderr, flush=True)
+
+        def segment_one(item: Item) -> dict:
+            check_image(item.image)
+            files = workers.run("segment_files", job, *read_bytes(item.image), item.image, class_names)
+            write_files(item.folder, files)
+            return json.loads(files["labels.json"])
+
+        failures = run_batch(items, segment_one, key, threads=workers.capacity, progress=not args.quiet,
+                             fatal=is_refused)
+    finally:
+        workers.close()
+    return index_entries(items, key, failures, args.out), failures
+
+
+def uses_ray(args: argparse.Namespace) -> bool:
+    """``--ray``, or several ``--url`` (past one server is Ray)."""
+    return args.ray is not None or len(set(args.url or ())) > 1
 
 
 def check_image(path: str) -> None:
@@ -373,9 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comfyui (default): the freeseg_full workflow; diffusers: freeseg.backends.diffusers")
     parser.add_argument("--url", action="append", default=None, metavar="URL",
                         help="a running ComfyUI server (default: start an embedded one); repeat it to spread the "
-                             "images over several servers (one per GPU or machine)")
+                             "images over several servers (one per GPU or machine; runs on Ray)")
     parser.add_argument("--per-server", type=int, default=2, metavar="N",
-                        help="prompts in flight on each server for a folder (default 2: one runs, one waits)")
+                        help="images in flight on each server / worker for a folder (default 2: one runs, one waits)")
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run on Ray actors, one worker each (needs the cluster extra: "
+                             "requirements-cluster.txt): a local Ray without ADDRESS, else the cluster at ADDRESS "
+                             "(auto, ray://host:10001); put it after IMAGE|DIR, or write --ray=ADDRESS")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="with --ray and no --url: embedded ComfyUI servers (or diffusers pipelines) to run, "
+                             "one per actor (default: one per GPU of the cluster, at least one)")
     parser.add_argument("--comfyui", default=None, metavar="DIR",
                         help="the ComfyUI install (folder of main.py) the embedded server runs "
                              "(default: the project's .venv/ComfyUI)")
@@ -406,6 +495,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.per_server < 1:
         print("error: --per-server must be >= 1", file=sys.stderr)
+        return 2
+    if args.workers < 0 or (args.workers and args.url):
+        print("error: --workers N (>= 1) sets the embedded servers or diffusers pipelines of --ray; with --url "
+              "each server is one worker", file=sys.stderr)
         return 2
     try:  # a bad --setting is refused before anything runs (and with diffusers a bad shorthand)
         setting_values(args, shorthands=args.backend == "diffusers")
@@ -445,10 +538,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             load_workflow(args.workflow)  # a malformed workflow is refused before any server is used
         if batch:
             entries, failures = segment_batch(items, args, models, overrides, class_names)
+        elif uses_ray(args):
+            doc = segment_on_ray(args, models, overrides, class_names)
         elif args.backend == "diffusers":
             doc = segment_diffusers(args, models, class_names)
         elif args.url:
-            doc = segment_on_servers(args.url, args, models, overrides, class_names)
+            doc = segment_on_server(args.url[0], args, models, overrides, class_names)
         else:
             doc = segment_embedded(args, models, overrides, class_names)
     except ComfyError as e:

@@ -57,6 +57,13 @@ def supported_flags(comfy_dir: str) -> Optional[set[str]]:
     return set(re.findall(r"[\"'](--[a-z0-9][a-z0-9-]*)[\"']", text))
 
 
+def _term_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the parent dies (``PR_SET_PDEATHSIG``)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class ComfyServer:
     """A ComfyUI server process; `client` talks to it, `log()` returns its output so far.
 
@@ -68,11 +75,14 @@ class ComfyServer:
         cpu: pass ``--cpu`` (no GPU).
         link_pack: link this pack into ``base_dir/custom_nodes/freeseg-diff``.
         port: the port (default: a free one).
+        die_with_parent: (Linux) the server gets SIGTERM when the process that started it dies,
+            even by SIGKILL (a Ray actor that owns it).
     """
 
     def __init__(self, base_dir: str, extra_args: Sequence[str] = (), comfy_dir: Optional[str] = None,
                  python: Optional[str] = None, cpu: bool = True, link_pack: bool = True,
-                 port: Optional[int] = None):
+                 port: Optional[int] = None, die_with_parent: bool = False):
+        self.die_with_parent = die_with_parent
         self.base_dir = base_dir
         self.comfy_dir = comfy_dir or default_comfy_dir()
         self.python = python or sys.executable
@@ -112,6 +122,8 @@ class ComfyServer:
         self._log = open(self.log_path, "w")
         group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
                  else {"start_new_session": True})
+        if self.die_with_parent and sys.platform.startswith("linux"):
+            group["preexec_fn"] = _term_with_parent
         self.proc = subprocess.Popen(self.command(), cwd=self.comfy_dir, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, **group)
         try:

@@ -19,7 +19,10 @@ sets any ``freeseg.settings.FreeSegSettings`` field for either backend
 ``--backend diffusers`` runs ``freeseg.backends.diffusers.FreeSegPipeline`` in this process;
 ``--backend comfyui`` runs an API workflow (default ``workflows/api/freeseg_full.json``; any
 checkpoint family the nodes support) on ComfyUI servers through
-``freeseg.app.comfy_segmenter.ComfySegmenter``, several images at once (``workers``).
+``freeseg.app.comfy_segmenter.ComfySegmenter``, several images at once (``workers``): one
+``--url`` server from this process, several (or ``--ray [ADDRESS]``) as Ray actors bound to the
+servers, on a local Ray or the cluster at ADDRESS (``freeseg.app.cluster``; Ray is the optional
+cluster extra, requirements-cluster.txt).
 Exit status: 0 ok, 2 error (the message names the file or option at fault).
 """
 
@@ -71,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the server, default: its only one)")
     comfy.add_argument("--url", action="append", default=None, metavar="URL",
                        help="a ComfyUI server with this node pack (default http://127.0.0.1:8188); repeat it to "
-                            "spread the images over several servers")
+                            "spread the images over several servers (on Ray)")
     comfy.add_argument("--per-server", type=int, default=2, metavar="N", help="prompts in flight per server (default 2)")
+    comfy.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="the --url servers as Ray actors (requirements-cluster.txt): a local Ray without "
+                            "ADDRESS, else the cluster at ADDRESS (auto, ray://host:10001)")
     comfy.add_argument("--workflow", default=None, metavar="FILE",
                        help="API-format workflow (default workflows/api/freeseg_full.json)")
     comfy.add_argument("--checkpoint", default=None, metavar="NAME", help="checkpoint name on the server")
@@ -124,8 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.backend == "comfyui" and (args.sd is not None or args.sd_config is not None or args.vae is not None):
         parser.error("--sd, --sd-config and --vae are for --backend diffusers; with comfyui use --checkpoint "
                      "(a name on the server) or --workflow")
-    if args.backend != "comfyui" and args.url:
-        parser.error("--url is for --backend comfyui")
+    if args.backend != "comfyui" and (args.url or args.ray is not None):
+        parser.error("--url and --ray are for --backend comfyui")
     if args.protocol == "paper" and args.backend == "diffusers" and args.blip2 is None:
         parser.error("--protocol paper with --backend diffusers needs --blip2 (the captioner): the candidate "
                      "classes come from the caption")
@@ -144,6 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--setting, --clusters, --seed and --resolution are for --backend (the predictions are made)")
     errors: tuple = (FileNotFoundError, DatasetError, ValueError)
     workers = 1
+    source = None
     if args.backend == "comfyui":
         from ..app.comfy_segmenter import EVAL_ERRORS
         errors += EVAL_ERRORS
@@ -176,6 +183,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except errors as exc:
         print(f"freeseg eval: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if args.backend == "comfyui" and source is not None:
+            source.close()  # the Ray actors, when the servers ran on Ray
     if args.json:
         print(json.dumps(result.to_json()))
     else:

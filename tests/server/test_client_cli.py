@@ -530,3 +530,33 @@ def test_segment_cli_diffusers_backend_random_weights(model_files, tmp_path, ima
         mask = Image.open(out / m["file"])
         assert mask.mode == "L" and mask.size == (WIDTH, HEIGHT)
     assert Image.open(out / "overlay.png").size == (WIDTH, HEIGHT)
+
+
+def test_prompts_are_followed_through_the_jobs_api_where_the_server_offers_it(server, comfyui_version, tmp_path):
+    """Newer ComfyUI (0.33.0) serves /api/jobs/{id}: the client follows prompts through it (and
+    needs no websocket when nobody wants the progress events); 0.3.75 does not: websocket +
+    /history. Either way a finished prompt's history entry comes back, and a node that fails
+    raises ComfyError with the node and the server's exception text."""
+    version = tuple(int(p) for p in re.findall(r"\d+", comfyui_version)[:3])
+    c = client.ComfyClient(server.url)
+    assert c.jobs_api() is (version >= (0, 33, 0))
+    unknown = "00000000-0000-4000-8000-000000000000"
+    assert c.history(unknown) is None  # {}: not finished, or unknown: the client never tells them apart by it
+    if c.jobs_api():
+        assert c.job(unknown) is None
+    good = str(tmp_path / "good.png")
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(good)
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    events = []
+    for on_event in (None, lambda kind, data: events.append(kind)):
+        prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": c.upload_image(good, name="jobs-good.png")}},
+                  "2": {"class_type": "FreeSegTestProbe", "inputs": {"value": ["1", 0], "name": str(on_event)}}}
+        entry = c.run(prompt, timeout=120, on_event=on_event)
+        probe = json.loads(entry["outputs"]["2"]["probe"][0])
+        assert probe["kind"] == "tensor" and probe["shape"] == [1, 8, 8, 3]
+    assert "executing" in events or "executed" in events  # the progress events still reach the bar
+    bad = {"1": {"class_type": "LoadImage", "inputs": {"image": c.upload_image(str(tmp_path / "bad.png"),
+                                                                               name="jobs-bad.png")}},
+           "2": {"class_type": "FreeSegTestProbe", "inputs": {"value": ["1", 0]}}}
+    with pytest.raises(client.ComfyError, match=r"node 1 \(LoadImage\) failed: .*cannot identify image file"):
+        c.run(bad, timeout=120)

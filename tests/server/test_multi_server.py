@@ -1,17 +1,21 @@
-"""Several ComfyUI servers: `python -m freeseg segment DIR --url A --url B` and
-`python -m freeseg eval --backend comfyui --url A --url B`, on two real servers on loopback
+"""Several ComfyUI servers on Ray: `python -m freeseg segment DIR --url A --url B` and
+`python -m freeseg eval --backend comfyui --url A --url B` (several servers run as Ray actors
+bound to them, on a local Ray: ``freeseg.app.cluster``), on two real servers on loopback
 (random-weight fixtures, 64x48 images, resolution 128: the nodes' minimum).
 
 At most two servers run at once (this module starts its own, never the session's: one of them
-is stopped mid-run). The folder test: the work is split across both, server B is stopped while
-it holds prompts, every image is still done exactly once, a broken image is reported and listed,
-and the outputs equal a single-server run on a fresh server; a rerun resumes (nothing queued).
+is stopped mid-run). The folder test: the work is split across both, server B is stopped and
+server A's actor process is killed while they hold images, every image is still done (redone by
+a live or restarted worker) and written exactly once, a broken image fails alone with its reason
+in the index, and the outputs equal a single-server run (in-process, without Ray) on a fresh
+server; a rerun resumes (nothing queued).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,19 +106,38 @@ def folder_outputs(out: str, name: str) -> dict:
             "pixels": [np.asarray(Image.open(os.path.join(out, name, n))).tolist() for n in files]}
 
 
-def test_folder_on_two_servers_with_one_stopped_mid_run(servers, folder, tmp_path, model_files):
+def read_stderr_until(proc: subprocess.Popen, pattern: str, timeout: float = 300) -> tuple[re.Match, str]:
+    """Read the command's stderr line by line until a line matches `pattern`; (the match, the
+    text read so far)."""
+    text, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, f"the command ended before {pattern!r}:\n{text}"
+        text += line
+        found = re.search(pattern, line)
+        if found:
+            return found, text
+    pytest.fail(f"no {pattern!r} within {timeout} s:\n{text}")
+
+
+def test_folder_on_two_servers_with_one_stopped_and_a_worker_killed_mid_run(servers, folder, tmp_path,
+                                                                             model_files):
     a, b = servers["a"], servers["b"]
     two = str(tmp_path / "two")
     proc = segment(folder, "--out", two, "--url", a.url, "--url", b.url, "--per-server", "2")
+    found, head = read_stderr_until(proc, rf"worker 1: url {re.escape(a.url)} on \S+ \(pid (\d+)\)")
+    actor_a = int(found.group(1))
     deadline = time.monotonic() + 300
-    while history_size(b) < 1:  # b has finished an image (and holds the next one): stop it now
+    while history_size(b) < 1:  # b has finished an image (and holds the next ones): stop it now
         assert proc.poll() is None, "the run ended before server b finished an image:\n" + proc.communicate()[1]
         assert time.monotonic() < deadline, "server b finished no image within 300 s"
         time.sleep(0.1)
     b.stop()
+    os.kill(actor_a, signal.SIGKILL)  # and the actor process of server a: Ray restarts it
     code, out, err = finish(proc)
+    err = head + err
     assert code == 3, err  # finished, with a failed image
-    assert f"warning: {b.url} failed: lost the connection" in err or f"warning: {b.url} failed: cannot" in err, err
+    assert f"warning: {b.url} failed: " in err and "(1 worker(s) left)" in err, err
     assert history_size(a) >= 1  # the work was split across both
 
     names = [f"img{i}" for i in range(N_IMAGES)]
@@ -151,8 +174,9 @@ def test_folder_on_two_servers_with_one_stopped_mid_run(servers, folder, tmp_pat
     assert f"{N_IMAGES + 1}/{N_IMAGES + 1} images, {N_IMAGES} already done, 1 failed" in err
     assert (history_size(a), history_size(b)) == before
 
-    # One image, the first server unreachable and the second no ComfyUI (HTML): both dropped with
-    # their reason, done on the next (from its cache: the same prompt).
+    # One image, the first server unreachable and the second no ComfyUI (HTML): their workers do
+    # not start and are dropped with their reason, the image is done on the next (from its cache:
+    # the same prompt).
     dead = f"http://127.0.0.1:{free_port()}"
     with stand_in_server() as html:
         code, out, err = finish(segment(os.path.join(folder, "img0.png"), "--out", str(tmp_path / "single"),
@@ -177,7 +201,7 @@ def test_interrupted_folder_run_resumes(servers, tmp_path):
     photos.mkdir()
     pictures = [picture(str(photos / f"new{i}.png"), seed=100 + i) for i in range(3)]  # no server has seen them
     out = tmp_path / "out"
-    proc = segment(str(photos), "--out", str(out), "--url", a.url, "--per-server", "1")
+    proc = segment(str(photos), "--out", str(out), "--url", a.url, "--per-server", "1", "--ray")
     deadline = time.monotonic() + 300
     while not (out / "new0" / "done.json").exists():
         assert proc.poll() is None, proc.communicate()[1]
@@ -251,8 +275,9 @@ def test_eval_comfyui_backend_on_two_servers_and_sdxl(servers, tmp_path):
     preds = sorted(pred_dir.iterdir())
     assert [p.stem for p in preds] == [f"2007_00000{i}" for i in range(3)]
     assert all(Image.open(p).size == (64, 48) for p in preds)
-    # The same settings again: every image from the cache, the same scores.
-    again = evaluate_cli("--root", root, "--url", a.url, "--url", b.url, "--mode", "open", "--resolution", "128",
+    # The same settings again, on one server (in-process, no Ray): every image from the cache (the
+    # key does not depend on the servers), the same scores.
+    again = evaluate_cli("--root", root, "--url", a.url, "--mode", "open", "--resolution", "128",
                          "--out", str(out), "--json")
     assert again.returncode == 0 and json.loads(again.stdout) == scores
     assert "0 image(s) scored, 3 from cache" in again.stderr

@@ -1,6 +1,6 @@
-"""Folder segmentation bookkeeping (freeseg.app.batch) and the server pool's dispatch and
-failover (freeseg.app.pool), without servers: requests are plain functions here. The real
-servers are in tests/server/test_multi_server.py."""
+"""Folder segmentation bookkeeping (freeseg.app.batch) and the driver side of a Ray run
+(freeseg.app.cluster: output files, worker errors, Ray missing), without servers or Ray. The
+real servers on Ray are in tests/server/test_multi_server.py and test_ray_workers.py."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import csv
 import io
 import json
 import os
-import threading
-import time
+import sys
 
 import pytest
 from PIL import Image
 
 from freeseg.app import batch
-from freeseg.app.client import ComfyConnectionError, ComfyError
-from freeseg.app.pool import NoServerLeft, ServerPool
+from freeseg.app import cluster
+from freeseg.app.client import ComfyError
+from freeseg.app.output import SegmentError
 
 
 def touch_image(path, size=(8, 6)) -> str:
@@ -187,102 +187,33 @@ def test_progress_line_eta():
     assert bar.line(now=120.0) == "[####------] 4/10 images, 2 already done, 0 failed, 0:00:20 elapsed, ETA 0:01:00"
 
 
-# -- the pool ----------------------------------------------------------------------------------------
+# -- a Ray run, driver side -------------------------------------------------------------------------
 
 
-def pool_of(*urls, per_server=2) -> ServerPool:
-    pool = ServerPool(list(urls), per_server=per_server, stream=io.StringIO())
-    for server in pool.servers:
-        server.info = {"url": server.url}  # what connect() would fetch
-    return pool
+def test_worker_files_are_written_with_labels_json_last_and_stale_masks_removed(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    (folder / "mask_3_old.png").write_bytes(b"stale")
+    (folder / "notes.txt").write_text("the user's")
+    cluster.write_files(str(folder), {"labels.json": b"{}", "mask_0_dog.png": b"png", "overlay.png": b"png"})
+    assert sorted(os.listdir(folder)) == ["labels.json", "mask_0_dog.png", "notes.txt", "overlay.png"]
+    assert (folder / "mask_0_dog.png").read_bytes() == b"png"
 
 
-def test_pool_bounds_prompts_in_flight_per_server():
-    pool = pool_of("http://a", "http://b", per_server=2)
-    assert pool.capacity == 4
-    lock, running, peak = threading.Lock(), {"http://a": 0, "http://b": 0}, {"http://a": 0, "http://b": 0}
-
-    def request(client, info):
-        with lock:
-            running[info["url"]] += 1
-            peak[info["url"]] = max(peak[info["url"]], running[info["url"]])
-        time.sleep(0.02)
-        with lock:
-            running[info["url"]] -= 1
-        return info["url"]
-
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(pool.run(request))) for _ in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert len(results) == 12 and peak == {"http://a": 2, "http://b": 2}
-    assert {s.url: s.prompts for s in pool.servers} == {"http://a": results.count("http://a"),
-                                                        "http://b": results.count("http://b")}
+def test_a_workers_failure_is_named_by_its_own_exception():
+    """An actor whose creation failed: Ray's error carries the worker's traceback; the reason
+    shown is the worker's own exception line."""
+    text = ("The actor died because of an error raised in its creation task, ray::Worker.__init__()\n"
+            "  File \"cluster.py\", line 1, in __init__\n"
+            "freeseg.app.client.ComfyConnectionError: cannot reach the ComfyUI server at http://x: refused\n")
+    assert cluster.reason(RuntimeError(text)) == "cannot reach the ComfyUI server at http://x: refused"
+    assert cluster.reason(RuntimeError("plain")) == "plain"
 
 
-def test_pool_failover():
-    pool = pool_of("http://a", "http://b", per_server=1)
-    seen = []
-
-    def down_on_a(client, info):
-        seen.append(info["url"])
-        if info["url"] == "http://a":
-            raise ComfyConnectionError("lost the connection to the ComfyUI server at http://a")
-        return "ok"
-
-    # It starts on a (both idle: the first one); the broken connection moves it to b, and a is not used again.
-    assert pool.run(down_on_a) == "ok" and pool.run(down_on_a) == "ok"
-    assert seen == ["http://a", "http://b", "http://b"] and [s.url for s in pool.live] == ["http://b"]
-    assert "http://a failed: lost the connection" in pool.stream.getvalue()
-
-    pool = pool_of("http://a", "http://b", per_server=1)
-    tried = []
-
-    def node_fails(client, info):
-        tried.append(info["url"])
-        raise ComfyError("node 7 (FreeSegCLIPLabel) failed: out of memory")
-
-    with pytest.raises(NoServerLeft) as err:
-        pool.run(node_fails)
-    assert sorted(tried) == ["http://a", "http://b"] and "out of memory" in str(err.value)
-    assert len(pool.live) == 2  # a failed prompt does not take a server out
-
-    rejected = ComfyError("POST /prompt failed", {"node_errors": {"8": {}}})
-    tried.clear()
-    with pytest.raises(ComfyError) as err:
-        pool.run(lambda c, i: tried.append(i["url"]) or (_ for _ in ()).throw(rejected))
-    assert err.value is rejected and len(tried) == 1  # the workflow is wrong: no retry
-
-
-def test_pool_with_one_server_raises_its_own_error():
-    """One server that fails an image: its own error (the real reason), not "no ComfyUI server
-    left to try"."""
-    pool = pool_of("http://a", per_server=1)
-    failed = ComfyError("node 1 (LoadImage) failed: cannot identify image file")
-    with pytest.raises(ComfyError) as err:
-        pool.run(lambda c, i: (_ for _ in ()).throw(failed))
-    assert err.value is failed and not isinstance(err.value, NoServerLeft)
-    assert len(pool.live) == 1 and pool.run(lambda c, i: "ok") == "ok"  # still in use
-
-
-def test_pool_connect_drops_unreachable_servers(monkeypatch):
-    from freeseg.app.client import ComfyClient
-
-    def object_info(self, node_class=None):
-        if "dead" in self.url:
-            raise ComfyConnectionError(f"cannot reach the ComfyUI server at {self.url}: refused")
-        return {"LoadImage": {}}
-
-    monkeypatch.setattr(ComfyClient, "object_info", object_info)
-    pool = ServerPool(["http://ok", "http://dead"], stream=io.StringIO())
-    pool.connect()
-    assert [s.url for s in pool.live] == ["http://ok"] and "dropping http://dead" in pool.stream.getvalue()
-    with pytest.raises(ComfyConnectionError, match="cannot reach the ComfyUI server at http://dead"):
-        ServerPool(["http://dead"]).connect()  # one server: its own error
-    with pytest.raises(NoServerLeft, match="no ComfyUI server answered"):
-        ServerPool(["http://dead1", "http://dead2"]).connect()
+def test_without_ray_the_cluster_extra_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(SegmentError, match="requirements-cluster.txt"):
+        cluster.import_ray()
 
 
 def test_a_fatal_error_stops_the_batch(tmp_path):
@@ -363,12 +294,11 @@ def test_servers_with_different_models_are_refused():
         return out
 
     job = WorkflowJob(workflow, class_names="dog", seed=1)
-    pool = pool_of("http://a", "http://b")
-    pool.servers[0].info, pool.servers[1].info = info("sd15.safetensors"), info("sd15.safetensors")
-    key = check_servers(pool, job)
+    servers = {"http://a": info("sd15.safetensors"), "http://b": info("sd15.safetensors")}
+    key = check_servers(servers, job)
     assert key.startswith("comfyui-") and key == job.key(info("sd15.safetensors"), "http://x")
     assert key != WorkflowJob(workflow, class_names="dog", seed=2).key(info("sd15.safetensors"), "http://x")
-    pool.servers[1].info = info("other.safetensors")
+    servers["http://b"] = info("other.safetensors")
     with pytest.raises(ComfyError, match="the servers would run different prompts") as err:
-        check_servers(pool, job)
+        check_servers(servers, job)
     assert "other.safetensors" in str(err.value) and "--checkpoint" in str(err.value)
