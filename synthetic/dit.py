@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from .models import (_metadata, _save_safetensors, _seeded, _to_saveable,
+from .models import (_build_clip_l, _metadata, _save_safetensors, _seeded, _to_saveable,
                      import_comfy, reset_all_parameters)
 
 FLUX_SEED = 7001
@@ -171,21 +171,6 @@ def random_kl16_vae(seed: int) -> dict[str, torch.Tensor]:
     return vae.state_dict()
 
 
-def _random_clip_l(seed: int) -> dict[str, torch.Tensor]:
-    """A random full-size CLIP-L text encoder (ComfyUI's SDClipModel) with the keys of the
-    ``clip_l.safetensors`` users download: ``text_model.*`` and ``text_projection.weight`` (which
-    the pooled output goes through; ComfyUI warns and leaves it unset when it is missing)."""
-    import_comfy()
-    import comfy.sd1_clip
-
-    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
-    reset_all_parameters(clip, seed, extra={"logit_scale": 4.6052})
-    sd = {k[len("transformer."):]: v for k, v in clip.state_dict().items() if k.startswith("transformer.")}
-    n_pos = sd["text_model.embeddings.position_embedding.weight"].shape[0]
-    sd["text_model.embeddings.position_ids"] = torch.arange(n_pos, dtype=torch.int64)[None]
-    return sd
-
-
 def build_flux_unet(path: str | os.PathLike, seed: int = FLUX_SEED) -> str:
     """Write the random Flux.1-dev diffusion model (bf16, BFL keys, no prefix) to ``path``."""
     sd = _to_saveable(random_dit(FLUX_EXPECTED_CLASS, FLUX_DIT_CONFIG, seed), torch.bfloat16)
@@ -204,7 +189,7 @@ def build_sd3_checkpoint(path: str | os.PathLike, seed: int = SD3_CKPT_SEED) -> 
     dit = random_dit(SD3_EXPECTED_CLASS, SD3_DIT_CONFIG, seed)
     sd: dict[str, torch.Tensor] = {"model.diffusion_model." + k: v for k, v in dit.items()}
     sd.update({"first_stage_model." + k: v for k, v in random_kl16_vae(seed + 1).items()})
-    sd.update({"text_encoders.clip_l.transformer." + k: v for k, v in _random_clip_l(seed + 2).items()})
+    sd.update({"text_encoders.clip_l.transformer." + k: v for k, v in _build_clip_l(seed + 2, projection=True).items()})
     sd = _to_saveable(sd, torch.float16)
     check_detection(sd, "model.diffusion_model.", SD3_DIT_CONFIG, SD3_EXPECTED_CLASS)
     return str(_save_safetensors(sd, Path(path), _metadata("sd3_ckpt", seed)))
@@ -212,7 +197,7 @@ def build_sd3_checkpoint(path: str | os.PathLike, seed: int = SD3_CKPT_SEED) -> 
 
 def build_clip_l(path: str | os.PathLike, seed: int = CLIP_L_SEED) -> str:
     """Write a random full-size CLIP-L text encoder (fp16, ``text_model.*``) to ``path``."""
-    sd = _to_saveable(_random_clip_l(seed), torch.float16)
+    sd = _to_saveable(_build_clip_l(seed, projection=True), torch.float16)
     return str(_save_safetensors(sd, Path(path), _metadata("clip_l", seed)))
 
 

@@ -298,14 +298,17 @@ def _build_taesd(seed: int, latent_scale: float) -> dict[str, torch.Tensor]:
     return taesd.state_dict()
 
 
-def _build_clip_l(seed: int) -> dict[str, torch.Tensor]:
-    """Random full-size CLIP-L text encoder (ComfyUI's SDClipModel), keys ``text_model.*``."""
+def _build_clip_l(seed: int, projection: bool = False) -> dict[str, torch.Tensor]:
+    """Random full-size CLIP-L text encoder (ComfyUI's SDClipModel), keys ``text_model.*``;
+    ``projection``: also ``text_projection.weight``, as in the ``clip_l.safetensors`` users
+    download (the pooled output goes through it; ComfyUI warns and leaves it unset without)."""
     import_comfy()
     import comfy.sd1_clip
 
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
     reset_all_parameters(clip, seed, extra={"logit_scale": 4.6052})
-    sd = {k[len("transformer."):]: v for k, v in clip.state_dict().items() if k.startswith("transformer.text_model.")}
+    keep = "transformer." if projection else "transformer.text_model."
+    sd = {k[len("transformer."):]: v for k, v in clip.state_dict().items() if k.startswith(keep)}
     n_pos = sd["text_model.embeddings.position_embedding.weight"].shape[0]
     sd["text_model.embeddings.position_ids"] = torch.arange(n_pos, dtype=torch.int64)[None]
     return sd
