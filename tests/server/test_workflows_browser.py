@@ -64,41 +64,50 @@ pytestmark = pytest.mark.skipif(_why_no_browser() is not None and not os.environ
 
 
 @pytest.fixture(scope="module")
-def page(server, client):
-    yield from open_page(server, client)
+def browser():
+    """One Chromium for the module's pages (Playwright's sync API runs one instance per thread)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
 
 
 @pytest.fixture(scope="module")
-def models_page(models_server, models_client):
+def page(browser, server, client):
+    yield from open_page(browser, server, client)
+
+
+@pytest.fixture(scope="module")
+def models_page(browser, models_server, models_client):
     """A page on the second server, which has the DiT fixtures (wt.DIT_NAMES run there)."""
-    yield from open_page(models_server, models_client)
+    yield from open_page(browser, models_server, models_client)
 
 
-def open_page(server, client):
-    """Yields a Chromium page showing the frontend of `server`, ready for workflows."""
-    from playwright.sync_api import sync_playwright
-
+def open_page(browser, server, client):
+    """Yields a Chromium page of `browser` showing the frontend of `server`, ready for workflows."""
     for key, value in SETTINGS.items():
         client.post_json(f"/settings/{key}", value)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
-        try:
-            pg = browser.new_page(viewport=VIEWPORT)
-            pg.messages = []
-            pg.on("console", lambda m: pg.messages.append(f"console.{m.type}: {m.text}")
-                  if m.type in ("error", "warning") and not any(s in m.text for s in IGNORED_CONSOLE) else None)
-            pg.on("pageerror", lambda e: pg.messages.append(f"pageerror: {e}"))
-            pg.goto(server.url)
-            pg.wait_for_function("() => window.app?.graph && window.app.canvas && window.LiteGraph && "
-                                 "Object.keys(LiteGraph.registered_node_types).includes('FreeSegCLIPLabel')",
-                                 timeout=120_000)
-            pg.evaluate(FOCUS_JS, True)
-            pg.evaluate(HOOK_JS)
-            pg.wait_for_timeout(300)
-            pg.messages.clear()  # what the start-up printed is not about our workflows
-            yield pg
-        finally:
-            browser.close()
+    pg = browser.new_page(viewport=VIEWPORT)
+    try:
+        pg.messages = []
+        pg.on("console", lambda m: pg.messages.append(f"console.{m.type}: {m.text}")
+              if m.type in ("error", "warning") and not any(s in m.text for s in IGNORED_CONSOLE) else None)
+        pg.on("pageerror", lambda e: pg.messages.append(f"pageerror: {e}"))
+        pg.goto(server.url)
+        pg.wait_for_function("() => window.app?.graph && window.app.canvas && window.LiteGraph && "
+                             "Object.keys(LiteGraph.registered_node_types).includes('FreeSegCLIPLabel')",
+                             timeout=120_000)
+        pg.evaluate(FOCUS_JS, True)
+        pg.evaluate(HOOK_JS)
+        pg.wait_for_timeout(300)
+        pg.messages.clear()  # what the start-up printed is not about our workflows
+        yield pg
+    finally:
+        pg.close()
 
 
 # How the frontend reports what a loaded workflow lacks. Frontends up to 1.3x (ComfyUI 0.3.75 pins

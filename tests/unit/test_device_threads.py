@@ -19,10 +19,17 @@ from freeseg.threads import cpu_threads, others_running, torch_threads, usable_c
     (2, 1.1, 1, 1),    # one other busy process (e.g. `yes > /dev/null`): one thread
     (2, 9.5, 7, 1),    # a loaded box: never fewer than 1
     (16, 4.2, 5, 12),  # 4 busy of 16
-    (4, 3.0, None, 1),  # no /proc/loadavg: the load average alone
 ])
 def test_cpu_threads_rule(cpus, load1, running, want):
     assert cpu_threads(cpus, load1, running) == want
+
+
+def test_cpu_threads_without_a_running_count(monkeypatch):
+    """No /proc/loadavg (others_running gives None): the load average alone counts."""
+    import freeseg.threads
+
+    monkeypatch.setattr(freeseg.threads, "others_running", lambda *a, **k: None)
+    assert cpu_threads(4, 3.0) == 1
 
 
 def test_live_readings_are_sane():
