@@ -83,12 +83,13 @@ class FreeSegCaption(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, input_types, max_new_tokens=None, prompt=PAPER.caption_prompt,
-                        min_new_tokens=PAPER.min_new_tokens) -> bool | str:
+                        min_new_tokens=PAPER.min_new_tokens, captions=None) -> bool | str:
         """Queue-time checks: exactly one of `blip2` and `captions` is connected, and the decoding
         options (ComfyUI skips its own range checks of the inputs named here, and with
         `input_types` declared its type check of the links, done here instead); a linked (not
         yet known) value is checked at run time. `prompt` and `min_new_tokens` are optional: an
-        API prompt without them gets the paper's values."""
+        API prompt without them gets the paper's values. `captions` given as a value in an API
+        prompt (not linked) counts as connected."""
         linked = input_types or {}  # {input name: type of the output linked to it}
         declared = {i.id: i.get_io_type() for i in cls.define_schema().inputs}
         for name, received in linked.items():
@@ -99,10 +100,11 @@ class FreeSegCaption(io.ComfyNode):
                 check_caption_options(prompt, max_new_tokens, min_new_tokens, PAPER.num_beams)
             except ValueError as exc:
                 return str(exc)
-        if "blip2" not in linked and "captions" not in linked:
+        has_captions = "captions" in linked or captions is not None
+        if "blip2" not in linked and not has_captions:
             return ("neither blip2 (a captioner from FreeSeg-Diff BLIP Loader) nor captions (another node's "
                     "caption text, e.g. core TextGenerate) is connected: connect one of them")
-        if "blip2" in linked and "captions" in linked:
+        if "blip2" in linked and has_captions:
             return ("blip2 and captions are both connected: connect one of them (blip2 captions the images, "
                     "captions takes another node's text)")
         return True

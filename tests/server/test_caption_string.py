@@ -100,3 +100,15 @@ def test_the_cli_prompt_without_a_captioner_gives_the_typed_names(client, upload
     result = client.run(prompt)
     assert probed(result, captions)["value"] == ""
     assert probed(result, names)["value"] == ", ".join(caption_class_names("", ["dog", "Cat"]))
+
+
+def test_captions_given_as_a_value_in_an_api_prompt(client, upload):
+    """An API client may put the caption text itself in the prompt instead of a link: it counts
+    as connected (not refused as "neither"), and its names are the BLIP path's."""
+    g = Graph()
+    image = g.node("LoadImage", image=upload(48, 40, seed=35))
+    caption = g.node("FreeSegCaption", image=image[0], class_names="", max_new_tokens=8,
+                     captions="a cat on a sofa")
+    names = g.probe(caption[1])
+    result = client.run(g.prompt)
+    assert probed(result, names)["value"] == ", ".join(caption_class_names("a cat on a sofa", []))
