@@ -799,6 +799,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                         str(base / "features_warmup.safetensors"))
         if figures["checks"]:
             print(f"checks: {json.dumps(figures['checks'])}")
+    return finish(args, base, figures)
+
+
+def finish(args: argparse.Namespace, base: Path, figures: dict) -> int:
+    """End of a run: keep (--keep) or remove the server's base folder, print the figures as JSON."""
     if args.keep:
         print(f"kept {base}")
     else:
@@ -1224,14 +1229,7 @@ def main_capture(args: argparse.Namespace) -> int:
           f"(medians of all runs); load average {os.getloadavg()}")
     print(f"checks: {len(plain)} pairs bit-identical (latents and images); captured vs Diffusion Features on "
           f"the final latent, cosine per block {checks['cosine']}")
-    if args.keep:
-        print(f"kept {base}")
-    else:
-        import shutil
-
-        shutil.rmtree(base, ignore_errors=True)
-    print(json.dumps(figures, sort_keys=True))
-    return 0
+    return finish(args, base, figures)
 
 
 if __name__ == "__main__":
